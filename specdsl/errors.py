@@ -1,0 +1,185 @@
+"""User-facing errors.
+
+Every mistake a user can make in a spec becomes a :class:`SpecError` carrying the file, line, column,
+key path, a stable code and a hint. Stages collect errors and raise them together as a
+:class:`SpecErrors`, so a user fixes a whole file in one round trip. Failures at run time (a provider
+rejecting a key, a missing source file, a full disk) are :class:`RunError`: they exit with code 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+# Exit codes used by the CLI.
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_SPEC = 2
+
+# Every error code the compiler can emit, with a one-line meaning. docs/spec.md lists them and a test
+# asserts each one is exercised.
+CODES: dict[str, str] = {
+    "S001": "YAML syntax error",
+    "S002": "duplicate key in a mapping",
+    "S003": "unsafe or unknown YAML tag",
+    "S004": "the top level is not a mapping",
+    "S005": "the file is empty",
+    "S006": "the file is not readable text (binary, bad encoding or too large)",
+    "S007": "the document is too deeply nested or too large after alias expansion",
+    "S010": "missing or unknown `specdsl:` version",
+    "S101": "missing required key",
+    "S102": "wrong type",
+    "S103": "value out of range or not allowed",
+    "S104": "unknown key",
+    "S105": "invalid value",
+    "S201": "unknown model",
+    "S202": "unknown source",
+    "S203": "unknown step",
+    "S204": "unknown var",
+    "S205": "duplicate step id",
+    "S206": "cycle between steps",
+    "S207": "unknown backend",
+    "S208": "unknown op",
+    "S209": "unknown recipe",
+    "S210": "invalid backend options",
+    "S211": "invalid recipe parameters",
+    "S212": "unknown training target",
+    "S213": "unknown probe",
+    "S214": "unknown executor",
+    "S301": "template syntax error",
+    "S302": "template uses a column that does not exist at this step",
+    "S303": "template uses an unknown variable",
+    "S304": "template expression not allowed by the sandbox",
+    "S401": "an op-specific rule is broken",
+    "S402": "a step's input has the wrong shape for this op",
+    "S403": "a column this op needs does not exist at this step",
+    "S404": "a secret is written inline instead of as ${env:NAME}",
+}
+
+
+@dataclass(frozen=True)
+class SourcePos:
+    """A position in a spec file; line and column are 1-based as editors show them."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class SpecError:
+    code: str
+    message: str
+    pos: SourcePos | None = None
+    key_path: tuple[str | int, ...] = ()
+    hint: str | None = None
+
+    def headline(self) -> str:
+        where = f"{self.pos}: " if self.pos else ""
+        return f"{where}error[{self.code}]: {self.message}"
+
+    def render(self, source_lines: Sequence[str] | None = None) -> str:
+        """The message as printed: headline, the source line with a caret, and the hint."""
+        out = [self.headline()]
+        if self.pos is not None and source_lines is not None and 0 < self.pos.line <= len(source_lines):
+            text = source_lines[self.pos.line - 1].rstrip("\n")
+            if len(text) > 200:  # keep a pathological one-line file readable
+                start = max(0, self.pos.col - 100)
+                text = text[start : start + 200]
+                caret_col = self.pos.col - start
+            else:
+                caret_col = self.pos.col
+            gutter = f"{self.pos.line:>5} | "
+            out.append(gutter + text)
+            out.append(" " * (len(gutter) + max(caret_col - 1, 0)) + "^")
+        if self.key_path:
+            out.append(f"  at: {format_key_path(self.key_path)}")
+        if self.hint:
+            out.append(f"  hint: {self.hint}")
+        return "\n".join(out)
+
+
+def format_key_path(path: Iterable[str | int]) -> str:
+    parts = []
+    for p in path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
+    return "".join(parts)
+
+
+class SpecErrors(Exception):
+    """One or more user errors in a spec; exit code 2."""
+
+    exit_code = EXIT_SPEC
+
+    def __init__(self, errors: Sequence[SpecError], sources: dict[str, list[str]] | None = None):
+        if not errors:
+            raise ValueError("SpecErrors needs at least one error")
+        self.errors = list(errors)
+        self.sources = sources or {}
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        blocks = []
+        for err in self.errors:
+            lines = self.sources.get(err.pos.file) if err.pos else None
+            blocks.append(err.render(lines))
+        n = len(self.errors)
+        blocks.append(f"{n} error{'s' if n != 1 else ''}")
+        return "\n\n".join(blocks)
+
+    @property
+    def codes(self) -> list[str]:
+        return [e.code for e in self.errors]
+
+
+class RunError(Exception):
+    """A failure while executing a valid plan (missing data, provider refusal, full disk); exit code 1."""
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str, *, node: str | None = None, hint: str | None = None,
+                 pos: SourcePos | None = None):
+        self.message = message
+        self.node = node
+        self.hint = hint
+        self.pos = pos
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = f"{self.pos}: " if self.pos else ""
+        node = f"[node {self.node}] " if self.node else ""
+        text = f"{where}error: {node}{self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+@dataclass
+class ErrorSink:
+    """Collects errors across a stage so they can be reported together."""
+
+    errors: list[SpecError] = field(default_factory=list)
+
+    def add(self, code: str, message: str, pos: SourcePos | None = None,
+            key_path: tuple[str | int, ...] = (), hint: str | None = None) -> None:
+        assert code in CODES, code
+        self.errors.append(SpecError(code, message, pos, tuple(key_path), hint))
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A hint naming the closest choice, or listing the choices when none is close."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if not choices:
+        return None
+    shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
+    return f"expected one of: {shown}"

@@ -1,0 +1,211 @@
+"""The whole plugin contract of specdsl, in one module.
+
+A plugin is any module (usually exposed through the ``specdsl`` entry-point group) with functions
+decorated by :data:`hookimpl`. Each hook receives a ``register`` callable; the plugin calls it once per
+thing it provides. Built-in backends, ops, recipes and probes register through exactly these hooks.
+
+Rules every registered object follows:
+
+* Importing the plugin module must be cheap: no torch, transformers, trl, litellm or datasets at module
+  level. Import them inside the methods that run (``specdsl validate`` must stay fast).
+* Options are validated by the JSON Schema fragment the object carries (``options_schema`` /
+  ``params_schema``), so user mistakes in backend options become positioned spec errors.
+* Secrets only arrive resolved at run time; ``identity()`` must never include them (it feeds the
+  fingerprint, which is stored in plans, caches and manifests).
+
+Example, a complete third-party backend::
+
+    from specdsl.hookspecs import hookimpl, GenResult
+
+    class EchoBackend:
+        name = "echo"
+        version = "1"
+        options_schema = {"type": "object", "properties": {}, "additionalProperties": False}
+        def identity(self, options): return {"model": options["model"]}
+        def price(self, options, input_tokens, output_tokens): return 0.0
+        def generate(self, options, requests, on_result):
+            for r in requests:
+                on_result(GenResult(key=r.key, text=r.messages[-1]["content"]))
+
+    @hookimpl
+    def register_backends(register):
+        register(EchoBackend())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import pluggy
+
+PROJECT = "specdsl"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One chat completion to make.
+
+    ``key`` is the content hash of everything that determines the answer (backend identity, messages,
+    sampling parameters, sample index): the request journal and cross-node deduplication use it.
+    ``row_id`` is only for messages to the user.
+    """
+
+    key: str
+    messages: tuple[Mapping[str, str], ...]
+    params: Mapping[str, Any] = field(default_factory=dict)  # max_tokens, temperature, top_p, seed
+    row_id: str = ""
+
+
+@dataclass(frozen=True)
+class GenResult:
+    key: str
+    text: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    error: str | None = None  # set when the request failed after all retries
+    latency_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def request_key(identity: Mapping[str, Any], messages: Sequence[Mapping[str, str]],
+                params: Mapping[str, Any]) -> str:
+    """Content hash of a generation request; equal requests share one answer across nodes and runs."""
+    blob = json.dumps({"identity": identity, "messages": list(messages), "params": params},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    name: str
+    version: str
+    options_schema: Mapping[str, Any]  # JSON Schema for a model entry's options (minus backend/model)
+
+    def identity(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
+        """What determines outputs (model name, revision, decoding defaults). Never secrets."""
+
+    def price(self, options: Mapping[str, Any], input_tokens: int, output_tokens: int) -> float | None:
+        """Estimated cost in USD, or None when the backend cannot price the model."""
+
+    def generate(self, options: Mapping[str, Any], requests: Sequence[GenRequest],
+                 on_result: Callable[[GenResult], None]) -> None:
+        """Answer every request, calling ``on_result`` as soon as each one completes (or finally fails).
+
+        ``options`` has secrets resolved. The caller persists each result inside ``on_result``, so a
+        backend must call it promptly, from any thread, one result at a time.
+        """
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    base_model: Path            # a Hugging Face model directory (config, weights, tokenizer)
+    dataset: Path               # a Parquet file with input_ids and labels (-100 = no loss)
+    output_dir: Path            # where the trained model or adapter is written (atomically)
+    params: Mapping[str, Any]   # the train step's parameters as validated by the schema
+    seed: int = 0
+    card: Mapping[str, Any] = field(default_factory=dict)  # spec name, data fingerprint, mask policy
+
+
+@runtime_checkable
+class TrainingTarget(Protocol):
+    name: str                   # cpu, cuda, ...
+    version: str
+
+    def available(self) -> bool: ...
+
+    def train(self, request: TrainRequest, progress: Callable[[Mapping[str, Any]], None]) -> Path: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Ops, recipes, probes, executors
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class OpDef(Protocol):
+    """A primitive step. ``check`` runs at compile time, ``run`` at execution time.
+
+    See :mod:`specdsl.ops.base` for the context objects both receive.
+    """
+
+    name: str
+    kind: str                        # "generate" | "transform" | "train" | "evaluate" | "export"
+    params_schema: Mapping[str, Any]
+
+    def check(self, ctx: Any) -> Any: ...
+
+    def run(self, ctx: Any) -> Any: ...
+
+
+@runtime_checkable
+class RecipeDef(Protocol):
+    """A macro: parameters in, a list of primitive step mappings out (ids prefixed by the caller)."""
+
+    name: str
+    params_schema: Mapping[str, Any]
+    description: str
+
+    def expand(self, step_id: str, params: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ProbeDef(Protocol):
+    name: str
+    params_schema: Mapping[str, Any]
+
+    def run(self, ctx: Any) -> Any: ...
+
+
+@runtime_checkable
+class ExecutorDef(Protocol):
+    name: str
+
+    def map_rows(self, fn: Callable[[list[dict]], list[dict]], rows: list[dict]) -> list[dict]: ...
+
+
+class SpecdslHooks:
+    """The hooks. Each receives ``register``; call it once per object provided."""
+
+    @hookspec
+    def register_backends(self, register: Callable[[GenerationBackend], None]) -> None:
+        """Generation backends (LLM providers, local models)."""
+
+    @hookspec
+    def register_training_targets(self, register: Callable[[TrainingTarget], None]) -> None:
+        """Training targets (cpu, cuda, ...)."""
+
+    @hookspec
+    def register_ops(self, register: Callable[[OpDef], None]) -> None:
+        """Primitive ops usable as steps."""
+
+    @hookspec
+    def register_recipes(self, register: Callable[[RecipeDef], None]) -> None:
+        """Recipes (``use: NAME``) that expand into primitive steps."""
+
+    @hookspec
+    def register_probes(self, register: Callable[[ProbeDef], None]) -> None:
+        """Evaluation probes usable in ``evaluate`` steps."""
+
+    @hookspec
+    def register_executors(self, register: Callable[[ExecutorDef], None]) -> None:
+        """Executors that run row-parallel work (local threads, Ray, ...)."""
