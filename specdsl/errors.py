@@ -55,6 +55,7 @@ CODES: dict[str, str] = {
     "S402": "a step's input has the wrong shape for this op",
     "S403": "a column this op needs does not exist at this step",
     "S404": "a secret is written inline instead of as ${env:NAME}",
+    "S405": "a source file is missing or unreadable",
 }
 
 
@@ -85,7 +86,9 @@ class SpecError:
     def render(self, source_lines: Sequence[str] | None = None) -> str:
         """The message as printed: headline, the source line with a caret, and the hint."""
         out = [self.headline()]
-        if self.pos is not None and source_lines is not None and 0 < self.pos.line <= len(source_lines):
+        # S404's line holds a secret: never echo it.
+        if self.code != "S404" and self.pos is not None and source_lines is not None \
+                and 0 < self.pos.line <= len(source_lines):
             text = source_lines[self.pos.line - 1].rstrip("\n")
             if len(text) > 200:  # keep a pathological one-line file readable
                 start = max(0, self.pos.col - 100)

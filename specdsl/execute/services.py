@@ -1,0 +1,186 @@
+"""What ops get from the executor while they run: models, tokenizers, journaled generation, training.
+
+Ops never talk to backends directly: going through here is what makes every request journaled,
+deduplicated and shown in the progress display, and every trained model land in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import RunError
+from ..hookspecs import GenRequest, GenResult
+from ..plan import Plan
+from .. import secrets
+from .store import Store
+
+
+@dataclass
+class NodeStats:
+    requests: int = 0
+    cached_requests: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "cached_requests": self.cached_requests, "failed": self.failed,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "cost": round(self.cost, 6),
+                "errors": self.errors[:20]}
+
+
+class Services:
+    def __init__(self, plan: Plan, store: Store, registry: Any, *, progress: Any = None, fail_fast: bool = False,
+                 journal: Any = None):
+        self.plan = plan
+        self.store = store
+        self.registry = registry
+        self.progress = progress            # specdsl.execute.progress.Display or None
+        self.fail_fast = fail_fast
+        self._journal = journal
+        self._tokenizers: dict[str, Any] = {}
+        self.stats: dict[str, NodeStats] = {}
+        self._lock = threading.Lock()
+
+    # -- models ---------------------------------------------------------------------------------------
+
+    @property
+    def journal(self):
+        if self._journal is None:
+            from .journal import RequestJournal
+
+            self._journal = RequestJournal(self.store.journal_path)
+        return self._journal
+
+    def is_trained(self, ref: str) -> bool:
+        return self.plan.has(ref) and self.plan.node(ref).op == "train"
+
+    def trained_dir(self, ref: str) -> Path:
+        node = self.plan.node(ref)
+        if not self.store.has(node.fingerprint):
+            raise RunError(f"model '{ref}' has not been trained yet", hint=f"run the plan up to '{ref}' first")
+        meta = self.store.meta(node.fingerprint)
+        return self.store.node_dir(node.fingerprint) / meta.get("model_dir", "model")
+
+    def backend_and_options(self, ref: str) -> tuple[Any, dict[str, Any]]:
+        """The generation backend for a model ref and its options (secrets still references)."""
+        if self.is_trained(ref):
+            train = self.plan.node(ref)
+            base = train.params.get("model")
+            backend_name, options = "transformers", {}
+            try:
+                m = self.plan.model(base)
+                if m.backend == "transformers":
+                    options = {k: v for k, v in m.options.items() if k != "model"}
+            except KeyError:
+                pass
+            options["model"] = str(self.trained_dir(ref))
+            return self.registry.backends[backend_name], options
+        m = self.plan.model(ref)
+        return self.registry.backends[m.backend], m.options
+
+    def model_identity(self, ref: str) -> dict[str, Any]:
+        """What decides a model's outputs (the request key hashes it); a trained model is its fingerprint."""
+        if self.is_trained(ref):
+            backend, options = self.backend_and_options(ref)
+            decoding = {k: v for k, v in options.items() if k != "model"}
+            return {"trained": self.plan.node(ref).fingerprint, "decoding": decoding}
+        return json.loads(self.plan.model(ref).identity_json)
+
+    def model_dir(self, ref: str) -> Path:
+        """A local Hugging Face directory for a model ref (declared transformers model or trained step)."""
+        if self.is_trained(ref):
+            return self.trained_dir(ref)
+        m = self.plan.model(ref)
+        if m.backend != "transformers":
+            raise RunError(f"model '{ref}' is served by '{m.backend}'; this step needs a local model",
+                           hint="use a `backend: transformers` model (a known name or a local directory)")
+        from ..models import resolve_model
+
+        return Path(resolve_model(m.model))
+
+    def tokenizer(self, ref: str):
+        path = str(self.model_dir(ref))
+        if path not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+            if not getattr(tok, "is_fast", False):
+                raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets")
+            self._tokenizers[path] = tok
+        return self._tokenizers[path]
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def generate(self, node_id: str, model_ref: str, requests: Sequence[GenRequest]) -> dict[str, GenResult]:
+        """Answer requests through the journal: completed ones are never re-issued, new ones persist at once."""
+        from .generation import run_requests
+
+        backend, options = self.backend_and_options(model_ref)
+        resolved = secrets.resolve(options, model=model_ref)
+        stats = self.stats.setdefault(node_id, NodeStats())
+        task = self.progress.start(node_id, total=len(requests), unit="req") if self.progress else None
+
+        def on_progress(event: Mapping[str, Any]) -> None:
+            if task is not None:
+                self.progress.update(task, event)
+
+        results = run_requests(backend, resolved, list(requests), self.journal, fail_fast=self.fail_fast,
+                               progress=on_progress)
+        if task is not None:
+            self.progress.finish(task)
+        cached = getattr(results, "cached_keys", None)
+        with self._lock:
+            stats.requests += len({r.key for r in requests})
+            for res in results.values():
+                if cached is not None and res.key in cached:
+                    stats.cached_requests += 1
+                    continue
+                stats.input_tokens += res.input_tokens
+                stats.output_tokens += res.output_tokens
+                stats.cost += res.cost or 0.0
+                if not res.ok:
+                    stats.failed += 1
+                    stats.errors.append(secrets.redact(f"{res.key[:12]}: {res.error}", resolved))
+        return results
+
+    def answer(self, node_id: str, model_ref: str, prompts: Sequence[Sequence[Mapping[str, str]]],
+               params: Mapping[str, Any] | None = None) -> list[str]:
+        """Plain chat completions for evaluation probes (journaled like any other request)."""
+        from ..hookspecs import request_key
+
+        params = dict(params or {"temperature": 0})
+        identity = self.model_identity(model_ref)
+        reqs = [GenRequest(key=request_key(identity, list(p), params), messages=tuple(p), params=params,
+                           row_id=str(i)) for i, p in enumerate(prompts)]
+        results = self.generate(node_id, model_ref, reqs)
+        return [(results[r.key].text or "") if results.get(r.key) is not None else "" for r in reqs]
+
+    # -- training -------------------------------------------------------------------------------------
+
+    def training_target(self, name: str):
+        targets = self.registry.targets
+        if name == "auto":
+            from ..backends.trl_target import choose_target
+
+            return choose_target("auto", targets)
+        if name not in targets:
+            raise RunError(f"unknown training target '{name}'", hint=f"installed: {', '.join(sorted(targets))}")
+        target = targets[name]
+        if not target.available():
+            raise RunError(f"training target '{name}' is not available on this machine",
+                           hint="use `target: auto` to pick what is available")
+        return target
+
+    def progress_callback(self, node_id: str, total: int | None = None, unit: str = "step") -> Callable[[Mapping[str, Any]], None]:
+        if self.progress is None:
+            return lambda event: None
+        task = self.progress.start(node_id, total=total, unit=unit)
+        return lambda event: self.progress.update(task, event)

@@ -1,0 +1,245 @@
+"""Lowering: a typed Spec -> a Plan.
+
+Resolves references (sources, steps, models), finds cycles, flows columns through the DAG so every
+template and column reference is checked where it is used, lets each op check its own rules, and builds
+plan nodes with fingerprints and estimates. All errors of a spec are collected and raised together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ErrorSink, SourcePos, SpecError, SpecErrors, did_you_mean
+from ..plan import ModelRef, Plan, PlanNode, canonical_json, digest, refingerprint, topo_sort
+from ..spec import Spec, StepDecl
+from ..steps.base import CheckContext
+from ..steps.source import peek_columns, source_identity
+from ..steps.tokenize import TOKENIZE_PASSTHROUGH, TOKENIZED_COLUMNS
+from .. import templates
+
+# Train steps lower to a tokenize node (exact masks, inspectable) feeding the train node.
+TOKENIZE_SUFFIX = ".tokens"
+
+
+def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
+    """Lower ``spec`` into a Plan. ``identities=False`` skips work only fingerprints need (validate)."""
+    sink = ErrorSink()
+    step_ids: dict[str, StepDecl] = {}
+    for step in spec.steps:
+        if step.id in step_ids or step.id in spec.sources:
+            what = "a source" if step.id in spec.sources else "another step"
+            sink.add("S205", f"step id '{step.id}' is already used by {what}", spec.step_pos(step, key=True),
+                     (step.id,), hint="step ids and source names share one namespace")
+            continue
+        step_ids[step.id] = step
+
+    # Model identities (what decides a backend's outputs; never secrets).
+    model_refs: dict[str, ModelRef] = {}
+    for name, decl in spec.models.items():
+        backend = registry.backends.get(decl.backend)
+        if backend is None:
+            continue  # reported by the schema
+        options = {"model": decl.model, **decl.options}
+        identity = {"backend": backend.name, "backend_version": backend.version}
+        if identities:
+            try:
+                identity.update(backend.identity(options))
+            except Exception as exc:  # noqa: BLE001 - a backend's identity failing is the user's model problem
+                sink.add("S105", f"model '{name}': {exc}", spec.pos(decl.path), decl.path)
+        model_refs[name] = ModelRef(name, decl.backend, decl.model, canonical_json(options), canonical_json(identity))
+
+    # Source nodes.
+    columns: dict[str, tuple[str, ...]] = {}
+    nodes: dict[str, PlanNode] = {}
+    for name, src in spec.sources.items():
+        cols = src.columns
+        path = spec.dir / src.path
+        if cols is None:
+            try:
+                cols = peek_columns(path, src.format)
+            except FileNotFoundError:
+                sink.add("S405", f"source '{name}': file '{src.path}' does not exist",
+                         spec.pos(src.key_path + ("path",)), src.key_path + ("path",),
+                         hint=f"looked in {path.parent}; or declare `columns:` to check the spec without the data")
+                cols = ()
+            except ValueError as exc:
+                sink.add("S405", f"source '{name}': {exc}", spec.pos(src.key_path + ("path",)),
+                         src.key_path + ("path",))
+                cols = ()
+        if src.id_column and cols and src.id_column not in cols:
+            sink.add("S403", f"source '{name}' has no column '{src.id_column}' to use as id",
+                     spec.pos(src.key_path + ("id",)), src.key_path + ("id",), hint=f"columns: {', '.join(cols)}")
+        out_cols = tuple(cols) if "id" in cols or not cols else ("id",) + tuple(cols)
+        params = {"path": src.path, "format": src.format, "id": src.id_column, "limit": src.limit}
+        identity = source_identity(path) if identities else {}
+        nodes[name] = PlanNode(id=name, op="source", kind="source", params_json=canonical_json(params), inputs=(),
+                               columns=out_cols, identity_json=canonical_json(identity), step=name,
+                               pos=spec.pos(src.key_path, key=True))
+        columns[name] = out_cols
+
+    # Dependencies between steps, for cycle detection and order.
+    deps: dict[str, list[tuple[str, str]]] = {}
+    for step in step_ids.values():
+        op = registry.ops.get(step.op)
+        if op is None:
+            continue
+        refs = []
+        for key in op.input_keys:
+            value = step.params.get(key)
+            if value is None:
+                continue
+            # A list of inputs (concat) becomes params from[0], from[1], ... in the plan.
+            items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+            for param, ref in items:
+                if ref in step_ids or ref in spec.sources:
+                    refs.append((param, ref))
+                else:
+                    known = list(step_ids) + list(spec.sources)
+                    code = "S203"
+                    sink.add(code, f"'{ref}' is neither a step nor a source", spec.step_pos(step, key),
+                             (step.id, key), hint=did_you_mean(str(ref), known))
+        for key in op.model_keys:
+            value = step.params.get(key)
+            if value is None:
+                continue
+            for ref in (value if isinstance(value, list) else [value]):
+                if ref in spec.models:
+                    continue
+                if ref in step_ids and step_ids[ref].op == "train":
+                    refs.append((key, ref))
+                    continue
+                trained = [s.id for s in step_ids.values() if s.op == "train"]
+                hint = did_you_mean(str(ref), list(spec.models) + trained)
+                sink.add("S201", f"unknown model '{ref}'", spec.step_pos(step, key), (step.id, key),
+                         hint=hint or "define it under `models:` or name a train step")
+        deps[step.id] = refs
+    cycle = _find_cycle(deps)
+    if cycle:
+        first = step_ids[cycle[0]]
+        sink.add("S206", "steps form a cycle: " + " -> ".join(cycle + [cycle[0]]), spec.step_pos(first, key=True),
+                 (first.id,), hint="a step can only read steps that do not read it back")
+        raise SpecErrors(sink.errors, {spec.doc.file: spec.doc.lines})
+
+    order = _topo(list(step_ids), deps)
+    model_kinds = {name: decl.backend for name, decl in spec.models.items()}
+    model_kinds.update({s.id: "trained" for s in step_ids.values() if s.op == "train"})
+    var_names = frozenset(spec.vars)
+    for sid in order:
+        step = step_ids[sid]
+        op = registry.ops.get(step.op)
+        if op is None:
+            continue
+        inputs = {key: columns.get(ref, ()) for key, ref in deps.get(sid, []) if key.split("[")[0] in op.input_keys}
+
+        def pos_of(*keys, key=False, _step=step):
+            return spec.step_pos(_step, *keys, key=key)
+
+        ctx = CheckContext(step_id=sid, params=step.params, inputs=inputs, var_names=var_names, sink=sink,
+                           pos_of=pos_of, models=model_kinds)
+        for key in op.template_keys:
+            if key in step.params:
+                ctx.template(step.params[key], key)
+        try:
+            out_cols = tuple(op.check(ctx))
+        except Exception as exc:  # noqa: BLE001 - a plugin op's check must not crash the compiler
+            sink.add("S401", f"op '{step.op}' failed to check step '{sid}': {exc!r}", pos_of(), (sid,))
+            out_cols = ()
+        columns[sid] = out_cols
+        model_deps = tuple((k, r) for k, r in deps.get(sid, []) if k in op.model_keys)
+        input_deps = tuple((k, r) for k, r in deps.get(sid, []) if k.split("[")[0] in op.input_keys)
+        identity: dict[str, Any] = {}
+        backend = None
+        for key, value in step.params.items():
+            if key not in op.model_keys:
+                continue
+            for ref in (value if isinstance(value, list) else [value]):
+                if ref in model_refs:
+                    identity[f"model:{ref}"] = canonical_json(model_refs[ref].to_dict()["identity"])
+                    backend = backend or f"{model_refs[ref].backend} {registry.backends[model_refs[ref].backend].version}"
+        used_vars = sorted(ctx.used_vars & var_names)
+        if used_vars:
+            identity["vars"] = {v: spec.vars[v] for v in used_vars}
+        if step.op == "train":
+            target = step.params.get("target", "auto")
+            backend = f"trl:{target}"
+            tok_id = sid + TOKENIZE_SUFFIX
+            tok_params = {k: step.params[k] for k in ("max_length", "loss", "mask") if k in step.params}
+            tok_params["model"] = step.params.get("model")
+            nodes[tok_id] = PlanNode(
+                id=tok_id, op="tokenize", kind="transform", params_json=canonical_json(tok_params),
+                inputs=input_deps,
+                columns=TOKENIZED_COLUMNS + tuple(c for c in TOKENIZE_PASSTHROUGH if c in inputs.get("from", ())),
+                models=tuple((k, r) for k, r in model_deps), identity_json=canonical_json(identity),
+                step=sid, recipe=step.recipe, pos=pos_of(key=True),
+                op_version=registry.ops["tokenize"].version if "tokenize" in registry.ops else "1")
+            input_deps = (("from", tok_id),)
+        nodes[sid] = PlanNode(
+            id=sid, op=step.op, kind=op.kind, params_json=canonical_json(dict(step.params)), inputs=input_deps,
+            columns=out_cols, models=model_deps, backend=backend, identity_json=canonical_json(identity),
+            step=step.recipe_step or sid, recipe=step.recipe, pos=pos_of(key=True), op_version=op.version,
+            reads=tuple(sorted(ctx.used_columns)) if getattr(op, "reads_known", False) else None)
+
+    if sink:
+        raise SpecErrors(_sorted(sink.errors), {spec.doc.file: spec.doc.lines})
+    ordered = topo_sort(nodes.values())
+    plan = Plan(name=spec.name, spec_file=str(spec.file), spec_hash=_spec_hash(spec), nodes=refingerprint(ordered),
+                models=tuple(model_refs.values()), vars_json=canonical_json(dict(spec.vars)), seed=spec.seed,
+                store=spec.store, expansions=tuple(spec.expansions.items()))
+    return plan
+
+
+def _spec_hash(spec: Spec) -> str:
+    return hashlib.sha256("\n".join(spec.doc.lines).encode("utf-8")).hexdigest()
+
+
+def _sorted(errors: list[SpecError]) -> list[SpecError]:
+    return sorted(errors, key=lambda e: (e.pos.line if e.pos else 0, e.pos.col if e.pos else 0))
+
+
+def _find_cycle(deps: Mapping[str, list[tuple[str, str]]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for _, m in deps.get(n, []):
+            if m not in deps:
+                continue
+            if state.get(m) == 1:
+                return stack[stack.index(m):]
+            if state.get(m) is None:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in deps:
+        if state.get(n) is None:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def _topo(ids: list[str], deps: Mapping[str, list[tuple[str, str]]]) -> list[str]:
+    done: set[str] = set()
+    out: list[str] = []
+
+    def visit(n: str) -> None:
+        if n in done:
+            return
+        done.add(n)
+        for _, m in deps.get(n, []):
+            if m in deps:
+                visit(m)
+        out.append(n)
+
+    for n in ids:
+        visit(n)
+    return out

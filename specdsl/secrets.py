@@ -1,0 +1,45 @@
+"""Secrets are references (``${env:NAME}``), resolved only when a backend runs.
+
+Plans, fingerprints, caches, manifests and error messages only ever hold the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+
+from .errors import RunError
+
+REF = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def resolve(options: Mapping[str, Any], *, model: str = "") -> dict[str, Any]:
+    """Options with every ``${env:NAME}`` replaced by the variable's value.
+
+    For each resolved key ``k`` the name of its variable is kept as ``_k_env`` so a backend can say which
+    variable held a rejected key without ever printing the key.
+    """
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        m = REF.match(value) if isinstance(value, str) else None
+        if not m:
+            out[key] = value
+            continue
+        name = m.group(1)
+        if name not in os.environ or not os.environ[name]:
+            raise RunError(f"model '{model}': environment variable {name} is not set (needed for `{key}`)",
+                           hint=f"export {name}=... before running; the spec only names it")
+        out[key] = os.environ[name]
+        out[f"_{key}_env"] = name
+    return out
+
+
+def redact(text: str, options: Mapping[str, Any]) -> str:
+    """Remove resolved secret values from a message that may quote them (a provider's error, say)."""
+    for key, value in options.items():
+        if key.startswith("_") and key.endswith("_env"):
+            secret = options.get(key[1:-4])
+            if isinstance(secret, str) and len(secret) >= 4:
+                text = text.replace(secret, f"${{env:{value}}}")
+    return text
