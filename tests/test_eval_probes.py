@@ -244,7 +244,7 @@ SC_OUTPUTS = [
     # wrong -> wrong; wrongly says correct
     "Answer: 5\nVerification: correct.",
     # no answer at all
-    "I cannot solve this.",
+    "",
     # right, never verified
     "Answer: 4",
 ]
@@ -267,10 +267,23 @@ def test_self_correction_metrics_on_hand_counted_cases():
 
 
 def test_self_correction_parser_formats():
+    # The PAM sample layout: attempts and verifications separated by blank lines, no "Answer:" needed.
+    pam_output = ("7 x 8 = 54, so the result is 54.\n\n"
+                  "Verification: the answer above is incorrect. Let me solve it again.\n\n"
+                  "7 x 8 = 56, so the result is 56.\n\n"
+                  "Verification: the answer above is correct.")
+    initial, verdict, final = parse_self_correction(pam_output)
+    assert (initial, verdict, final) == ("7 x 8 = 54, so the result is 54.", False, "7 x 8 = 56, so the result is 56.")
+    assert not number_match(initial, "56") and number_match(final, "56")
     assert parse_self_correction("Answer: 54 Verification: that is not correct. Answer: 56.") == ("54", False, "56")
+    assert parse_self_correction("Work.\nAnswer: 9\n\nVerification: the answer above is correct.") == ("9", True, "9")
     assert parse_self_correction("Final answer: 12\nVerification: Verified.") == ("12", True, "12")
     assert parse_self_correction("Answer: 3\nVerification: let me look again") == ("3", None, "3")
-    assert parse_self_correction("no answer here") == (None, None, None)
+    assert parse_self_correction("   ") == (None, None, None)
+    assert parse_self_correction("Verification: wrong.") == (None, False, None)
+    assert parse_self_correction("Verification: wrong.\n\nAnswer: 5") == (None, False, "5")
+    lone_verdict = score_self_correction([{"answer": "1"}], ["Verification: wrong."], number_match)
+    assert (lone_verdict.n_verdicts, lone_verdict.verification_accuracy, lone_verdict.no_answer) == (0, None, 1)
 
 
 def test_self_correction_accepts_a_custom_parser():

@@ -2,12 +2,16 @@
 arXiv 2401.07301).
 
 A PAM-trained model answers, verifies its own answer and, when the verification is negative, answers
-again -- all in one output::
+again -- all in one output (the sample format of :mod:`specdsl.ops.pam`, parts separated by blank
+lines)::
 
-    <reasoning> Answer: 54
-    Verification: 7 times 8 is 56, not 54, so the answer is incorrect.
-    <reasoning> Answer: 56
-    Verification: the answer is correct.
+    7 x 8 = 54. Answer: 54
+
+    Verification: the answer above is incorrect. Let me solve it again.
+
+    7 x 8 = 56. Answer: 56
+
+    Verification: the answer above is correct.
 
 The probe compares the *initial* answer with the *final* one against the gold answer: accuracy before
 and after, how many wrong answers were fixed (wrong->right) and how many right answers were broken
@@ -16,8 +20,9 @@ when the initial answer matched gold -- the self-verification accuracy the paper
 
 The output format belongs to whoever builds the training samples, so parsing is a parameter:
 ``parse(text) -> (initial, verification_positive, final)``. :func:`parse_self_correction` handles the
-format above. Matching is a parameter too (``match(pred, gold) -> bool``), the same matcher the data
-filter uses, so "correct" means the same thing in training data and evaluation.
+format above, with or without ``Answer:`` lines, and inline variants ("Answer: 54 Verification: not
+correct. Answer: 56"). Matching is a parameter too (``match(pred, gold) -> bool``): pass the matcher
+the data filter uses, so "correct" means the same thing in training data and in evaluation.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ FORMAT_INSTRUCTION = (
 
 # "Answer:" (also "Final answer:"), value up to the end of the line or an inline "Verification:".
 _ANSWER = re.compile(r"\banswer\s*:\s*(?P<value>.*?)\s*(?=\n|$|\bverification\s*:)", re.IGNORECASE)
-# A verification runs to the end of its line or to an inline "Answer:".
-_VERIFICATION = re.compile(r"\bverification\s*:\s*(?P<text>.*?)\s*(?=\n|$|\banswer\s*:)", re.IGNORECASE)
+_VERIFICATION_START = re.compile(r"\bverification\s*:\s*", re.IGNORECASE)
+# A verification runs to the next blank line (the PAM separator) or to an inline "Answer:".
+_VERIFICATION_END = re.compile(r"\n\s*\n|\banswer\s*:", re.IGNORECASE)
 # Negative words are checked first: "not correct" contains "correct".
 _NEGATIVE = re.compile(
     r"\b(incorrect|wrong|mistaken|mistake|erroneous|not\s+(?:correct|right|valid)|"
@@ -57,30 +63,54 @@ def verification_polarity(text: str) -> bool | None:
     return None
 
 
+def _answer_of(attempt: str) -> str | None:
+    """The last ``Answer:`` value of an attempt, else the whole attempt (the matcher extracts from it)."""
+    values = [m.group("value").strip().rstrip(".").strip() for m in _ANSWER.finditer(attempt)]
+    values = [v for v in values if v]
+    if values:
+        return values[-1]
+    return attempt.strip() or None
+
+
 def parse_self_correction(text: str) -> tuple[str | None, bool | None, str | None]:
     """Split a self-correcting output into (initial answer, first verification's verdict, final answer).
 
-    The initial answer is the first ``Answer:`` value, the final answer the last one (the same one when
-    the model answered once). The verdict is that of the first ``Verification:`` after the initial
-    answer, None when there is none or it says neither "correct" nor "incorrect". Values keep their text
-    minus surrounding whitespace and a trailing period; the matcher does any further normalization.
+    The output is cut at its ``Verification:`` markers into attempts (PAM's ``attempt ∥ verification ∥
+    attempt ∥ ... ∥ verification``); a verification ends at the next blank line or inline ``Answer:``.
+    An attempt's answer is its last ``Answer:`` value (minus a trailing period), or the whole attempt
+    when it has none -- a reasoning that ends "so the result is 56." still reaches the matcher. The
+    initial answer comes from the first attempt, the final answer from the last non-empty one. The
+    verdict is that of the first verification: True "correct", False "incorrect", None when there is
+    no verification or it says neither.
     """
-    answers = [(m.start(), m.group("value").strip().rstrip(".").strip()) for m in _ANSWER.finditer(text or "")]
-    answers = [(pos, value) for pos, value in answers if value]
-    if not answers:
-        return None, None, None
-    first_pos, initial = answers[0]
-    verdict = None
-    for m in _VERIFICATION.finditer(text):
-        if m.start() > first_pos:
-            verdict = verification_polarity(m.group("text"))
+    text = text or ""
+    attempts: list[str] = []
+    verdict: bool | None = None
+    cursor = 0
+    first = True
+    while True:
+        marker = _VERIFICATION_START.search(text, cursor)
+        if marker is None:
+            attempts.append(text[cursor:])
             break
-    return initial, verdict, answers[-1][1]
+        attempts.append(text[cursor:marker.start()])
+        end = _VERIFICATION_END.search(text, marker.end())
+        stop = end.start() if end else len(text)
+        if first:
+            verdict = verification_polarity(text[marker.end():stop])
+            first = False
+        cursor = stop
+    answers = [_answer_of(a) for a in attempts]
+    given = [a for a in answers if a is not None]
+    # The initial answer is strictly the first attempt's: an output that opens with a verification has
+    # no initial answer, whatever follows.
+    return answers[0], verdict, (given[-1] if given else None)
 
 
 @dataclass(frozen=True)
 class SelfCorrectionCase:
-    """One question's outcome. ``verification_correct`` is None when the output carried no verdict."""
+    """One question's outcome. ``verification_correct`` is None when the output carried no verdict, or a
+    verdict but no answer to judge."""
 
     initial: str | None
     verification_positive: bool | None
@@ -101,7 +131,7 @@ class SelfCorrectionResult:
     * ``wrong_to_right_rate``: share of initially wrong answers that the final answer fixes.
     * ``right_to_wrong_rate``: share of initially right answers that the final answer breaks.
     * ``verification_accuracy``: share of verdicts that agree with the gold check of the initial answer,
-      over the ``n_verdicts`` outputs that carried one.
+      over the ``n_verdicts`` outputs that carried an answer and a verdict on it.
     * the four ``said_*`` counts are the verification confusion matrix.
     """
 
@@ -179,14 +209,15 @@ def score_self_correction(
             final = initial  # an output with one answer keeps it
         initial_ok = initial is not None and bool(match(initial, gold))
         final_ok = final is not None and bool(match(final, gold))
-        verification_ok = None if verdict is None else verdict == initial_ok
+        # A verdict on no answer at all says nothing about the model's judgement: not counted.
+        verification_ok = None if verdict is None or initial is None else verdict == initial_ok
         cases.append(SelfCorrectionCase(initial, verdict, final, initial_ok, final_ok, verification_ok))
 
     n = len(cases)
     initially_right = sum(c.initial_correct for c in cases)
     wrong_to_right = sum(not c.initial_correct and c.final_correct for c in cases)
     right_to_wrong = sum(c.initial_correct and not c.final_correct for c in cases)
-    with_verdict = [c for c in cases if c.verification_positive is not None]
+    with_verdict = [c for c in cases if c.verification_correct is not None]
 
     def said(positive: bool, right: bool) -> int:
         return sum(c.verification_positive is positive and c.initial_correct is right for c in with_verdict)
