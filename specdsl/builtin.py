@@ -11,6 +11,7 @@ from .hookspecs import hookimpl
 
 @hookimpl
 def register_ops(register):
+    from .steps.concat import ConcatOp
     from .steps.export import ExportOp
     from .steps.filter import FilterOp
     from .steps.format import FormatOp
@@ -19,7 +20,7 @@ def register_ops(register):
     from .steps.tokenize import TokenizeOp
     from .steps.train import TrainOp
 
-    for op in (GenerateOp(), FilterOp(), MapOp(), FormatOp(), TokenizeOp(), TrainOp(), ExportOp()):
+    for op in (GenerateOp(), FilterOp(), MapOp(), FormatOp(), ConcatOp(), TokenizeOp(), TrainOp(), ExportOp()):
         register(op)
     from .steps import designs
 

@@ -56,6 +56,13 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
             rows[n.id] = 1
             est["rows"] = in_rows
             est["train_tokens"] = _train_tokens(plan, n, rows)
+        elif n.op == "segment":
+            rows[n.id] = None  # depends on text lengths: known once it runs
+            est["rows"] = None
+        elif n.op == "concat":
+            parts = [rows.get(src) for _, src in n.inputs]
+            rows[n.id] = None if any(r is None for r in parts) else sum(parts)
+            est["rows"] = rows[n.id]
         else:
             rows[n.id] = in_rows
             est["rows"] = in_rows

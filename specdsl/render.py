@@ -13,8 +13,9 @@ def _fmt_int(n: Any) -> str:
 
 
 def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = False, console: Any = None) -> None:
+    """One block per node: id, op, inputs -> columns, then backend, estimates, cache state, fingerprint."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
 
     from .execute.runner import default_store_dir
     from .execute.store import Store
@@ -22,37 +23,49 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
     console = console or Console()
     root = Path(store_dir) if store_dir else default_store_dir(plan)
     store = Store(root) if root.exists() else None
-    table = Table(title=f"plan: {plan.name}", show_lines=False)
-    for col in ("node", "op", "inputs -> columns", "backend", "requests", "tokens in/out", "cost", "cached", "fp"):
-        table.add_column(col, overflow="fold")
-    total_cost, unknown_cost = 0.0, False
+    console.print(f"[bold]plan[/bold] {plan.name}: {len(plan.nodes)} nodes")
+    total_cost, unknown_cost, total_requests = 0.0, False, 0
     for n in plan.nodes:
         est = n.estimate or {}
-        ins = ", ".join(src for _, src in n.inputs) or "(file)"
-        cols = ", ".join(n.columns[:8]) + (", ..." if len(n.columns) > 8 else "")
-        cost = est.get("cost")
+        ins = ", ".join(src for _, src in n.inputs) or n.params.get("path", "-")
+        cached = store is not None and store.has(n.fingerprint)
+        console.print(f"[bold cyan]{escape(n.id)}[/bold cyan] [magenta]{n.op}[/magenta]  {escape(ins)} -> "
+                      f"{escape(', '.join(n.columns))}")
+        facts = []
+        if n.backend:
+            facts.append(n.backend)
+        if n.models:
+            facts.append("model " + ", ".join(ref for _, ref in n.models))
         if n.kind == "generate":
+            req = est.get("requests")
+            if req is None:
+                facts.append("requests: unknown until upstream runs")
+            else:
+                total_requests += req
+                facts.append(f"{req:,} requests, ~{_fmt_int(est.get('input_tokens'))} in / <= "
+                             f"{_fmt_int(est.get('output_tokens'))} out tokens")
+            cost = est.get("cost")
             if cost is None:
                 unknown_cost = True
+                facts.append("cost unknown")
             else:
                 total_cost += cost
-        cached = "yes" if store is not None and store.has(n.fingerprint) else "no"
-        tokens = ""
-        if est.get("requests"):
-            tokens = f"{_fmt_int(est.get('input_tokens'))}/{_fmt_int(est.get('output_tokens'))}"
+                facts.append(f"${cost:.4f}")
         elif est.get("train_tokens"):
-            tokens = f"{_fmt_int(est['train_tokens'])} train"
-        table.add_row(n.id, n.op, f"{ins} -> {cols}", n.backend or "", _fmt_int(est.get("requests")) if est.get("requests") else "",
-                      tokens, "" if n.kind != "generate" else ("?" if cost is None else f"${cost:.4f}"),
-                      cached, n.short)
-    console.print(table)
-    cost_line = f"estimated cost: ${total_cost:.4f}" + (" + unpriced models" if unknown_cost else "")
+            facts.append(f"~{est['train_tokens']:,} training tokens")
+        elif est.get("rows") is not None and n.kind == "source":
+            facts.append(f"{est['rows']:,} rows")
+        facts.append("[green]cached[/green]" if cached else "not cached")
+        facts.append(f"fp {n.short}")
+        console.print("    " + " · ".join(facts))
+    cost_line = f"estimated: {total_requests:,} requests, ${total_cost:.4f}" + \
+        (" + models that cannot be priced" if unknown_cost else "")
     console.print(cost_line)
     if expanded and plan.expansions:
         for step, ids in plan.expansions:
-            console.print(f"recipe step [bold]{step}[/bold] expanded to: {', '.join(ids)}")
+            console.print(f"recipe step [bold]{escape(step)}[/bold] expanded to: {escape(', '.join(ids))}")
     for note in plan.notes:
-        console.print(f"[dim]note: {note}[/dim]")
+        console.print(f"[dim]note: {escape(note)}[/dim]")
 
 
 def render_run_summary(result: Any, console: Any = None) -> None:

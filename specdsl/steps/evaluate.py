@@ -163,7 +163,7 @@ class PositionProbe:
                                          n_buckets=p.get("buckets", 8), per_bucket=p.get("per_bucket", 4),
                                          seed=p.get("seed", 0), count_tokens=count)
             for model in ctx.models:
-                answers = ctx.answer(model, [it.prompt for it in items])
+                answers = ctx.answer(model, [it.prompt() for it in items])
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
         plot = ctx.artifact_dir / "position.png"
         plot_position_results(by_model, plot)

@@ -1,0 +1,86 @@
+"""Builds the small, offline data the shipped specs read. Deterministic: re-running rewrites the same files.
+
+    python specs/data/make_data.py
+
+* word_problems.jsonl / word_problems_heldout.jsonl: easy arithmetic word problems with gold answers and a
+  category (the strategy key of the prompt-erasure spec), small enough for a 135M model to get many right.
+* stdlib_docs.jsonl: long docstrings of Python standard-library modules, an IN2 corpus available offline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon", "Kira", "Liam"]
+THINGS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "stamps", "shells"]
+
+
+def _problem(rng: random.Random, i: int) -> dict:
+    kind = ["addition", "subtraction", "multiplication", "word_problem"][i % 4]
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    if kind == "addition":
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        return {"category": kind, "question": f"What is {a} + {b}?", "answer": str(a + b)}
+    if kind == "subtraction":
+        a, b = rng.randint(10, 30), rng.randint(1, 9)
+        return {"category": kind, "question": f"What is {a} - {b}?", "answer": str(a - b)}
+    if kind == "multiplication":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        return {"category": kind, "question": f"What is {a} times {b}?", "answer": str(a * b)}
+    a, b = rng.randint(3, 15), rng.randint(2, 9)
+    return {"category": kind, "question": f"{name} has {a} {thing} and buys {b} more. How many {thing} does "
+                                          f"{name} have now?", "answer": str(a + b)}
+
+
+def word_problems() -> None:
+    rng = random.Random(7)
+    rows = [{"id": f"wp{i:03d}", **_problem(rng, i)} for i in range(80)]
+    for name, part in (("word_problems.jsonl", rows[:64]), ("word_problems_heldout.jsonl", rows[64:])):
+        with (HERE / name).open("w") as fh:
+            for r in part:
+                fh.write(json.dumps(r) + "\n")
+
+
+MODULES = ["json", "csv", "argparse", "logging", "functools", "itertools", "collections", "pathlib", "textwrap",
+           "difflib", "heapq", "bisect", "random", "statistics", "fractions", "decimal", "datetime", "calendar",
+           "zipfile", "tarfile", "shutil", "tempfile", "glob", "fnmatch", "string", "re", "struct", "codecs",
+           "unittest", "doctest", "pprint", "enum", "dataclasses", "contextlib", "abc", "typing", "inspect",
+           "email", "html", "xml.dom.minidom", "sqlite3", "hashlib", "hmac", "secrets", "uuid", "base64",
+           "urllib.parse", "http.client", "socket", "selectors", "threading", "queue", "sched", "subprocess"]
+
+
+def stdlib_docs() -> None:
+    rows = []
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        parts = [inspect.getdoc(module) or ""]
+        for attr in sorted(dir(module)):
+            obj = getattr(module, attr, None)
+            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            if getattr(obj, "__module__", None) != module.__name__:
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                parts.append(f"{attr}: {doc}")
+            if sum(map(len, parts)) > 3000:
+                break
+        text = "\n".join(p for p in parts if p).strip()
+        if len(text) >= 1200:
+            rows.append({"id": name, "title": f"the {name} module", "text": text[:4000]})
+    with (HERE / "stdlib_docs.jsonl").open("w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    word_problems()
+    stdlib_docs()
