@@ -227,7 +227,10 @@ class _Builder:
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 self.sink.add("S102", "mapping keys must be plain scalars", key_pos)
                 continue
-            key = key if isinstance(key, str) else str(key)
+            # YAML 1.1 reads plain keys like `on`, `yes`, `no` and `null` as booleans/None; a key is a
+            # name, so keep what the user wrote (`on: heldout` means the key "on").
+            if not isinstance(key, str):
+                key = key_node.value
             if key in seen:
                 first = seen[key]
                 self.sink.add("S002", f"duplicate key '{key}' (first defined at line {first.line})", key_pos,
