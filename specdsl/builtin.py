@@ -63,3 +63,10 @@ def register_probes(register):
 
     for probe in PROBES:
         register(probe)
+
+
+@hookimpl
+def register_executors(register):
+    from .execute.local import LocalExecutor
+
+    register(LocalExecutor())

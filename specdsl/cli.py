@@ -99,15 +99,16 @@ def plan(spec: Path, as_json: bool, expanded: bool, estimate: bool, store: Path 
 @click.option("--fail-fast", is_flag=True, help="stop at the first failed request")
 @click.option("--store", type=click.Path(path_type=Path), help="run store (default: .specdsl beside the spec)")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--executor", default="local", show_default=True, help="where row-parallel work runs (local, ray)")
 def run(spec: Path, only: str | None, until: str | None, dry_run: bool, fail_fast: bool, store: Path | None,
-        no_progress: bool) -> None:
+        no_progress: bool, executor: str) -> None:
     """Compile SPEC and execute it; unchanged nodes come from the store."""
     from . import api
     from .render import render_run_summary
 
     plan = api.compile_spec(spec)
     result = api.run_plan(plan, store_dir=store, only=only, until=until, dry_run=dry_run, fail_fast=fail_fast,
-                          progress=not no_progress)
+                          progress=not no_progress, executor=executor)
     render_run_summary(result)
     if not result.ok:
         sys.exit(EXIT_RUNTIME)

@@ -178,9 +178,19 @@ class ProbeDef(Protocol):
 
 @runtime_checkable
 class ExecutorDef(Protocol):
+    """Where row-parallel work runs. The local executor runs it in-process; others fan it out (Ray).
+
+    ``map_rows(fn, rows)`` returns ``fn`` applied to consecutive chunks of ``rows``, concatenated in
+    order (``fn`` is picklable: a module-level function bound with ``functools.partial``).
+    ``wrap_backend(backend)`` returns a backend whose ``generate`` may spread requests out, still calling
+    ``on_result`` in this process as each result arrives (so the request journal stays exact).
+    """
+
     name: str
 
     def map_rows(self, fn: Callable[[list[dict]], list[dict]], rows: list[dict]) -> list[dict]: ...
+
+    def wrap_backend(self, backend: GenerationBackend) -> GenerationBackend: ...
 
 
 class SpecdslHooks:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -86,7 +87,7 @@ def select_nodes(plan: Plan, *, only: str | None = None, until: str | None = Non
 
 def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = None, until: str | None = None,
         dry_run: bool = False, fail_fast: bool = False, registry: Any = None, progress: bool = True,
-        console: Any = None) -> RunResult:
+        console: Any = None, executor: str = "local") -> RunResult:
     """Execute ``plan``. See the module docstring for the guarantees."""
     if registry is None:
         from ..plugins import default_registry
@@ -99,7 +100,11 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
     from .progress import Display
 
     display = Display(console=console, enabled=progress)
-    services = Services(plan, store, registry, progress=display, fail_fast=fail_fast)
+    if executor not in registry.executors:
+        raise RunError(f"unknown executor '{executor}'",
+                       hint=f"installed: {', '.join(sorted(registry.executors))} (Ray: pip install 'specdsl[ray]')")
+    services = Services(plan, store, registry, progress=display, fail_fast=fail_fast,
+                        executor=registry.executors[executor])
     outputs: dict[str, list[dict[str, Any]]] = {}
     tainted: set[str] = set()   # nodes whose output is incomplete: they and their dependents are not committed
     started = time.time()
@@ -165,7 +170,12 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
             inputs = {param: load(src) for param, src in node.inputs}
             ctx = RunContext(node_id=node.id, params=node.params, inputs=inputs, vars=plan.vars, seed=plan.seed,
                              services=services, artifact_dir=staging)
-            result = op.run(ctx)
+            if getattr(op, "row_parallel", False) and services.executor.name != "local" and len(inputs) == 1:
+                # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
+                fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
+                result = services.executor.map_rows(fn, ctx.rows)
+            else:
+                result = op.run(ctx)
             meta_extra = {}
             if isinstance(result, tuple):  # (rows, meta) for ops that produce artifacts (train, evaluate)
                 rows, meta_extra = result
@@ -193,6 +203,14 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def run_row_chunk(op: Any, node_id: str, params: Mapping[str, Any], variables: Mapping[str, Any], seed: int,
+                  rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run a row-parallel op on one chunk of rows (in a worker: no services, no artifacts)."""
+    ctx = RunContext(node_id=node_id, params=params, inputs={"from": rows}, vars=variables, seed=seed,
+                     services=None, artifact_dir=Path("."))
+    return op.run(ctx)
 
 
 def _new_stats():

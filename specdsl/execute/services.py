@@ -38,13 +38,18 @@ class NodeStats:
 
 class Services:
     def __init__(self, plan: Plan, store: Store, registry: Any, *, progress: Any = None, fail_fast: bool = False,
-                 journal: Any = None):
+                 journal: Any = None, executor: Any = None):
         self.plan = plan
         self.store = store
         self.registry = registry
         self.progress = progress            # specdsl.execute.progress.Display or None
         self.fail_fast = fail_fast
         self._journal = journal
+        if executor is None:
+            from .local import LocalExecutor
+
+            executor = LocalExecutor()
+        self.executor = executor
         self._tokenizers: dict[str, Any] = {}
         self.stats: dict[str, NodeStats] = {}
         self._lock = threading.Lock()
@@ -132,8 +137,8 @@ class Services:
             if task is not None:
                 self.progress.update(task, event)
 
-        results = run_requests(backend, resolved, list(requests), self.journal, fail_fast=self.fail_fast,
-                               progress=on_progress)
+        results = run_requests(self.executor.wrap_backend(backend), resolved, list(requests), self.journal,
+                               fail_fast=self.fail_fast, progress=on_progress)
         if task is not None:
             self.progress.finish(task)
         cached = getattr(results, "cached_keys", None)

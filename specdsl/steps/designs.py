@@ -19,6 +19,7 @@ def _generic_default() -> str:
 
 
 class ErasePromptOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
     name = "erase_prompt"
     description = "Orca 2 prompt erasure: keep the user prompt and the teacher's answer, replace the detailed " \
                   "system instruction with a generic one"
@@ -77,6 +78,7 @@ class ErasePromptOp(StepOp):
 
 
 class PamOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
     name = "pam"
     description = "self-correction samples with partial answer masking: no loss on a wrong initial answer"
     params_schema = obj_schema({

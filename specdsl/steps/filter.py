@@ -25,6 +25,7 @@ def is_truthy(text: str) -> bool:
 
 
 class FilterOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
     name = "filter"
     description = "keep the rows that match (answer matchers or a template condition)"
     template_keys = ("where",)

@@ -8,6 +8,7 @@ from .base import STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, ob
 
 
 class FormatOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
     name = "format"
     description = "build chat messages (loss on the assistant) or prompt/completion pairs (loss on the completion)"
     template_keys = ("system", "user", "assistant", "prompt", "completion")

@@ -8,6 +8,7 @@ from .base import COLUMN, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, St
 
 
 class MapOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
     name = "map"
     description = "add (or replace) columns rendered from templates"
     reads_known = True
