@@ -71,5 +71,5 @@ class Spec:
 
     def step_pos(self, step: StepDecl, *keys: str | int, key: bool = False) -> SourcePos:
         if not step.exact_positions:
-            return self.doc.pos(step.path, key=True)
+            return self.doc.pos(step.path + ("use",), key=True)  # a recipe's step: point at its `use:`
         return self.doc.pos(step.path + tuple(keys), key=key)
