@@ -9,6 +9,7 @@ rejecting a key, a missing source file, a full disk) are :class:`RunError`: they
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -46,7 +47,6 @@ CODES: dict[str, str] = {
     "S211": "invalid recipe parameters",
     "S212": "unknown training target",
     "S213": "unknown probe",
-    "S214": "unknown executor",
     "S301": "template syntax error",
     "S302": "template uses a column that does not exist at this step",
     "S303": "template uses an unknown variable",
@@ -84,12 +84,14 @@ class SpecError:
         return f"{where}error[{self.code}]: {self.message}"
 
     def render(self, source_lines: Sequence[str] | None = None) -> str:
-        """The message as printed: headline, the source line with a caret, and the hint."""
-        out = [self.headline()]
-        # S404's line holds a secret: never echo it.
-        if self.code != "S404" and self.pos is not None and source_lines is not None \
-                and 0 < self.pos.line <= len(source_lines):
-            text = source_lines[self.pos.line - 1].rstrip("\n")
+        """The message as printed: headline, the source line with a caret, and the hint.
+
+        Source lines are shown with anything that looks like a secret replaced by ``***`` (an S404's
+        line holds one, and so may the line of any other error on it).
+        """
+        out = [redact_secrets(self.headline())]
+        if self.pos is not None and source_lines is not None and 0 < self.pos.line <= len(source_lines):
+            text = redact_secrets(source_lines[self.pos.line - 1].rstrip("\n"))
             if len(text) > 200:  # keep a pathological one-line file readable
                 start = max(0, self.pos.col - 100)
                 text = text[start : start + 200]
@@ -104,6 +106,44 @@ class SpecError:
         if self.hint:
             out.append(f"  hint: {self.hint}")
         return "\n".join(out)
+
+
+# Keys whose values are secrets (``api_key``, ``openai_api_key``, ``hf_token``, ``access_token``,
+# ``client_secret``, ``password``) and the shapes of well-known provider keys. Keys that merely end in
+# "token" (``eos_token``, ``max_new_token``) are not secrets. ``${env:NAME}`` values are references.
+_SECRET_NAMES = (r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?token|auth[_-]?token|secret[_-]?key|"
+                 r"client[_-]?secret|password|passwd)|(?:hf|github|gh|bearer|api)[_-]token|token|secret")
+SECRET_KEY = re.compile(rf"(?i)^(?:{_SECRET_NAMES})$")
+SECRET_VALUE = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{12,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+                          r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,}|"
+                          r"AIza[0-9A-Za-z_-]{30,})")
+_ENV_REF = re.compile(r"^\$\{env:[A-Za-z_][A-Za-z0-9_]*\}$")
+# `key: value` inside a line (block or flow style); the value runs to a comma, brace or comment.
+_SECRET_ASSIGN = re.compile(r"""(?ix)
+    (?<![A-Za-z0-9_-])(?P<key>{names})
+    (?P<sep>["']?\s*:\s*)
+    (?P<value>\$\{env:[A-Za-z0-9_]*\}|"[^"]*"|'[^']*'|[^,}\]\s#][^,}\]#]*)""".replace("{names}", _SECRET_NAMES))
+
+
+def is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and bool(SECRET_KEY.match(key))
+
+
+def looks_like_secret(value: object) -> bool:
+    """A string value that is the shape of a well-known provider key (sk-..., hf_..., ghp_...)."""
+    return isinstance(value, str) and bool(SECRET_VALUE.search(value))
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with inline secret values (secret-named keys, provider key shapes) replaced by ``***``."""
+
+    def assign(m: re.Match) -> str:
+        value = m.group("value").strip().strip("'\"")
+        if _ENV_REF.match(value) or not value:
+            return m.group(0)
+        return f"{m.group('key')}{m.group('sep')}***"
+
+    return SECRET_VALUE.sub("***", _SECRET_ASSIGN.sub(assign, text))
 
 
 def format_key_path(path: Iterable[str | int]) -> str:

@@ -55,8 +55,15 @@ class LoadedDoc:
         return self.value_pos.get((), SourcePos(self.file, 1, 1))
 
 
-def _mark_pos(file: str, mark: Any) -> SourcePos:
-    return SourcePos(file, mark.line + 1, mark.column + 1)
+def _mark_pos(file: str, mark: Any, lines: list[str] | None = None) -> SourcePos:
+    """A YAML mark as a 1-based position; past the end of the text it points just after the last line."""
+    line, col = mark.line + 1, mark.column + 1
+    if lines is not None and line > len(lines) and lines:
+        last = len(lines)
+        while last > 1 and not lines[last - 1].strip():
+            last -= 1
+        line, col = last, len(lines[last - 1].rstrip()) + 1
+    return SourcePos(file, line, col)
 
 
 def read_text(path: Path, display: str | None = None) -> str:
@@ -64,26 +71,41 @@ def read_text(path: Path, display: str | None = None) -> str:
     display = display or str(path)
     sink = ErrorSink()
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)  # never read more than the limit of a hostile file
     except OSError as exc:
         sink.add("S006", f"cannot read spec file: {exc.strerror or exc}", SourcePos(display, 1, 1))
         raise SpecErrors(sink.errors)
     if len(raw) > MAX_FILE_BYTES:
-        sink.add("S006", f"spec file is {len(raw):,} bytes; the limit is {MAX_FILE_BYTES:,}",
+        size = Path(path).stat().st_size
+        sink.add("S006", f"spec file is {size:,} bytes; the limit is {MAX_FILE_BYTES:,}",
                  SourcePos(display, 1, 1), hint="specs describe data; keep the data in source files")
         raise SpecErrors(sink.errors)
     if b"\x00" in raw:
-        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
-        sink.add("S006", "spec file contains NUL bytes: it looks binary, not YAML", SourcePos(display, line, 1))
-        raise SpecErrors(sink.errors)
+        at = raw.index(b"\x00")
+        sink.add("S006", "spec file contains NUL bytes: it looks binary, not YAML", _byte_pos(display, raw, at),
+                 hint="specs are UTF-8 text files")
+        raise SpecErrors(sink.errors, {display: _shown_lines(raw, at)})
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         sink.add("S006", f"spec file is not valid UTF-8 (byte 0x{raw[exc.start]:02x})",
-                 SourcePos(display, line, col), hint="save the file as UTF-8")
-        raise SpecErrors(sink.errors)
+                 _byte_pos(display, raw, exc.start), hint="save the file as UTF-8")
+        raise SpecErrors(sink.errors, {display: _shown_lines(raw, exc.start)})
+
+
+def _byte_pos(display: str, raw: bytes, at: int) -> SourcePos:
+    """The line and column (in characters, as an editor shows them) of byte offset ``at``."""
+    line_start = raw.rfind(b"\n", 0, at) + 1
+    col = len(raw[line_start:at].decode("utf-8", "replace")) + 1
+    return SourcePos(display, raw.count(b"\n", 0, at) + 1, col)
+
+
+def _shown_lines(raw: bytes, at: int) -> list[str]:
+    """The lines up to the bad byte, printable (undecodable bytes and NULs shown as U+FFFD)."""
+    end = raw.find(b"\n", at)
+    head = raw[: end if end >= 0 else len(raw)]
+    return head.decode("utf-8", "replace").replace("\x00", "\ufffd").split("\n")
 
 
 def load_yaml_text(text: str, file: str) -> LoadedDoc:
@@ -111,7 +133,7 @@ def load_yaml_text(text: str, file: str) -> LoadedDoc:
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        pos = _mark_pos(file, mark) if mark else SourcePos(file, 1, 1)
+        pos = _mark_pos(file, mark, lines) if mark else SourcePos(file, 1, 1)
         problem = exc.problem or "invalid YAML"
         if "nesting depth" in problem:  # libyaml's own depth guard fired before our pre-scan
             sink.add("S007", f"the document nests too deeply ({problem})", pos)
@@ -158,7 +180,8 @@ def load_yaml_file(path: Path | str, display: str | None = None) -> LoadedDoc:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "mapping", list: "list", str: "string", type(None): "null", int: "number", float: "number",
+            bool: "boolean"}.get(type(value), type(value).__name__)
 
 
 class _TooLarge(Exception):
@@ -175,6 +198,8 @@ class _Builder:
         self.key_pos: dict[KeyPath, SourcePos] = {}
         self.budget = MAX_EXPANDED_NODES
         self.constructor = yaml.SafeLoader("")  # only its scalar constructors are used
+        self.built: set[int] = set()   # ids of nodes built once: meeting one again means an alias
+        self.stack: list[tuple[yaml.Node, bool]] = []  # (node, reached through an alias) being built
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
         if len(path) > MAX_DEPTH:  # only reachable through (recursive) aliases; the pre-scan bounds the rest
@@ -184,9 +209,25 @@ class _Builder:
         self.budget -= 1
         if self.budget < 0:
             self.sink.add("S007", f"the document expands to more than {MAX_EXPANDED_NODES:,} values "
-                          "(an alias bomb?)", _mark_pos(self.file, node.start_mark),
+                          "(an alias bomb?)", _mark_pos(self.file, self._alias_site(node).start_mark),
                           hint="specs are small; use fewer or shallower aliases")
             raise _TooLarge
+        alias = id(node) in self.built
+        self.built.add(id(node))
+        self.stack.append((node, alias))
+        try:
+            return self._build(node, path)
+        finally:
+            self.stack.pop()
+
+    def _alias_site(self, node: yaml.Node) -> yaml.Node:
+        """The collection holding the outermost alias being expanded (where the bomb goes off)."""
+        for i, (_, alias) in enumerate(self.stack):
+            if alias:
+                return self.stack[i - 1][0] if i else node
+        return node
+
+    def _build(self, node: yaml.Node, path: KeyPath) -> Any:
         pos = _mark_pos(self.file, node.start_mark)
         self.value_pos.setdefault(path, pos)
         if node.tag not in _ALLOWED_TAGS:
@@ -211,12 +252,17 @@ class _Builder:
         seen: dict[Any, SourcePos] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                merged = self.build(value_node, path)
+                merged = self.build(value_node, path + ("<<",))
+                self.value_pos.pop(path + ("<<",), None)
                 sources = merged if isinstance(merged, list) else [merged]
                 for src in sources:
                     if isinstance(src, dict):
                         for k, v in src.items():
                             out.setdefault(k, v)
+                    else:
+                        self.sink.add("S102", f"`<<:` merges mappings, not a {_kind(src)}",
+                                      _mark_pos(self.file, value_node.start_mark), path,
+                                      hint="write `<<: *anchor` where the anchor names a mapping")
                 continue
             key_pos = _mark_pos(self.file, key_node.start_mark)
             if not isinstance(key_node, yaml.ScalarNode):

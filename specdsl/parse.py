@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from .errors import ErrorSink, did_you_mean
 from .load import LoadedDoc
-from .schema import SECRET_PATTERN, validate_fragment
+from .schema import validate_fragment
 from .spec import DEFAULT_BACKEND, ModelDecl, SourceDecl, Spec, StepDecl
 
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
@@ -68,7 +68,6 @@ def parse_spec(doc: LoadedDoc, file: Path, registry: Any, sink: ErrorSink) -> Sp
         op = op_keys[0]
         params = raw[op] if isinstance(raw[op], dict) else {}
         steps.append(StepDecl(step_id, op, params, ("steps", i, op)))
-    _check_inline_secrets(data, doc, sink)
     if sink:
         return None
     return Spec(version=data["specdsl"], name=data["name"], description=data.get("description", ""),
@@ -109,22 +108,3 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
             sink.add("S211", f"recipe '{name}' produced step '{s.id}' with invalid {s.op} parameters: {err.message}",
                      doc.pos(("steps", index, "use")), ("steps", index), hint="check the recipe's parameters")
     return out
-
-
-def _check_inline_secrets(data: Any, doc: LoadedDoc, sink: ErrorSink, path: tuple = ()) -> None:
-    """Keys that name secrets must hold ``${env:NAME}`` references, never the secret itself."""
-    import re
-
-    if isinstance(data, dict):
-        for k, v in data.items():
-            lowered = str(k).lower()
-            if isinstance(v, str) and (lowered.endswith("api_key") or lowered in ("token", "secret", "password")) \
-                    and not re.match(SECRET_PATTERN, v) and path[:1] != ("vars",):
-                where = path + (k,)
-                if not any(e.code == "S404" and e.key_path == where for e in sink.errors):
-                    sink.add("S404", f"'{k}' holds an inline secret; write it as ${{env:NAME}}", doc.pos(where), where,
-                             hint="the value never belongs in a spec; it would end up in git")
-            _check_inline_secrets(v, doc, sink, path + (k,))
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            _check_inline_secrets(v, doc, sink, path + (i,))

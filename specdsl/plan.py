@@ -174,8 +174,12 @@ class Plan:
 
 
 def fingerprint_node(node: PlanNode, input_fingerprints: Mapping[str, str]) -> str:
+    """The node's cache key. ``meta:`` is never interpreted, so editing it does not invalidate a cache."""
+    params = json.loads(node.params_json)
+    if isinstance(params, dict):
+        params.pop("meta", None)
     return digest({
-        "op": node.op, "op_version": node.op_version, "params": json.loads(node.params_json),
+        "op": node.op, "op_version": node.op_version, "params": params,
         "inputs": [[param, input_fingerprints[src]] for param, src in node.inputs],
         "models": [[param, input_fingerprints.get(ref, ref)] for param, ref in node.models],
         "identity": json.loads(node.identity_json),

@@ -9,10 +9,9 @@ with the position of the offending key and a code from :mod:`specdsl.errors`.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
-from .errors import ErrorSink, did_you_mean, format_key_path
+from .errors import ErrorSink, did_you_mean, format_key_path, is_secret_key, looks_like_secret
 from .load import LoadedDoc
 
 SCHEMA_ID = "https://specdsl.dev/schemas/spec.v1.json"
@@ -107,21 +106,19 @@ def build_schema(registry: Any) -> dict:
     }
 
 
-@lru_cache(maxsize=8)
-def _validator_for(registry_key: int, schema_json: str):
-    import json
-
-    from jsonschema import Draft202012Validator
-
-    schema = json.loads(schema_json)
-    return Draft202012Validator(schema)
+_VALIDATORS: dict[int, tuple[Any, Any]] = {}
 
 
 def validator(registry: Any):
-    import json
+    """The compiled validator for ``registry`` (built once per registry and process)."""
+    cached = _VALIDATORS.get(id(registry))
+    if cached is not None and cached[0] is registry:
+        return cached[1]
+    from jsonschema import Draft202012Validator
 
-    schema = build_schema(registry)
-    return _validator_for(id(registry), json.dumps(schema, sort_keys=True))
+    v = Draft202012Validator(build_schema(registry))
+    _VALIDATORS[id(registry)] = (registry, v)  # the registry is kept alive, so its id is never reused
+    return v
 
 
 def _all_errors(errors: Iterable[Any]) -> list[Any]:
@@ -136,15 +133,17 @@ def _all_errors(errors: Iterable[Any]) -> list[Any]:
 
 
 def validate(doc: LoadedDoc, registry: Any, sink: ErrorSink) -> None:
-    """Validate a loaded document, adding one positioned error per problem to ``sink``."""
+    """Validate a loaded document, adding one positioned error per problem to ``sink`` (in file order)."""
     data = doc.data
+    local = ErrorSink()
     if "specdsl" not in data:
-        sink.add("S010", "missing `specdsl:` version key", doc.pos(()), hint=f"add `specdsl: {VERSION}` as the first line")
-    elif data.get("specdsl") != VERSION:
-        sink.add("S010", f"unknown spec version {data.get('specdsl')!r}", doc.pos(("specdsl",)),
-                 ("specdsl",), hint=f"this specdsl reads version {VERSION}")
+        local.add("S010", "missing `specdsl:` version key", doc.pos(()),
+                  hint=f"add `specdsl: {VERSION}` as the first line")
+    elif data.get("specdsl") != VERSION or isinstance(data.get("specdsl"), bool):
+        local.add("S010", f"unknown spec version {data.get('specdsl')!r}", doc.pos(("specdsl",)),
+                  ("specdsl",), hint=f"this specdsl reads version {VERSION}")
     seen: set[tuple] = set()
-    for err in sorted(_all_errors(validator(registry).iter_errors(data)), key=lambda e: list(map(str, e.absolute_path))):
+    for err in _all_errors(validator(registry).iter_errors(data)):
         path = tuple(err.absolute_path)
         if path and path[0] == "specdsl":
             continue  # reported above with a better message
@@ -155,7 +154,35 @@ def validate(doc: LoadedDoc, registry: Any, sink: ErrorSink) -> None:
             if ident in seen:
                 continue
             seen.add(ident)
-            sink.add(code, message, doc.pos(where, key=key), where, hint)
+            local.add(code, message, doc.pos(where, key=key), where, hint)
+    check_inline_secrets(data, doc, local)
+    sink.errors.extend(sorted(local.errors, key=_position_key))
+
+
+def _position_key(err: Any) -> tuple:
+    return (err.pos.line, err.pos.col) if err.pos else (0, 0)
+
+
+def check_inline_secrets(data: Any, doc: LoadedDoc, sink: ErrorSink, path: tuple = ()) -> None:
+    """Secrets must be ``${env:NAME}`` references, never the secret itself (it would end up in git).
+
+    A value is an inline secret when its key names a secret (``api_key``, ``hf_token``, ``password``, ...)
+    or when it has the shape of a well-known provider key (``sk-...``, ``hf_...``). Under ``vars:`` only the
+    second rule applies: a var called ``token`` is usually a marker string, not a credential.
+    """
+    if isinstance(data, dict):
+        for k, v in data.items():
+            where = path + (k,)
+            if isinstance(v, str) and not re.match(SECRET_PATTERN, v) and v.strip() and (
+                    (is_secret_key(k) and path[:1] != ("vars",)) or looks_like_secret(v)):
+                if not any(e.code == "S404" and e.key_path == where for e in sink.errors):
+                    sink.add("S404", f"'{k}' holds an inline secret; write it as ${{env:NAME}}", doc.pos(where),
+                             where, hint="put the secret in an environment variable and reference it: "
+                                         f"{k}: ${{env:MY_SECRET}}")
+            check_inline_secrets(v, doc, sink, where)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            check_inline_secrets(v, doc, sink, path + (i,))
 
 
 def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
@@ -195,30 +222,55 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
         return
     if v == "const" and path and path[-1] == "backend":
         return  # an if/then branch for another backend; the enum check reports unknown ones
+    if v == "enum" and path and path[-1] == "target" and "train" in path[:-1]:
+        yield "S212", f"unknown training target {err.instance!r}", path, False, \
+            "installed targets: " + ", ".join(["auto"] + sorted(registry.targets))
+        return
+    if v == "pattern" and schema.get("pattern") == SECRET_PATTERN:
+        yield "S404", f"{where} must be a secret reference like ${{env:API_KEY}}, never the secret itself", \
+            path, False, "put the key in an environment variable and reference it"
+        return
+    if v in ("oneOf", "anyOf") and err.context:
+        best = max(err.context, key=lambda e: len(list(e.absolute_path)))
+        yield from _translate(best, tuple(best.absolute_path), doc, registry)
+        return
+    if len(path) >= 3 and path[0] == "models" and path[2] not in ("backend", "model", "meta") and \
+            isinstance(doc.data.get("models"), dict):
+        # A backend's own option (the fragment it registered) has a wrong type or value.
+        entry = doc.data["models"].get(path[1])
+        backend = entry.get("backend", "transformers") if isinstance(entry, dict) else "?"
+        for _code, message, where_, key, hint in _translate_plain(err, path, schema, prefix=False):
+            yield "S210", f"invalid option `{path[-1]}` for backend '{backend}': {message}", where_, key, hint
+        return
+    yield from _translate_plain(err, path, schema)
+
+
+def _translate_plain(err: Any, path: tuple, schema: Mapping[str, Any], prefix: bool = True):
+    """Type, range and value errors, the same wherever they occur."""
+    v = err.validator
+    where = format_key_path(path) or "the top level"
+    if "propertyNames" in err.schema_path and isinstance(err.instance, str):
+        # A name under a mapping (a model or source name); jsonschema reports it at the parent's path.
+        yield "S105", f"invalid name {err.instance!r} under {where}", path + (err.instance,), True, \
+            "names start with a letter or _ and hold only letters, digits, _ and -"
+        return
     if v == "type":
         expected = schema.get("type")
         expected = " or ".join(expected) if isinstance(expected, list) else expected
-        yield "S102", f"{where} must be {_article(expected)}, not {_json_type(err.instance)}", path, False, None
+        subject = where if prefix else "it"
+        yield "S102", f"{subject} must be {_article(expected)}, not {_json_type(err.instance)}", path, False, None
         return
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems",
              "maxItems", "enum", "const", "pattern", "uniqueItems", "multipleOf", "minProperties", "maxProperties"):
         hint = None
         if v == "enum":
             hint = f"allowed: {', '.join(map(repr, schema.get('enum', [])))}"
-        elif v == "pattern" and schema.get("pattern") == SECRET_PATTERN:
-            yield "S404", f"{where} must be a secret reference like ${{env:API_KEY}}, never the secret itself", \
-                path, False, "put the key in an environment variable and reference it"
-            return
         elif v == "pattern":
             hint = f"it must match {schema.get('pattern')}"
-        yield "S103", f"{where}: {_short(err.message)}", path, False, hint
+        yield "S103", (f"{where}: " if prefix else "") + _short(err.message), path, False, hint
         return
     if v == "propertyNames":
         yield "S105", f"invalid name under {where}: {_short(err.message)}", path, False, f"names match {ID_PATTERN}"
-        return
-    if v in ("oneOf", "anyOf") and err.context:
-        best = min(err.context, key=lambda e: len(list(e.absolute_path)) * -1)
-        yield from _translate(best, tuple(best.absolute_path), doc, registry)
         return
     yield "S105", f"{where}: {_short(err.message)}", path, False, None
 

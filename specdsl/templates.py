@@ -22,19 +22,20 @@ VARS = "vars"
 
 @dataclass(frozen=True)
 class TemplateInfo:
-    columns: frozenset[str]          # row columns read statically
+    columns: frozenset[str]          # row columns read statically (row.X, row['X'], row.get('X'))
     names: frozenset[str]            # free top-level names (row, vars, var names, unknowns)
-    var_names: frozenset[str]        # vars read via vars.X or by bare name
-    dynamic_row_access: bool         # row[expr] with a non-constant key: columns cannot be checked
-    unsafe: tuple[str, ...]          # attribute names the sandbox forbids
+    var_names: frozenset[str]        # vars read via vars.X / vars['X'] (bare-name reads are in ``names``)
+    dynamic_row_access: bool         # row[expr], row.items(), bare `row`: the columns read are not known
+    unsafe: tuple[str, ...]          # private/dunder attribute names and constructs the sandbox forbids
 
 
 class TemplateError(Exception):
-    def __init__(self, message: str, lineno: int | None = None, code: str = "S301"):
+    def __init__(self, message: str, lineno: int | None = None, code: str = "S301", hint: str | None = None):
         super().__init__(message)
         self.message = message
         self.lineno = lineno
         self.code = code
+        self.hint = hint
 
 
 def _regex_search(value: Any, pattern: str, group: int = 0, default: str = "") -> str:
@@ -64,6 +65,10 @@ _GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace"
                       "none", "True", "False", "None"})
 
 
+# dict methods a template may call on `row`; `row.get('X')` reads column X, the others read every column.
+_ROW_METHODS = frozenset({"get", "items", "keys", "values"})
+
+
 @lru_cache(maxsize=4096)
 def analyze(source: str) -> TemplateInfo:
     """Parse a template and report what it reads. Raises :class:`TemplateError` on syntax errors."""
@@ -76,24 +81,54 @@ def analyze(source: str) -> TemplateInfo:
     var_names: set[str] = set()
     unsafe: list[str] = []
     dynamic = False
+    accounted: set[int] = set()  # ids of `row` Name nodes whose access is understood
+
+    for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        unsafe.append(f"{{% {type(node).__name__.lower()} %}}")
+    for call in ast.find_all(nodes.Call):
+        fn = call.node
+        if isinstance(fn, nodes.Getattr) and _is_name(fn.node, ROW) and fn.attr in _ROW_METHODS:
+            accounted.add(id(fn.node))
+            arg = call.args[0] if call.args else None
+            if fn.attr == "get" and isinstance(arg, nodes.Const) and isinstance(arg.value, str):
+                columns.add(arg.value)
+            else:
+                dynamic = True
+    for flt in ast.find_all(nodes.Filter):
+        if flt.name == "attr" and flt.args and isinstance(flt.args[0], nodes.Const) \
+                and str(flt.args[0].value).startswith("_"):
+            unsafe.append(str(flt.args[0].value))
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
         base = node.node
         key: Any
         if isinstance(node, nodes.Getattr):
             key = node.attr
+            if key.startswith("_"):
+                unsafe.append(key)  # the sandbox refuses every attribute that starts with _
         else:
             key = node.arg.value if isinstance(node.arg, nodes.Const) else None
-        if isinstance(key, str) and key.startswith("_"):
-            unsafe.append(key)
-        if isinstance(base, nodes.Name) and base.name == ROW:
+            if isinstance(key, str) and key.startswith("__") and not _is_name(base, ROW):
+                unsafe.append(key)
+        if _is_name(base, ROW) and id(base) not in accounted:
+            accounted.add(id(base))
+            if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+                continue  # reported as unsafe, not as a missing column
             if isinstance(key, str):
                 columns.add(key)
             else:
                 dynamic = True
-        if isinstance(base, nodes.Name) and base.name == VARS and isinstance(key, str):
+        if _is_name(base, VARS) and isinstance(key, str):
             var_names.add(key)
+    # `row` used whole ({{ row }}, {{ row | tojson }}, {% for k in row %}) reads every column.
+    if any(id(n) not in accounted for n in ast.find_all(nodes.Name) if n.name == ROW and n.ctx == "load"):
+        dynamic = True
     names = _free_names(ast)
-    return TemplateInfo(frozenset(columns), frozenset(names), frozenset(var_names), dynamic, tuple(unsafe))
+    return TemplateInfo(frozenset(columns), frozenset(names), frozenset(var_names), dynamic,
+                        tuple(dict.fromkeys(unsafe)))
+
+
+def _is_name(node: Any, name: str) -> bool:
+    return isinstance(node, nodes.Name) and node.name == name
 
 
 def _free_names(ast: nodes.Template) -> set[str]:
@@ -104,27 +139,46 @@ def _free_names(ast: nodes.Template) -> set[str]:
 
 
 def check(source: str, *, columns: Iterable[str] | None, var_names: Iterable[str]) -> list[TemplateError]:
-    """Static check of a template against the columns and vars available at its step."""
+    """Static check of a template against the columns and vars available at its step.
+
+    ``columns=None`` skips the column check (the input's columns are unknown, e.g. after an earlier error).
+    """
     try:
         info = analyze(source)
     except TemplateError as exc:
         return [exc]
     errors: list[TemplateError] = []
-    for attr in info.unsafe:
-        errors.append(TemplateError(f"template reads '{attr}', which the sandbox forbids", code="S304"))
+    if info.unsafe:
+        shown = ", ".join(f"'{u}'" for u in info.unsafe)
+        errors.append(TemplateError(f"template uses {shown}, which the sandbox forbids", code="S304",
+                                    hint="templates may read row columns and vars, not private attributes "
+                                         "or other templates"))
     known_vars = set(var_names)
     for name in sorted(info.names - {ROW, VARS} - _GLOBALS):
         if name in known_vars:
             continue
-        errors.append(TemplateError(f"template uses unknown variable '{name}'", code="S303"))
+        close = _close(name, known_vars | {ROW, VARS})
+        errors.append(TemplateError(f"template uses unknown variable '{name}'" + (f" ({close})" if close else ""),
+                                    code="S303", hint="templates see `row`, `vars` and the names under `vars:`"))
     for name in sorted(info.var_names - known_vars):
-        errors.append(TemplateError(f"template uses unknown var 'vars.{name}'", code="S303"))
+        close = _close(name, known_vars)
+        errors.append(TemplateError(
+            f"template uses unknown var 'vars.{name}'", code="S204",
+            hint=close or (f"vars defined: {', '.join(sorted(known_vars))}" if known_vars
+                           else "define it under `vars:`")))
     if columns is not None:
         available = set(columns)
         for col in sorted(info.columns - available):
             errors.append(TemplateError(f"template reads column 'row.{col}', which does not exist at this step",
                                         code="S302"))
     return errors
+
+
+def _close(word: str, choices: Iterable[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else None
 
 
 @lru_cache(maxsize=1024)

@@ -7,6 +7,7 @@ plan nodes with fingerprints and estimates. All errors of a spec are collected a
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -30,9 +31,15 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
     step_ids: dict[str, StepDecl] = {}
     for step in spec.steps:
         if step.id in step_ids or step.id in spec.sources:
-            what = "a source" if step.id in spec.sources else "another step"
-            sink.add("S205", f"step id '{step.id}' is already used by {what}", spec.step_pos(step, key=True),
-                     (step.id,), hint="step ids and source names share one namespace")
+            if step.id in spec.sources:
+                what = f"source '{step.id}' (line {spec.pos(spec.sources[step.id].key_path, key=True).line})"
+            else:
+                first = step_ids[step.id]
+                what = f"the step at line {_id_pos(spec, first).line}"
+                if first.recipe:
+                    what += f" (made by recipe '{first.recipe}')"
+            sink.add("S205", f"step id '{step.id}' is already used by {what}", _id_pos(spec, step),
+                     (step.id,), hint="step ids and source names share one namespace; rename one of them")
             continue
         step_ids[step.id] = step
 
@@ -48,11 +55,14 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             try:
                 identity.update(backend.identity(options))
             except Exception as exc:  # noqa: BLE001 - a backend's identity failing is the user's model problem
-                sink.add("S105", f"model '{name}': {exc}", spec.pos(decl.path), decl.path)
+                message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                sink.add("S210", f"model '{name}': {message}", spec.pos(decl.path), decl.path,
+                         hint=getattr(exc, "hint", None) or f"backend '{decl.backend}' rejected this model entry")
         model_refs[name] = ModelRef(name, decl.backend, decl.model, canonical_json(options), canonical_json(identity))
 
     # Source nodes.
     columns: dict[str, tuple[str, ...]] = {}
+    unknown_columns: set[str] = set()  # sources/steps whose columns are unknown because of an earlier error
     nodes: dict[str, PlanNode] = {}
     for name, src in spec.sources.items():
         cols = src.columns
@@ -65,10 +75,13 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                          spec.pos(src.key_path + ("path",)), src.key_path + ("path",),
                          hint=f"looked in {path.parent}; or declare `columns:` to check the spec without the data")
                 cols = ()
-            except ValueError as exc:
-                sink.add("S405", f"source '{name}': {exc}", spec.pos(src.key_path + ("path",)),
-                         src.key_path + ("path",))
+                unknown_columns.add(name)
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                sink.add("S405", f"source '{name}': cannot read '{src.path}': {reason}",
+                         spec.pos(src.key_path + ("path",)), src.key_path + ("path",))
                 cols = ()
+                unknown_columns.add(name)
         if src.id_column and cols and src.id_column not in cols:
             sink.add("S403", f"source '{name}' has no column '{src.id_column}' to use as id",
                      spec.pos(src.key_path + ("id",)), src.key_path + ("id",), hint=f"columns: {', '.join(cols)}")
@@ -82,9 +95,11 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
 
     # Dependencies between steps, for cycle detection and order.
     deps: dict[str, list[tuple[str, str]]] = {}
+    unresolved: set[str] = set()  # steps with an input that names nothing
     for step in step_ids.values():
         op = registry.ops.get(step.op)
         if op is None:
+            unknown_columns.add(step.id)
             continue
         refs = []
         for key in op.input_keys:
@@ -93,14 +108,14 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 continue
             # A list of inputs (concat) becomes params from[0], from[1], ... in the plan.
             items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
-            for param, ref in items:
+            for i, (param, ref) in enumerate(items):
                 if ref in step_ids or ref in spec.sources:
                     refs.append((param, ref))
-                else:
-                    known = list(step_ids) + list(spec.sources)
-                    code = "S203"
-                    sink.add(code, f"'{ref}' is neither a step nor a source", spec.step_pos(step, key),
-                             (step.id, key), hint=did_you_mean(str(ref), known))
+                    continue
+                unresolved.add(step.id)
+                code, message, hint = _unknown_input(str(ref), list(step_ids), list(spec.sources))
+                keys = (key, i) if isinstance(value, list) else (key,)
+                sink.add(code, message, spec.step_pos(step, *keys), (step.id,) + keys, hint=hint)
         for key in op.model_keys:
             value = step.params.get(key)
             if value is None:
@@ -133,11 +148,16 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         if op is None:
             continue
         inputs = {key: columns.get(ref, ()) for key, ref in deps.get(sid, []) if key.split("[")[0] in op.input_keys}
+        # When an input's columns are unknown (it names nothing, its file is missing, its op failed), every
+        # column check here would only echo that first error: keep the step's other errors, drop those.
+        blind = sid in unresolved or any(ref in unknown_columns for key, ref in deps.get(sid, [])
+                                         if key.split("[")[0] in op.input_keys)
+        step_sink = ErrorSink() if blind else sink
 
         def pos_of(*keys, key=False, _step=step):
             return spec.step_pos(_step, *keys, key=key)
 
-        ctx = CheckContext(step_id=sid, params=step.params, inputs=inputs, var_names=var_names, sink=sink,
+        ctx = CheckContext(step_id=sid, params=step.params, inputs=inputs, var_names=var_names, sink=step_sink,
                            pos_of=pos_of, models=model_kinds)
         for key in op.template_keys:
             if key in step.params:
@@ -145,8 +165,18 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         try:
             out_cols = tuple(op.check(ctx))
         except Exception as exc:  # noqa: BLE001 - a plugin op's check must not crash the compiler
-            sink.add("S401", f"op '{step.op}' failed to check step '{sid}': {exc!r}", pos_of(), (sid,))
+            sink.add("S401", f"op '{step.op}' failed to check step '{sid}': {exc!r}", pos_of(), (sid,),
+                     hint="this is a bug in the op's plugin; run with --debug to see where")
             out_cols = ()
+            unknown_columns.add(sid)
+        if blind:
+            unknown_columns.add(sid)
+            sink.errors.extend(e for e in step_sink.errors if e.code not in _COLUMN_CODES)
+        if step.op == "train":
+            target = step.params.get("target", "auto")
+            if isinstance(target, str) and target != "auto" and target not in registry.targets:
+                sink.add("S212", f"training target '{target}' is not installed", pos_of("target"), (sid, "target"),
+                         hint="installed targets: " + ", ".join(["auto"] + sorted(registry.targets)))
         columns[sid] = out_cols
         model_deps = tuple((k, r) for k, r in deps.get(sid, []) if k in op.model_keys)
         input_deps = tuple((k, r) for k, r in deps.get(sid, []) if k.split("[")[0] in op.input_keys)
@@ -176,11 +206,14 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 step=sid, recipe=step.recipe, pos=pos_of(key=True),
                 op_version=registry.ops["tokenize"].version if "tokenize" in registry.ops else "1")
             input_deps = (("from", tok_id),)
+        reads = None
+        if getattr(op, "reads_known", False) and not _reads_dynamically(step.params):
+            reads = tuple(sorted(ctx.used_columns))
         nodes[sid] = PlanNode(
             id=sid, op=step.op, kind=op.kind, params_json=canonical_json(dict(step.params)), inputs=input_deps,
             columns=out_cols, models=model_deps, backend=backend, identity_json=canonical_json(identity),
             step=step.recipe_step or sid, recipe=step.recipe, pos=pos_of(key=True), op_version=op.version,
-            reads=tuple(sorted(ctx.used_columns)) if getattr(op, "reads_known", False) else None)
+            reads=reads)
 
     if sink:
         raise SpecErrors(_sorted(sink.errors), {spec.doc.file: spec.doc.lines})
@@ -189,6 +222,45 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 models=tuple(model_refs.values()), vars_json=canonical_json(dict(spec.vars)), seed=spec.seed,
                 store=spec.store, expansions=tuple(spec.expansions.items()))
     return plan
+
+
+# Codes that only say "this column is not there": meaningless when the input's columns are unknown.
+_COLUMN_CODES = frozenset({"S302", "S402", "S403"})
+
+
+def _id_pos(spec: Spec, step: StepDecl) -> SourcePos:
+    """Where a step's id is written (for a recipe's step: its `use:` step)."""
+    if step.exact_positions and len(step.path) >= 2:
+        return spec.pos(tuple(step.path[:2]) + ("id",))
+    return spec.step_pos(step, key=True)
+
+
+def _unknown_input(ref: str, steps: list[str], sources: list[str]) -> tuple[str, str, str | None]:
+    """The error for an input that names nothing: S202 when it looks like a source, S203 otherwise."""
+    close_source = difflib.get_close_matches(ref, sources, n=1, cutoff=0.6)
+    close_step = difflib.get_close_matches(ref, steps, n=1, cutoff=0.6)
+    if close_source and (not close_step or difflib.SequenceMatcher(None, ref, close_source[0]).ratio()
+                         >= difflib.SequenceMatcher(None, ref, close_step[0]).ratio()):
+        return "S202", f"unknown source '{ref}'", f"did you mean '{close_source[0]}'? (sources: {', '.join(sources)})"
+    if close_step:
+        return "S203", f"unknown step '{ref}'", f"did you mean '{close_step[0]}'?"
+    return "S203", f"'{ref}' is neither a step nor a source", did_you_mean(ref, steps + sources)
+
+
+def _reads_dynamically(value: Any) -> bool:
+    """True when a template among ``value`` reads row columns it does not name (row[expr], bare row)."""
+    if isinstance(value, str):
+        if not templates.is_template(value):
+            return False
+        try:
+            return templates.analyze(value).dynamic_row_access
+        except templates.TemplateError:
+            return True
+    if isinstance(value, dict):
+        return any(_reads_dynamically(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_reads_dynamically(v) for v in value)
+    return False
 
 
 def _spec_hash(spec: Spec) -> str:

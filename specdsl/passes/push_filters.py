@@ -19,8 +19,8 @@ def push_filters_before_generation(plan: Plan) -> Plan:
     while changed:
         changed = False
         for f in list(nodes.values()):
-            if f.op != "filter" or f.reads is None:
-                continue
+            if f.op != "filter" or f.reads is None or f.params.get("into"):
+                continue  # unknown reads; or a verdict column (it drops nothing, so moving it saves nothing)
             g_id = f.input("from")
             g = nodes.get(g_id)
             if g is None or g.kind != "generate" or len(f.inputs) != 1:
@@ -30,6 +30,8 @@ def push_filters_before_generation(plan: Plan) -> Plan:
                 continue
             if not set(f.reads) <= set(nodes[upstream].columns):
                 continue  # the filter reads generated text: it must stay after generation
+            if "id" in f.reads and g.params.get("n", 1) != 1:
+                continue  # generating n samples per row rewrites `id` (id#k): the filter would see other ids
             consumers = [n for n in nodes.values() if any(src == g_id for _, src in n.inputs)]
             if [c.id for c in consumers] != [f.id]:
                 continue  # someone else needs every generated row

@@ -1,0 +1,536 @@
+"""One test per error code: each spec mistake gives its code, message, line, column, caret and hint.
+
+Every case writes a small spec into a temporary folder (beside a tiny data file), compiles it the way
+`specdsl validate` does and checks the first error exactly, and what the user sees when it is printed.
+``test_every_code_is_exercised`` keeps this file and :data:`specdsl.errors.CODES` in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from specdsl import api
+from specdsl.errors import CODES, SpecError, SpecErrors, redact_secrets
+from specdsl.plugins import Registry, default_registry
+
+PROBLEMS = [
+    {"id": "p1", "category": "addition", "question": "What is 2 + 3?", "answer": "5"},
+    {"id": "p2", "category": "subtraction", "question": "What is 9 - 4?", "answer": "5"},
+]
+
+# Lines 1-9; a case's steps start on line 10.
+HEAD = """\
+specdsl: 1
+name: t
+models:
+  teacher: {model: smollm2-135m-instruct}
+sources:
+  problems: {path: problems.jsonl}
+vars:
+  greeting: hello
+steps:
+"""
+
+EXERCISED: set[str] = set()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROBLEMS))
+    monkeypatch.chdir(tmp_path)  # errors show paths relative to the working directory: "s.yaml"
+    return tmp_path
+
+
+def compile_errors(workdir: Path, text: str | bytes, *, identities: bool = False, registry=None) -> SpecErrors:
+    path = workdir / "s.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(SpecErrors) as info:
+        api.compile_spec(path, identities=identities, registry=registry)
+    return info.value
+
+
+def check(exc: SpecErrors, code: str, line: int, col: int, message: str, *, hint: str | None = None,
+          index: int = 0, caret: bool = True) -> SpecError:
+    """Assert error ``index`` exactly, and that its printed form shows the line, a caret and the hint."""
+    assert all(e.code in CODES for e in exc.errors)
+    err = exc.errors[index]
+    assert (err.code, err.pos.file, err.pos.line, err.pos.col) == (code, "s.yaml", line, col), exc.render()
+    assert message in err.message, err.message
+    if hint is not None:
+        assert err.hint is not None and hint in err.hint, err.hint
+    printed = exc.render()
+    block = err.render(exc.sources.get("s.yaml"))
+    assert block in printed
+    lines = block.splitlines()
+    assert lines[0] == f"s.yaml:{line}:{col}: error[{code}]: {err.message}"
+    if caret:
+        source = redact_secrets(exc.sources["s.yaml"][line - 1])
+        gutter = f"{line:>5} | "
+        assert lines[1].startswith(gutter) and lines[1][len(gutter):] in source, lines[1]
+        assert lines[2] == " " * (len(gutter) + col - 1) + "^", "\n" + block
+    if err.hint:
+        assert f"  hint: {err.hint}" in lines
+    EXERCISED.add(code)
+    return err
+
+
+def spec(steps: str, head: str = HEAD) -> str:
+    return head + steps
+
+
+GEN = "  - id: answers\n    generate: {from: problems, model: teacher, user: '{{ row.question }}'}\n"  # 10-11
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading (S0xx)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_S001_yaml_syntax_error_points_at_the_problem(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: t\nsteps: [\n")
+    check(exc, "S001", 3, 9, "YAML syntax error", hint="parsing a flow node")
+
+
+def test_S001_unclosed_quote_at_end_of_file_points_at_the_last_line(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: 'abc\n\n")
+    check(exc, "S001", 2, 11, "found unexpected end of stream", hint="quoted scalar")
+
+
+def test_S001_several_documents(workdir):
+    exc = compile_errors(workdir, spec(GEN) + "---\nname: other\n")
+    check(exc, "S001", 13, 1, "exactly one YAML document", caret=True)
+
+
+def test_S002_duplicate_key(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: a\nname: b\nsteps: []\n")
+    err = check(exc, "S002", 3, 1, "duplicate key 'name' (first defined at line 2)", hint="YAML keeps only one")
+    assert err.key_path == ("name",)
+
+
+def test_S003_unsafe_tag_is_rejected_and_never_executed(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: !!python/object/apply:os.system ['touch PWNED']\nsteps: []\n")
+    check(exc, "S003", 2, 7, "tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed",
+          hint="never executed")
+    assert not (workdir / "PWNED").exists()
+
+
+def test_S003_custom_local_tag(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: !secret t\nsteps: []\n")
+    check(exc, "S003", 2, 7, "tag '!secret' is not allowed")
+
+
+def test_S004_top_level_must_be_a_mapping(workdir):
+    exc = compile_errors(workdir, "- specdsl: 1\n- name: t\n")
+    check(exc, "S004", 1, 1, "the top level must be a mapping, not a list", hint="specdsl: 1")
+
+
+def test_S005_empty_file(workdir):
+    exc = compile_errors(workdir, "")
+    check(exc, "S005", 1, 1, "the spec file is empty", hint="specdsl: 1", caret=False)
+    assert "|" not in exc.render()  # nothing to show: no source line, no caret
+
+
+def test_S005_only_comments(workdir):
+    exc = compile_errors(workdir, "# a spec, some day\n\n")
+    check(exc, "S005", 1, 1, "the spec file is empty", hint="specdsl: 1")
+
+
+def test_S006_nul_bytes(workdir):
+    exc = compile_errors(workdir, b"specdsl: 1\nname: a\x00b\n")
+    check(exc, "S006", 2, 8, "NUL bytes", hint="UTF-8 text")
+    assert "\x00" not in exc.render()
+
+
+def test_S006_bad_utf8_points_at_the_byte(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: é".encode() + b"\xff\xfe\n")
+    check(exc, "S006", 2, 8, "not valid UTF-8 (byte 0xff)", hint="save the file as UTF-8")
+
+
+def test_S006_huge_file_is_refused_before_parsing(workdir):
+    start = time.perf_counter()
+    exc = compile_errors(workdir, "specdsl: 1\nname: t\n# " + "x" * (3 * 1024 * 1024) + "\n")
+    assert time.perf_counter() - start < 1
+    check(exc, "S006", 1, 1, "the limit is 2,097,152", hint="keep the data in source files", caret=False)
+
+
+def test_S007_alias_bomb_is_rejected_fast(workdir):
+    lines = ["specdsl: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")  # 10**10 values if expanded
+    start = time.perf_counter()
+    exc = compile_errors(workdir, "\n".join(lines) + "\n")
+    assert time.perf_counter() - start < 1
+    check(exc, "S007", 6, 5, "expands to more than 20,000 values", hint="fewer or shallower aliases")
+
+
+def test_S007_recursive_alias(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: &x [*x]\n")
+    check(exc, "S007", 2, 7, "aliases expand deeper than 64 levels")
+
+
+@pytest.mark.parametrize("style", ["flow", "block", "mapping"])
+def test_S007_5000_levels_of_nesting_rejected_fast(workdir, style):
+    if style == "flow":
+        text = "specdsl: 1\nname: " + "[" * 5000 + "]" * 5000 + "\n"
+    elif style == "block":
+        text = "specdsl: 1\nname:\n  " + "- " * 5000 + "x\n"
+    else:
+        text = "specdsl: 1\nname: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n"
+    start = time.perf_counter()
+    exc = compile_errors(workdir, text)
+    assert time.perf_counter() - start < 1
+    err = exc.errors[0]
+    assert err.code == "S007" and err.pos.line >= 2 and err.pos.col >= 1
+    assert "nests" in err.message
+    EXERCISED.add("S007")
+
+
+def test_S010_missing_version(workdir):
+    exc = compile_errors(workdir, "name: t\nsteps:\n" + GEN)
+    check(exc, "S010", 1, 1, "missing `specdsl:` version key", hint="add `specdsl: 1`")
+    assert exc.codes == ["S010"]
+
+
+def test_S010_unknown_version(workdir):
+    exc = compile_errors(workdir, spec(GEN).replace("specdsl: 1", "specdsl: 2"))
+    check(exc, "S010", 1, 10, "unknown spec version 2", hint="reads version 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema (S1xx)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_S101_missing_required_key(workdir):
+    exc = compile_errors(workdir, spec("  - id: a\n    generate: {from: problems, user: '{{ row.question }}'}\n"))
+    check(exc, "S101", 11, 5, "missing required key 'model' in steps[0].generate")
+
+
+def test_S101_step_without_an_op(workdir):
+    exc = compile_errors(workdir, spec("  - id: a\n"))
+    check(exc, "S101", 10, 5, "step 'a' names no op", hint="generate")
+
+
+def test_S102_wrong_type(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: a\n    generate: {from: problems, model: teacher, user: hi, max_tokens: many}\n"))
+    check(exc, "S102", 11, 70, "steps[0].generate.max_tokens must be an integer, not a string ('many')")
+
+
+def test_S103_value_out_of_range(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: a\n    generate: {from: problems, model: teacher, user: hi, temperature: 9}\n"))
+    check(exc, "S103", 11, 71, "steps[0].generate.temperature: 9 is greater than the maximum of 5")
+
+
+def test_S103_enum_lists_the_allowed_values(workdir):
+    exc = compile_errors(workdir, spec("  - id: a\n    filter: {from: problems, where: '1', keep: some}\n"))
+    check(exc, "S103", 11, 48, "'some' is not one of", hint="allowed: 'matched', 'unmatched'")
+
+
+def test_S104_unknown_key_with_did_you_mean_on_a_model_entry(workdir):
+    text = spec(GEN).replace("{model: smollm2-135m-instruct}", "{model: smollm2-135m-instruct, max_new_token: 64}")
+    exc = compile_errors(workdir, text)
+    err = check(exc, "S104", 4, 43, "unknown key 'max_new_token'", hint="did you mean 'max_new_tokens'?")
+    assert err.key_path == ("models", "teacher", "max_new_token")
+
+
+def test_S104_unknown_top_level_key(workdir):
+    exc = compile_errors(workdir, "specdsl: 1\nname: t\nstep:\n" + GEN)
+    check(exc, "S104", 3, 1, "unknown key 'step'", hint="did you mean 'steps'?", index=1)
+    assert exc.codes == ["S101", "S104"]  # `steps` is missing, `step` is unknown
+
+
+def test_S105_invalid_regular_expression_in_a_filter(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: a\n    filter: {from: problems, match: {field: question, gold: answer, rule: regex,"
+        " pattern: '(unclosed'}}\n"))
+    check(exc, "S105", 11, 91, "invalid regular expression: missing ), unterminated subpattern")
+
+
+def test_S105_invalid_model_name(workdir):
+    exc = compile_errors(workdir, spec(GEN).replace("  teacher:", "  my teacher:").replace("model: teacher", "model: x"))
+    check(exc, "S105", 4, 3, "invalid name 'my teacher' under models", hint="names start with a letter")
+
+
+# --------------------------------------------------------------------------------------------------
+# References and plugins (S2xx)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_S201_unknown_model(workdir):
+    exc = compile_errors(workdir, spec(GEN.replace("model: teacher", "model: teachr")))
+    check(exc, "S201", 11, 39, "unknown model 'teachr'", hint="did you mean 'teacher'?")
+
+
+def test_S202_unknown_source(workdir):
+    exc = compile_errors(workdir, spec(GEN.replace("from: problems", "from: problem")))
+    check(exc, "S202", 11, 22, "unknown source 'problem'", hint="did you mean 'problems'?")
+    assert exc.codes == ["S202"]  # the template's row.question is not blamed on the missing input
+
+
+def test_S203_unknown_step(workdir):
+    exc = compile_errors(workdir, spec(GEN + "  - id: kept\n    filter: {from: answer, where: '{{ row.response }}'}\n"))
+    check(exc, "S203", 13, 20, "unknown step 'answer'", hint="did you mean 'answers'?")
+    assert exc.codes == ["S203"]
+
+
+def test_S204_unknown_var(workdir):
+    exc = compile_errors(workdir, spec(GEN.replace("{{ row.question }}", "{{ vars.greting }} {{ row.question }}")))
+    check(exc, "S204", 11, 54, "template uses unknown var 'vars.greting'", hint="did you mean 'greeting'?")
+
+
+def test_S205_duplicate_step_id(workdir):
+    exc = compile_errors(workdir, spec(GEN + GEN.replace("from: problems", "from: answers")))
+    check(exc, "S205", 12, 9, "step id 'answers' is already used by the step at line 10",
+          hint="share one namespace")
+
+
+def test_S205_step_id_equal_to_a_source_name(workdir):
+    exc = compile_errors(workdir, spec(GEN.replace("id: answers", "id: problems")))
+    check(exc, "S205", 10, 9, "step id 'problems' is already used by source 'problems' (line 6)")
+
+
+def test_S206_cycle(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: a\n    map: {from: c, columns: {x: '1'}}\n"
+        "  - id: b\n    map: {from: a, columns: {y: '2'}}\n"
+        "  - id: c\n    map: {from: b, columns: {z: '3'}}\n"))
+    check(exc, "S206", 11, 5, "steps form a cycle: a -> c -> b -> a", hint="do not read it back")
+
+
+def test_S207_unknown_backend_lists_installed_ones(workdir):
+    exc = compile_errors(workdir, spec(GEN).replace("{model: smollm2", "{backend: vllm, model: smollm2"))
+    err = check(exc, "S207", 4, 22, "unknown backend 'vllm'", hint="installed backends: ")
+    assert "transformers" in err.hint
+
+
+def test_S208_unknown_op(workdir):
+    exc = compile_errors(workdir, spec("  - id: a\n    generat: {from: problems}\n"))
+    check(exc, "S208", 11, 5, "unknown op 'generat'", hint="did you mean 'generate'?")
+
+
+def test_S208_unknown_op_lists_installed_ops(workdir):
+    exc = compile_errors(workdir, spec("  - id: a\n    summon_data: {from: problems}\n"))
+    err = check(exc, "S208", 11, 5, "unknown op 'summon_data'", hint="installed ops: ")
+    assert "generate" in err.hint and "erase_prompt" in err.hint
+
+
+def test_S209_unknown_recipe(workdir):
+    exc = compile_errors(workdir, spec("  - id: a\n    use: distill\n    with: {}\n"))
+    check(exc, "S209", 11, 10, "unknown recipe 'distill'", hint="installed recipes: ")
+    assert "orca.prompt_erasure" in exc.errors[0].hint
+
+
+def test_S210_invalid_backend_option(workdir):
+    text = spec(GEN).replace("{model: smollm2-135m-instruct}", "{model: smollm2-135m-instruct, device: tpu}")
+    exc = compile_errors(workdir, text)
+    check(exc, "S210", 4, 51, "invalid option `device` for backend 'transformers': 'tpu' is not one of",
+          hint="allowed: 'auto', 'cpu', 'cuda'")
+
+
+def test_S210_backend_rejects_the_model(workdir):
+    # With identities (as `specdsl plan` does), the backend looks the model up; nothing is downloaded.
+    text = spec(GEN).replace("{model: smollm2-135m-instruct}", "{model: ./no-such-model-folder}")
+    exc = compile_errors(workdir, text, identities=True)
+    check(exc, "S210", 4, 12, "model 'teacher': no model folder at './no-such-model-folder'", hint="check the path")
+
+
+def test_S211_recipe_rejects_its_parameters(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: long\n    use: in2.long_context\n"
+        "    with: {source: problems, teacher: teacher, student: teacher, min_tokens: 900, max_tokens: 300}\n"))
+    check(exc, "S211", 11, 10, "recipe 'in2.long_context': min_tokens (900) must be <= max_tokens (300)")
+
+
+def test_S212_unknown_training_target(workdir):
+    exc = compile_errors(workdir, spec("  - id: sft\n    train: {from: problems, model: teacher, target: tpu}\n"))
+    err = check(exc, "S212", 11, 53, "unknown training target 'tpu'", hint="installed targets: auto")
+    assert "cpu" in err.hint
+
+
+def test_S212_target_not_installed(workdir):
+    base = default_registry()
+    without_cuda = Registry(backends=base.backends, targets={k: v for k, v in base.targets.items() if k != "cuda"},
+                            ops=base.ops, recipes=base.recipes, probes=base.probes, executors=base.executors)
+    text = spec("  - id: fmt\n    format: {from: problems, user: '{{ row.question }}', assistant: '{{ row.answer }}'}\n"
+                "  - id: sft\n    train: {from: fmt, model: teacher, target: cuda}\n")
+    exc = compile_errors(workdir, text, registry=without_cuda)
+    check(exc, "S212", 13, 48, "training target 'cuda' is not installed", hint="installed targets: auto, cpu")
+
+
+def test_S213_unknown_probe(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: score\n    evaluate: {models: [teacher], on: problems, probes: [{probe: acuracy}]}\n"))
+    check(exc, "S213", 11, 66, "unknown probe 'acuracy'", hint="did you mean 'accuracy'?")
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates (S3xx)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_S301_template_syntax_error(workdir):
+    exc = compile_errors(workdir, spec(GEN.replace("'{{ row.question }}'", "'{{ row.question '")))
+    check(exc, "S301", 11, 54, "unexpected end of template")
+
+
+def test_S302_template_column_missing_at_this_step_did_you_mean(workdir):
+    exc = compile_errors(workdir, spec(GEN + "  - id: shout\n    map: {from: answers, columns: {loud: '{{ row.respons | upper }}'}}\n"))
+    err = check(exc, "S302", 13, 42, "template reads column 'row.respons', which does not exist at this step",
+                hint="did you mean 'response'?")
+    assert "columns here: id, category, question, answer, response" in err.hint
+
+
+def test_S302_columns_flow_through_the_dag(workdir):
+    # `response` exists after `answers`, not before it: a map reading the source cannot see it.
+    exc = compile_errors(workdir, spec(GEN + "  - id: early\n    map: {from: problems, columns: {x: '{{ row.response }}'}}\n"))
+    check(exc, "S302", 13, 40, "'row.response', which does not exist", hint="columns here: id, category")
+
+
+def test_S303_unknown_template_variable(workdir):
+    exc = compile_errors(workdir, spec(GEN.replace("{{ row.question }}", "{{ greting }} {{ row.question }}")))
+    check(exc, "S303", 11, 54, "template uses unknown variable 'greting' (did you mean 'greeting'?)",
+          hint="templates see `row`, `vars`")
+
+
+@pytest.mark.parametrize("template, shown", [
+    ("{{ row.__class__ }}", "'__class__'"),
+    ("{{ ''.__class__.__mro__ }}", "'__mro__', '__class__'"),
+    ("{{ row | attr('__dict__') }}", "'__dict__'"),
+    ("{% include 'x.txt' %}", "'{% include %}'"),
+])
+def test_S304_sandbox_unsafe_expressions(workdir, template, shown):
+    exc = compile_errors(workdir, spec(f'  - id: a\n    map: {{from: problems, columns: {{x: "{template}"}}}}\n'))
+    check(exc, "S304", 11, 40, f"template uses {shown}, which the sandbox forbids")
+    assert exc.codes == ["S304"]  # `row.__class__` is not also reported as a missing column
+
+
+# --------------------------------------------------------------------------------------------------
+# Op rules, secrets, sources (S4xx)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_S401_interleave_min_tokens_above_max_tokens(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: segs\n    segment: {from: problems, model: teacher, text: question}\n"
+        "  - id: long\n"
+        "    interleave: {from: segs, pool: segs, model: teacher, key: segment, question: question,\n"
+        "                 answer: answer, min_tokens: 900, max_tokens: 300}\n"))
+    check(exc, "S401", 14, 46, "min_tokens (900) must be <= max_tokens (300)")
+    assert exc.codes == ["S401"]
+
+
+def test_S401_step_with_two_ops(workdir):
+    exc = compile_errors(workdir, spec(GEN + "    map: {from: problems, columns: {x: '1'}}\n"))
+    check(exc, "S401", 12, 5, "step 'answers' names several ops (generate, map)", hint="one step per op")
+
+
+def test_S402_train_input_has_neither_messages_nor_prompt_completion(workdir):
+    exc = compile_errors(workdir, spec("  - id: sft\n    train: {from: problems, model: teacher}\n"))
+    check(exc, "S402", 11, 19, "its input has neither", hint="add a `format` step first")
+
+
+def test_S403_column_missing_for_an_op(workdir):
+    exc = compile_errors(workdir, spec(GEN + "  - id: kept\n    filter: {from: answers, match: {field: response, gold: gold}}\n"))
+    check(exc, "S403", 13, 60, "column 'gold' does not exist at this step", hint="columns here: ")
+
+
+SECRET = "sk-live-0123456789abcdefABCDEF"
+
+
+def test_S404_inline_secret_is_reported_and_never_shown(workdir):
+    text = spec(GEN).replace("{model: smollm2-135m-instruct}", "{model: smollm2-135m-instruct, api_key: " + SECRET + "}")
+    exc = compile_errors(workdir, text)
+    err = next(e for e in exc.errors if e.code == "S404")
+    assert (err.pos.line, err.pos.col) == (4, 52)
+    assert "write it as ${env:NAME}" in err.message and "${env:" in err.hint
+    printed = exc.render()
+    assert SECRET not in printed and "sk-live" not in printed
+    assert "api_key: ***" in printed  # the line is shown with the secret masked, the caret under it
+    check(exc, "S404", 4, 52, "'api_key' holds an inline secret", index=exc.errors.index(err))
+    # The transformers backend has no api_key option: that is reported too, also without the secret.
+    assert "S104" in exc.codes
+
+
+def test_S404_secret_shaped_value_anywhere(workdir):
+    exc = compile_errors(workdir, spec(GEN).replace("greeting: hello", "greeting: " + SECRET))
+    check(exc, "S404", 8, 13, "'greeting' holds an inline secret")
+    assert SECRET not in exc.render()
+
+
+def test_S404_env_references_are_fine(workdir):
+    text = spec(GEN).replace("sources:", "meta: {api_key: '${env:MY_KEY}', token: '${env:HF_TOKEN}'}\nsources:")
+    plan = api.compile_spec(write(workdir, text), identities=False)
+    assert plan.node("answers").op == "generate"
+
+
+def test_S405_missing_source_file(workdir):
+    exc = compile_errors(workdir, spec(GEN).replace("problems.jsonl", "nowhere.jsonl"))
+    check(exc, "S405", 6, 20, "source 'problems': file 'nowhere.jsonl' does not exist", hint="declare `columns:`")
+    assert exc.codes == ["S405"]  # steps reading it are not blamed for its unknown columns
+
+
+def test_S405_unreadable_source(workdir):
+    (workdir / "bad.jsonl").write_text("{not json\n")
+    exc = compile_errors(workdir, spec(GEN).replace("problems.jsonl", "bad.jsonl"))
+    check(exc, "S405", 6, 20, "source 'problems': cannot read 'bad.jsonl': bad.jsonl:1: not valid JSON")
+
+
+def write(workdir: Path, text: str) -> Path:
+    path = workdir / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# All errors together; coverage of the table
+# --------------------------------------------------------------------------------------------------
+
+
+def test_three_different_errors_in_one_run(workdir):
+    text = spec(
+        "  - id: answers\n"
+        "    generate: {from: problems, model: teachr, user: '{{ row.question }}'}\n"       # S201
+        "  - id: shout\n"
+        "    map: {from: answers, columns: {x: '{{ row.respons }}', y: '{{ nope }}'}}\n")  # S302, S303
+    exc = compile_errors(workdir, text)
+    assert exc.codes == ["S201", "S302", "S303"]
+    assert [(e.pos.line, e.pos.col) for e in exc.errors] == [(11, 39), (13, 39), (13, 63)]
+    assert exc.render().endswith("3 errors")
+
+
+def test_schema_errors_are_all_reported_in_file_order(workdir):
+    text = spec(
+        "  - id: a\n"
+        "    generate: {from: problems, model: teacher, user: hi, max_tokens: 0, temprature: 1}\n"
+        "  - id: b\n"
+        "    filter: {from: a}\n"
+        "    colour: red\n").replace("{model: smollm2-135m-instruct}", "{model: smollm2-135m-instruct, max_new_token: 1}")
+    exc = compile_errors(workdir, text)
+    assert exc.codes == ["S104", "S103", "S104", "S208"]
+    lines = [e.pos.line for e in exc.errors]
+    assert lines == sorted(lines)
+
+
+def test_every_code_has_a_test():
+    names = [name for name in globals() if name.startswith("test_S")]
+    missing = sorted(code for code in CODES if not any(n.startswith(f"test_{code}_") for n in names))
+    assert not missing, f"codes with no test: {missing}"
+    unknown = sorted({n[5:9] for n in names} - set(CODES))
+    assert not unknown, f"tests for codes that do not exist: {unknown}"
+
+
+def test_every_code_was_produced():
+    """Runs last in this module: each code in CODES came out of the compiler in some test above."""
+    if len(EXERCISED) < 10:
+        pytest.skip("run the whole module to check this")
+    assert sorted(set(CODES) - EXERCISED) == []
