@@ -67,7 +67,7 @@ class CheckContext:
         except templates.TemplateError:
             pass
         for err in templates.check(text, columns=cols, var_names=self.var_names):
-            hint = None
+            hint = getattr(err, "hint", None)
             if err.code == "S302":
                 missing = err.message.split("'row.", 1)[1].split("'", 1)[0]
                 hint = f"columns here: {', '.join(cols) or '(none)'}"
