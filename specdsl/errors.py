@@ -89,9 +89,9 @@ class SpecError:
         Source lines are shown with anything that looks like a secret replaced by ``***`` (an S404's
         line holds one, and so may the line of any other error on it).
         """
-        out = [redact_secrets(self.headline())]
+        out = [printable(redact_secrets(self.headline()))]
         if self.pos is not None and source_lines is not None and 0 < self.pos.line <= len(source_lines):
-            text = redact_secrets(source_lines[self.pos.line - 1].rstrip("\n"))
+            text = printable(redact_secrets(source_lines[self.pos.line - 1].rstrip("\r\n")))
             if len(text) > 200:  # keep a pathological one-line file readable
                 start = max(0, self.pos.col - 100)
                 text = text[start : start + 200]
@@ -102,10 +102,18 @@ class SpecError:
             out.append(gutter + text)
             out.append(" " * (len(gutter) + max(caret_col - 1, 0)) + "^")
         if self.key_path:
-            out.append(f"  at: {format_key_path(self.key_path)}")
+            out.append(printable(f"  at: {format_key_path(self.key_path)}"))
         if self.hint:
-            out.append(f"  hint: {self.hint}")
+            out.append(printable(f"  hint: {redact_secrets(self.hint)}"))
         return "\n".join(out)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (a hostile spec's terminal escapes, say) shown as U+FFFD."""
+    return _CONTROL.sub("\ufffd", text)
 
 
 # Keys whose values are secrets (``api_key``, ``openai_api_key``, ``hf_token``, ``access_token``,

@@ -11,6 +11,7 @@ PyYAML composes a node graph (with marks) which we turn into plain Python values
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ _ALLOWED_TAGS = {
     "tag:yaml.org,2002:seq", "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:merge",
 }
 KeyPath = tuple[str | int, ...]
+# Plain scalars PyYAML (YAML 1.1) leaves as strings but YAML 1.2 reads as floats: exponents without a dot.
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,9 @@ def load_yaml_text(text: str, file: str) -> LoadedDoc:
         data = builder.build(nodes[0], ())
     except _TooLarge:
         raise SpecErrors(sink.errors, sources) from None
+    if data is None and not sink:
+        sink.add("S005", "the spec file holds an empty YAML document", _mark_pos(file, nodes[0].start_mark),
+                 hint="start with `specdsl: 1` followed by `name:` and `steps:`")
     if not isinstance(data, dict) and not sink:
         sink.add("S004", f"the top level must be a mapping, not a {_kind(data)}", _mark_pos(file, nodes[0].start_mark),
                  hint="start the file with `specdsl: 1`")
@@ -245,6 +251,8 @@ class _Builder:
             return None
         if node.tag == "tag:yaml.org,2002:timestamp":
             return node.value  # keep dates as written; specs never need datetime objects
+        if isinstance(value, str) and not node.style and _EXP_FLOAT.match(value):
+            return float(value)  # `5e-4` is a number (YAML 1.2); YAML 1.1 wants `5.0e-4`
         return value
 
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict:
