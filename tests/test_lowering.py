@@ -8,6 +8,7 @@ tests/test_lowering.py`` rewrites them; review the diff before committing it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -51,8 +52,11 @@ def test_golden_plan(spec_path, monkeypatch):
         golden.write_text(text, encoding="utf-8")
     assert golden.exists(), f"no golden file for {spec_path.name}: run with UPDATE_GOLDEN=1"
     assert str(ROOT) not in text  # nothing machine-specific
-    assert got == json.loads(golden.read_text(encoding="utf-8")), \
-        f"{spec_path.name} lowers differently from {golden.name} (UPDATE_GOLDEN=1 rewrites it; review the diff)"
+    expected = golden.read_text(encoding="utf-8")
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), golden.name, "now", n=2))
+        pytest.fail(f"{spec_path.name} lowers differently from {golden.name} (UPDATE_GOLDEN=1 rewrites it; "
+                    f"review the diff):\n{diff[:4000]}")
 
 
 def test_every_shipped_spec_has_a_golden_and_no_golden_is_stale():
