@@ -1,0 +1,72 @@
+"""schemas/spec.v1.json is what `specdsl schema` prints (built-ins only), and editors agree with the compiler.
+
+Regenerate it after changing an op, backend or recipe schema:
+
+    SPECDSL_PLUGINS=none specdsl schema -o schemas/spec.v1.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from specdsl.load import load_yaml_text
+from specdsl.plugins import build_registry
+from specdsl.schema import build_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_FILE = ROOT / "schemas" / "spec.v1.json"
+REGENERATE = "SPECDSL_PLUGINS=none specdsl schema -o schemas/spec.v1.json"
+
+
+def test_schema_file_is_up_to_date(monkeypatch):
+    monkeypatch.setenv("SPECDSL_PLUGINS", "none")  # third-party plugins installed here are not shipped
+    expected = json.dumps(build_schema(build_registry()), indent=2) + "\n"
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == expected, f"schemas/spec.v1.json is stale: run {REGENERATE}"
+
+
+def test_specdsl_schema_prints_the_file(tmp_path):
+    env = {**os.environ, "SPECDSL_PLUGINS": "none", "PYTHONWARNINGS": "ignore"}
+    cli = [sys.executable, "-m", "specdsl.cli", "schema"]
+    out = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert out.stdout == SCHEMA_FILE.read_text(encoding="utf-8"), f"run {REGENERATE}"
+    subprocess.run(cli + ["-o", str(tmp_path / "s.json")], env=env, timeout=60, check=True, capture_output=True)
+    assert (tmp_path / "s.json").read_text(encoding="utf-8") == out.stdout
+
+
+def editor_validator() -> Draft202012Validator:
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+SHIPPED = sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "tests" / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("spec", SHIPPED, ids=lambda p: p.name)
+def test_shipped_specs_validate_against_the_schema_file(spec):
+    # Loaded as editors do (YAML 1.2: `on:` is the key "on"), which is also what specdsl.load does.
+    data = load_yaml_text(spec.read_text(encoding="utf-8"), spec.name).data
+    errors = [e.message for e in editor_validator().iter_errors(data)]
+    assert errors == []
+
+
+def test_shipped_specs_point_editors_at_the_schema():
+    for spec in sorted((ROOT / "specs").glob("*.yaml")):
+        first = spec.read_text(encoding="utf-8").splitlines()[0]
+        assert first == "# yaml-language-server: $schema=../schemas/spec.v1.json", spec.name
+
+
+def test_the_schema_file_catches_what_the_compiler_catches():
+    data = load_yaml_text((ROOT / "tests" / "specs" / "full.yaml").read_text(encoding="utf-8"), "full.yaml").data
+    data["models"]["teacher"]["max_new_token"] = 5
+    data["steps"][0]["generate"]["temprature"] = 0
+    data["steps"].append({"id": "x", "summon": {}})
+    paths = sorted(list(e.absolute_path) for e in editor_validator().iter_errors(data))
+    assert ["models", "teacher"] in paths and ["steps", 0, "generate"] in paths and ["steps", 9] in paths
