@@ -194,9 +194,10 @@ def test_inline_plugin_compiles_and_runs(spec_dir, monkeypatch):
     rows = result.rows("again")
     assert [(r["answer"], r["answer_shout"], r["question_shout"]) for r in rows] == [
         ("THREE TWO ONE", "THREE TWO ONE!", "ONE TWO THREE!"), ("GREEN RED", "GREEN RED!", "RED GREEN!")]
-    # The backend got the secret resolved, in one call for both requests; nothing stored holds it.
-    (call,) = plugin.backend.calls
-    assert call["options"]["api_key"] == secret and call["n"] == 2
+    # The backend got the secret resolved and was asked each request once; nothing stored holds it.
+    calls = list(plugin.backend.calls)
+    assert sum(c["n"] for c in calls) == 2
+    assert all(c["options"]["api_key"] == secret for c in calls)
     assert secret not in Path(result.manifest_path).read_text()
     for f in (spec_dir / "store").rglob("*"):
         if f.is_file():
@@ -206,7 +207,7 @@ def test_inline_plugin_compiles_and_runs(spec_dir, monkeypatch):
     again = api.run_plan(api.compile_spec(spec_dir / "spec.yaml", registry=reg), store_dir=spec_dir / "store",
                          registry=reg, progress=False)
     assert {n.status for n in again.nodes} == {"cached"}
-    assert len(plugin.backend.calls) == 1
+    assert plugin.backend.calls == calls
     # A backend option in identity() changes the generation fingerprint and everything after it.
     (spec_dir / "spec.yaml").write_text(SPEC.replace("upper: true", "upper: false"))
     changed = api.compile_spec(spec_dir / "spec.yaml", registry=reg)
@@ -269,9 +270,9 @@ class ExplodingPlugin:
 
 def test_hook_that_raises_is_a_warning_and_other_plugins_load():
     good = make_inline_plugin()
-    with pytest.warns(RuntimeWarning, match=r"specdsl plugin 'exploding_plugin' failed in register_ops: "
-                                            r".*kaboom in register_ops"):
-        reg = build_registry(extra_plugins=(ExplodingPlugin(), good))
+    reg, warned = quiet_registry(ExplodingPlugin(), good)
+    assert any(w.startswith("specdsl plugin 'exploding_plugin' failed in register_ops: ") and "kaboom" in w
+               for w in warned), warned
     bad = next(p for p in reg.plugins if p.name == "exploding_plugin")
     assert "kaboom" in bad.error
     assert bad.provides == {"recipes": ["inline.shout_answers"]}  # its healthy hook still registered
@@ -279,6 +280,8 @@ def test_hook_that_raises_is_a_warning_and_other_plugins_load():
     assert {"shout", "generate", "filter"} <= set(reg.ops)
     # it was loaded first, so it owns the recipe; the same name from inline_plugin is a duplicate (warned)
     assert reg.owner[("recipes", "inline.shout_answers")] == "exploding_plugin"
+    assert any("plugin 'inline_plugin' registers recipe 'inline.shout_answers', already provided by "
+               "'exploding_plugin'" in w for w in warned), warned
 
 
 def test_duplicate_and_nameless_registrations_warn():
