@@ -8,7 +8,7 @@ rejecting a key, a missing source file, a full disk) are :class:`RunError`: they
 
 from __future__ import annotations
 
-import difflib
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -126,11 +126,17 @@ SECRET_VALUE = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{12,}|hf_[A-Za-z0-9]{20,}|gh[po
                           r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,}|"
                           r"AIza[0-9A-Za-z_-]{30,})")
 _ENV_REF = re.compile(r"^\$\{env:[A-Za-z_][A-Za-z0-9_]*\}$")
-# `key: value` inside a line (block or flow style); the value runs to a comma, brace or comment.
-_SECRET_ASSIGN = re.compile(r"""(?ix)
+# `key: value` inside a line (block or flow style); the value runs to a comma, brace or comment. Compiled
+# on first use (only printing an error needs it; compiling it costs more than the rest of this module).
+_SECRET_ASSIGN = r"""(?ix)
     (?<![A-Za-z0-9_-])(?P<key>{names})
     (?P<sep>["']?\s*:\s*)
-    (?P<value>\$\{env:[A-Za-z0-9_]*\}|"[^"]*"|'[^']*'|[^,}\]\s#][^,}\]#]*)""".replace("{names}", _SECRET_NAMES))
+    (?P<value>\$\{env:[A-Za-z0-9_]*\}|"[^"]*"|'[^']*'|[^,}\]\s#][^,}\]#]*)"""
+
+
+@functools.lru_cache(maxsize=1)
+def _secret_assign() -> re.Pattern:
+    return re.compile(_SECRET_ASSIGN.replace("{names}", _SECRET_NAMES))
 
 
 def is_secret_key(key: object) -> bool:
@@ -151,7 +157,7 @@ def redact_secrets(text: str) -> str:
             return m.group(0)
         return f"{m.group('key')}{m.group('sep')}***"
 
-    return SECRET_VALUE.sub("***", _SECRET_ASSIGN.sub(assign, text))
+    return SECRET_VALUE.sub("***", _secret_assign().sub(assign, text))
 
 
 def format_key_path(path: Iterable[str | int]) -> str:
@@ -226,6 +232,8 @@ class ErrorSink:
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A hint naming the closest choice, or listing the choices when none is close."""
+    import difflib  # only when there is a mistake to explain
+
     choices = sorted(set(choices))
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if close:

@@ -7,7 +7,6 @@ plan nodes with fingerprints and estimates. All errors of a spec are collected a
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -237,6 +236,8 @@ def _id_pos(spec: Spec, step: StepDecl) -> SourcePos:
 
 def _unknown_input(ref: str, steps: list[str], sources: list[str]) -> tuple[str, str, str | None]:
     """The error for an input that names nothing: S202 when it looks like a source, S203 otherwise."""
+    import difflib
+
     close_source = difflib.get_close_matches(ref, sources, n=1, cutoff=0.6)
     close_step = difflib.get_close_matches(ref, steps, n=1, cutoff=0.6)
     if close_source and (not close_step or difflib.SequenceMatcher(None, ref, close_source[0]).ratio()
