@@ -261,4 +261,5 @@ def _write_manifest(store: Store, manifest: Mapping[str, Any]) -> Path:
     tmp = store.root / "run.json.tmp"
     tmp.write_text(text)
     os.replace(tmp, store.root / "run.json")
+    from ..report import write_run_reports; write_run_reports(manifest, store.root, run_dir)  # report.html beside run.json (never raises)  # noqa: E702,E501
     return path
