@@ -70,3 +70,40 @@ def test_the_schema_file_catches_what_the_compiler_catches():
     data["steps"].append({"id": "x", "summon": {}})
     paths = sorted(list(e.absolute_path) for e in editor_validator().iter_errors(data))
     assert ["models", "teacher"] in paths and ["steps", 0, "generate"] in paths and ["steps", 9] in paths
+
+
+DOC = ROOT / "docs" / "spec.md"
+
+
+def doc_section(heading_start: str) -> str:
+    text = DOC.read_text(encoding="utf-8")
+    start = text.index(heading_start)
+    end = text.find("\n#", start + len(heading_start))
+    return text[start: end if end > 0 else len(text)]
+
+
+def test_docs_cover_every_op_parameter_recipe_probe_backend_option_and_code(monkeypatch):
+    from specdsl.errors import CODES
+
+    monkeypatch.setenv("SPECDSL_PLUGINS", "none")
+    registry = build_registry()
+    missing = []
+    for name, op in registry.ops.items():
+        section = doc_section(f"### `{name}`")
+        missing += [f"op {name}: {p}" for p in op.params_schema["properties"]
+                    if p != "meta" and f"`{p}`" not in section]  # meta: documented once for all ops
+    for name, recipe in registry.recipes.items():
+        section = doc_section(f"### `{name}`")
+        missing += [f"recipe {name}: {p}" for p in recipe.params_schema["properties"]
+                    if p != "meta" and f"`{p}`" not in section]
+    for name, probe in registry.probes.items():
+        section = doc_section(f"**`{name}`**")
+        missing += [f"probe {name}: {p}" for p in probe.params_schema["properties"]
+                    if p not in ("probe", "meta") and f"`{p}`" not in section]
+    for name, backend in registry.backends.items():
+        section = doc_section(f"### `backend: {name}`")
+        missing += [f"backend {name}: {p}" for p in backend.options_schema.get("properties", {})
+                    if f"`{p}`" not in section]
+    codes = doc_section("## Error codes")
+    missing += [f"code {c}" for c in CODES if f"| {c} |" not in codes]
+    assert missing == [], "docs/spec.md does not describe: " + ", ".join(missing)
