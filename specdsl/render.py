@@ -96,3 +96,6 @@ def render_run_summary(result: Any, console: Any = None) -> None:
             console.print(evaluation["summary"])
     if result.manifest_path:
         console.print(f"[dim]manifest: {result.manifest_path}[/dim]")
+        report = result.manifest_path.parent / "report.html"
+        if report.exists():
+            console.print(f"[dim]report: {report}[/dim]")

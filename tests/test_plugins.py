@@ -485,9 +485,6 @@ class CountProbe:
         return {"probe": self.name, "results": {"rows": len(ctx.rows)}, "table": [{"rows": len(ctx.rows)}]}
 
 
-@pytest.mark.xfail(strict=True, raises=SpecErrors, reason="EvaluateOp.check (specdsl/steps/evaluate.py) looks probes up in "
-                   "default_registry(), not the registry the spec is compiled with, so a probe passed through "
-                   "build_registry(extra_plugins=...) is reported as unknown (S213). Remove this marker when fixed.")
 def test_probe_from_extra_plugins_is_known_at_compile_time(spec_dir):
     mod = make_inline_plugin()
 

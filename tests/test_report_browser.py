@@ -101,14 +101,10 @@ class ProbePlugin:
 
 @pytest.fixture(scope="module")
 def registry():
-    """The installed plugins plus the test probe, as the process registry (the evaluate step's compile-time
-    check consults `default_registry()`)."""
+    """The installed plugins plus the test probe."""
     import specdsl.plugins as plugins
 
-    reg = plugins.build_registry(extra_plugins=(ProbePlugin(),))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plugins, "_DEFAULT", reg)
-        yield reg
+    return plugins.build_registry(extra_plugins=(ProbePlugin(),))
 
 
 @pytest.fixture(scope="module")

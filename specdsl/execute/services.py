@@ -36,6 +36,10 @@ class NodeStats:
                 "errors": self.errors[:20]}
 
 
+def _row_of(requests: Sequence[GenRequest], key: str) -> str:
+    return next((r.row_id for r in requests if r.key == key), key[:12])
+
+
 class Services:
     def __init__(self, plan: Plan, store: Store, registry: Any, *, progress: Any = None, fail_fast: bool = False,
                  journal: Any = None, executor: Any = None):
@@ -132,28 +136,35 @@ class Services:
         resolved = secrets.resolve(options, model=model_ref)
         stats = self.stats.setdefault(node_id, NodeStats())
         task = self.progress.start(node_id, total=len(requests), unit="req") if self.progress else None
+        last: list[Any] = []
 
-        def on_progress(event: Mapping[str, Any]) -> None:
+        def on_progress(event: Any) -> None:
+            last[:] = [event]
             if task is not None:
-                self.progress.update(task, event)
+                self.progress.update(task, {
+                    "done": event.done, "total": event.total, "failed": event.failed, "cached": event.cached,
+                    "input_tokens": event.input_tokens, "output_tokens": event.output_tokens, "cost": event.cost,
+                    "rate": event.requests_per_s})
 
-        results = run_requests(self.executor.wrap_backend(backend), resolved, list(requests), self.journal,
-                               fail_fast=self.fail_fast, progress=on_progress)
-        if task is not None:
-            self.progress.finish(task)
-        cached = getattr(results, "cached_keys", None)
+        try:
+            results = run_requests(self.executor.wrap_backend(backend), resolved, list(requests), self.journal,
+                                   fail_fast=self.fail_fast, progress=on_progress)
+        finally:
+            if task is not None:
+                self.progress.finish(task)
+            if last:
+                ev = last[0]
+                with self._lock:
+                    stats.requests += ev.total
+                    stats.cached_requests += ev.cached
+                    stats.input_tokens += ev.input_tokens
+                    stats.output_tokens += ev.output_tokens
+                    stats.cost += ev.cost
         with self._lock:
-            stats.requests += len({r.key for r in requests})
             for res in results.values():
-                if cached is not None and res.key in cached:
-                    stats.cached_requests += 1
-                    continue
-                stats.input_tokens += res.input_tokens
-                stats.output_tokens += res.output_tokens
-                stats.cost += res.cost or 0.0
                 if not res.ok:
                     stats.failed += 1
-                    stats.errors.append(secrets.redact(f"{res.key[:12]}: {res.error}", resolved))
+                    stats.errors.append(secrets.redact(f"row {_row_of(requests, res.key)}: {res.error}", resolved))
         return results
 
     def answer(self, node_id: str, model_ref: str, prompts: Sequence[Sequence[Mapping[str, str]]],

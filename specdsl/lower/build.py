@@ -157,7 +157,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             return spec.step_pos(_step, *keys, key=key)
 
         ctx = CheckContext(step_id=sid, params=step.params, inputs=inputs, var_names=var_names, sink=step_sink,
-                           pos_of=pos_of, models=model_kinds)
+                           pos_of=pos_of, models=model_kinds, registry=registry)
         for key in op.template_keys:
             if key in step.params:
                 ctx.template(step.params[key], key)

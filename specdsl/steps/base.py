@@ -47,6 +47,7 @@ class CheckContext:
     models: Mapping[str, str] = field(default_factory=dict)  # model name -> backend; train step id -> "trained"
     used_columns: set[str] = field(default_factory=set)
     used_vars: set[str] = field(default_factory=set)
+    registry: Any = None  # the plugins this spec is compiled with (probes, targets, ...)
 
     def error(self, code: str, message: str, *keys: str | int, hint: str | None = None, key: bool = False) -> None:
         self.sink.add(code, message, self.pos_of(*keys, key=key), (self.step_id,) + tuple(keys), hint)

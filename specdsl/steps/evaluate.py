@@ -159,9 +159,12 @@ class PositionProbe:
             count = None  # a provider model: the probe's own approximation
         by_model: dict[str, dict[str, Any]] = {}
         for task in p.get("tasks", ["document", "code", "records"]):
-            items = build_position_probe(task, context_tokens=p.get("context_tokens", 2000),
-                                         n_buckets=p.get("buckets", 8), per_bucket=p.get("per_bucket", 4),
-                                         seed=p.get("seed", 0), count_tokens=count)
+            try:
+                items = build_position_probe(task, context_tokens=p.get("context_tokens", 2000),
+                                             n_buckets=p.get("buckets", 8), per_bucket=p.get("per_bucket", 4),
+                                             seed=p.get("seed", 0), count_tokens=count)
+            except ValueError as exc:
+                raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id) from None
             for model in ctx.models:
                 answers = ctx.answer(model, [it.prompt() for it in items])
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
@@ -194,9 +197,7 @@ class EvaluateOp(StepOp):
     }, required=["models", "probes"])
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
-        from ..plugins import default_registry
-
-        probes = default_registry().probes
+        probes = ctx.registry.probes
         for i, probe in enumerate(ctx.params.get("probes") or []):
             name = probe.get("probe")
             if name not in probes:

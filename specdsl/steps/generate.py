@@ -77,7 +77,7 @@ class GenerateOp(StepOp):
         if into in cols:
             ctx.error("S401", f"column '{into}' already exists; generating into it would overwrite it", "into",
                       hint="choose another `into:` name")
-        cols += [into, f"{into}_prompt", f"{into}_error"]
+        cols += [into, f"{into}_prompt"]
         if p.get("n", 1) > 1:
             cols.append("sample")
         return tuple(cols)
@@ -124,7 +124,10 @@ class GenerateOp(StepOp):
         rows = []
         for row, req, _ in planned:
             res = results.get(req.key) if req is not None else None
-            row[into] = res.text if res is not None and res.ok else None
-            row[f"{into}_error"] = res.error if res is not None and not res.ok else None
+            if res is not None and not res.ok:
+                # A failed request leaves its row out: the node is reported incomplete (not cached), its
+                # error is in the run summary, and the next run retries just that request.
+                continue
+            row[into] = res.text if res is not None else None
             rows.append(row)
         return rows

@@ -12,16 +12,15 @@ from ..errors import RunError
 from .base import MODEL_REF, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
 from .tokenize import check_trainable
 
-LORA = {
-    "type": "object", "additionalProperties": False,
-    "properties": {
-        "r": {"type": "integer", "minimum": 1, "maximum": 1024},
-        "alpha": {"type": "number", "exclusiveMinimum": 0},
-        "dropout": {"type": "number", "minimum": 0, "maximum": 1},
-        "target_modules": {"oneOf": [{"type": "array", "items": {"type": "string"}}, {"const": "all-linear"}]},
-        "merge": {"type": "boolean", "description": "merge the adapter into the base weights at the end"},
-    },
-}
+# Keys of the train step itself; everything else is the training target's own parameters, whose schema
+# the target publishes (one source of truth for what `train:` accepts).
+STEP_KEYS = ("from", "model", "target", "loss", "mask", "meta")
+
+
+def _target_params_schema() -> dict[str, Any]:
+    from ..backends.trl_target import PARAMS_SCHEMA
+
+    return dict(PARAMS_SCHEMA.get("properties", {}))
 
 
 class TrainOp(StepOp):
@@ -33,30 +32,21 @@ class TrainOp(StepOp):
     params_schema = obj_schema({
         "from": STEP_REF,
         "model": {**MODEL_REF, "description": "the base model (a `backend: transformers` model)"},
-        "target": {"enum": ["auto", "cpu", "cuda"], "description": "where to train (default: auto)"},
+        "target": {"type": "string", "minLength": 1,
+                   "description": "a training target (built in: cpu, cuda; `auto` picks cuda when available)"},
         "loss": {"enum": ["assistant", "completion", "all"], "description": "which text carries loss (default: assistant)"},
         "mask": {"type": "boolean", "description": "false switches a design's partial masking off (ablation)"},
-        "lora": LORA,
-        "epochs": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
-        "max_steps": {"type": "integer", "minimum": 1},
-        "learning_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "batch_size": {"type": "integer", "minimum": 1, "maximum": 4096},
-        "gradient_accumulation": {"type": "integer", "minimum": 1},
-        "max_length": {"type": "integer", "minimum": 8, "maximum": 1048576},
-        "packing": {"type": "boolean"},
-        "warmup_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-        "lr_scheduler": {"enum": ["linear", "cosine", "constant", "constant_with_warmup"]},
-        "weight_decay": {"type": "number", "minimum": 0},
-        "processes": {"type": "integer", "minimum": 1, "maximum": 1024, "description": "data-parallel processes (accelerate launch)"},
-        "nodes": {"type": "integer", "minimum": 1, "maximum": 1024, "description": "machines (accelerate launch on each)"},
-        "strategy": {"enum": ["ddp", "fsdp", "deepspeed"]},
-        "compile": {"type": "boolean", "description": "torch.compile the model (cuda)"},
-        "max_tokens_per_batch": {"type": "integer", "minimum": 64, "description": "cuda: token budget per batch"},
-        "seed": {"type": "integer", "minimum": 0},
+        **_target_params_schema(),
     }, required=["from", "model"])
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         check_trainable(ctx)
+        target = ctx.params.get("target", "auto")
+        if ctx.registry is not None and target != "auto" and target not in ctx.registry.targets:
+            from ..errors import did_you_mean
+
+            ctx.error("S212", f"unknown training target '{target}'", "target",
+                      hint=did_you_mean(str(target), list(ctx.registry.targets) + ["auto"]))
         base = ctx.params.get("model")
         backend = ctx.models.get(base) if isinstance(base, str) else None
         if backend not in (None, "transformers", "trained"):
@@ -88,17 +78,18 @@ class TrainOp(StepOp):
                 "mask_policy": _mask_policy(p), "rows": len(rows), "tokens": total_tokens,
                 "trained_tokens": sum(r.get("n_trained", 0) for r in rows)}
         card["data_fingerprint"] = ctx.services.plan.node(card["data_fingerprint"]).fingerprint
+        target_params = {k: v for k, v in p.items() if k not in STEP_KEYS}
         request = TrainRequest(base_model=base, dataset=data, output_dir=ctx.artifact_dir / "model",
-                               params=p, seed=p.get("seed", ctx.seed), card=card)
+                               params=target_params, seed=p.get("seed", ctx.seed), card=card)
         progress = ctx.services.progress_callback(ctx.node_id, unit="step")
         out_dir = target.train(request, progress)
         data.unlink(missing_ok=True)  # the tokenized table is already in the store
-        metrics = {}
-        metrics_file = out_dir / "train_metrics.json"
-        if metrics_file.exists():
+        metrics: dict[str, Any] = {}
+        record_file = out_dir / "specdsl_train.json"  # the target's record: params, choices, metrics
+        if record_file.exists():
             import json
 
-            metrics = json.loads(metrics_file.read_text())
+            metrics = json.loads(record_file.read_text()).get("metrics", {})
         row = {"model_dir": out_dir.name, "train_loss": metrics.get("train_loss"), "steps": metrics.get("steps"),
                "train_tokens": total_tokens}
         return [row], {"model_dir": out_dir.relative_to(ctx.artifact_dir).as_posix(), "target": target.name,
