@@ -70,3 +70,9 @@ def register_executors(register):
     from .execute.local import LocalExecutor
 
     register(LocalExecutor())
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:  # the optional extra specdsl[ray]; ray itself loads on use
+        from .execute.ray_executor import RayExecutor
+
+        register(RayExecutor())
