@@ -52,8 +52,6 @@ class TrainOp(StepOp):
         if backend not in (None, "transformers", "trained"):
             ctx.error("S401", f"model '{base}' is served by '{backend}'; training needs a local transformers model",
                       "model", hint="declare the student with `backend: transformers`")
-        if ctx.params.get("nodes", 1) > 1 and ctx.params.get("processes", 1) < ctx.params.get("nodes", 1):
-            ctx.error("S401", "`processes` counts all processes across nodes; it must be >= `nodes`", "processes")
         return ("model_dir", "train_loss", "steps", "train_tokens")
 
     def run(self, ctx: RunContext) -> tuple[Rows, dict[str, Any]]:
