@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Iterable, Mapping
 
 from .errors import SourcePos
@@ -110,14 +111,18 @@ class Plan:
     notes: tuple[str, ...] = ()              # what the passes did (shown by `plan`)
     expansions: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
+    @cached_property
+    def _by_id(self) -> dict[str, PlanNode]:
+        return {n.id: n for n in self.nodes}
+
     def node(self, node_id: str) -> PlanNode:
-        for n in self.nodes:
-            if n.id == node_id:
-                return n
-        raise KeyError(node_id)
+        try:
+            return self._by_id[node_id]
+        except KeyError:
+            raise KeyError(node_id) from None
 
     def has(self, node_id: str) -> bool:
-        return any(n.id == node_id for n in self.nodes)
+        return node_id in self._by_id
 
     @property
     def vars(self) -> dict[str, Any]:
@@ -198,22 +203,27 @@ def refingerprint(nodes: Iterable[PlanNode], external: Mapping[str, str] | None 
 
 
 def topo_sort(nodes: Iterable[PlanNode]) -> tuple[PlanNode, ...]:
-    """Stable topological order (ties keep declaration order)."""
+    """Stable topological order (ties keep declaration order). Iterative: plans may be thousands deep."""
     nodes = list(nodes)
     by_id = {n.id: n for n in nodes}
     order: list[PlanNode] = []
-    state: dict[str, int] = {}
+    done: set[str] = set()
 
-    def visit(n: PlanNode) -> None:
-        if state.get(n.id) == 2:
-            return
-        state[n.id] = 1
-        for _, src in list(n.inputs) + list(n.models):
-            if src in by_id and state.get(src) != 2:
-                visit(by_id[src])
-        state[n.id] = 2
-        order.append(n)
+    def upstream(n: PlanNode):
+        return iter([by_id[src] for _, src in list(n.inputs) + list(n.models) if src in by_id])
 
-    for n in nodes:
-        visit(n)
+    for root in nodes:
+        if root.id in done:
+            continue
+        done.add(root.id)
+        stack = [(root, upstream(root))]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                order.append(node)
+            elif child.id not in done:
+                done.add(child.id)
+                stack.append((child, upstream(child)))
     return tuple(order)

@@ -222,10 +222,6 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
         return
     if v == "const" and path and path[-1] == "backend":
         return  # an if/then branch for another backend; the enum check reports unknown ones
-    if v == "enum" and path and path[-1] == "target" and "train" in path[:-1]:
-        yield "S212", f"unknown training target {err.instance!r}", path, False, \
-            "installed targets: " + ", ".join(["auto"] + sorted(registry.targets))
-        return
     if v == "pattern" and schema.get("pattern") == SECRET_PATTERN:
         yield "S404", f"{where} must be a secret reference like ${{env:API_KEY}}, never the secret itself", \
             path, False, "put the key in an environment variable and reference it"

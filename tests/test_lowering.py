@@ -262,3 +262,17 @@ def test_validate_paths_reports_each_file(tmp_path):
     by_name = {Path(k).name: v for k, v in results.items()}
     assert by_name["good.yaml"] is None
     assert by_name["bad.yml"].codes == ["S102"]
+
+
+def test_thousands_of_chained_steps_in_reverse_order(tmp_path):
+    """Ordering and cycle detection are iterative: a long chain written backwards is no RecursionError."""
+    n = 1100  # past Python's default recursion limit
+    steps = [f"  - id: s{i}\n    filter: {{from: {'problems' if i == 0 else f's{i - 1}'}, where: '1'}}\n"
+             for i in range(n)]
+    plan = compile_text(tmp_path, HEAD + "".join(reversed(steps)))
+    assert [node.id for node in plan.nodes] == ["problems"] + [f"s{i}" for i in range(n)]
+    steps[0] = steps[0].replace("from: problems", f"from: s{n - 1}")  # close the loop
+    with pytest.raises(SpecErrors) as info:
+        compile_text(tmp_path, HEAD + "".join(reversed(steps)))
+    (err,) = info.value.errors
+    assert err.code == "S206" and f"... ({n} steps) ..." in err.message and len(err.message) < 200

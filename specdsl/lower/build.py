@@ -133,9 +133,11 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
     cycle = _find_cycle(deps)
     if cycle:
         first = step_ids[cycle[0]]
-        sink.add("S206", "steps form a cycle: " + " -> ".join(cycle + [cycle[0]]), spec.step_pos(first, key=True),
+        shown = cycle + [cycle[0]] if len(cycle) <= 8 else cycle[:4] + [f"... ({len(cycle)} steps) ..."] + cycle[-2:] \
+            + [cycle[0]]
+        sink.add("S206", "steps form a cycle: " + " -> ".join(shown), spec.step_pos(first, key=True),
                  (first.id,), hint="a step can only read steps that do not read it back")
-        raise SpecErrors(sink.errors, {spec.doc.file: spec.doc.lines})
+        raise SpecErrors(_sorted(sink.errors), {spec.doc.file: spec.doc.lines})
 
     order = _topo(list(step_ids), deps)
     model_kinds = {name: decl.backend for name, decl in spec.models.items()}
@@ -171,11 +173,6 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         if blind:
             unknown_columns.add(sid)
             sink.errors.extend(e for e in step_sink.errors if e.code not in _COLUMN_CODES)
-        if step.op == "train":
-            target = step.params.get("target", "auto")
-            if isinstance(target, str) and target != "auto" and target not in registry.targets:
-                sink.add("S212", f"training target '{target}' is not installed", pos_of("target"), (sid, "target"),
-                         hint="installed targets: " + ", ".join(["auto"] + sorted(registry.targets)))
         columns[sid] = out_cols
         model_deps = tuple((k, r) for k, r in deps.get(sid, []) if k in op.model_keys)
         input_deps = tuple((k, r) for k, r in deps.get(sid, []) if k.split("[")[0] in op.input_keys)
@@ -273,46 +270,47 @@ def _sorted(errors: list[SpecError]) -> list[SpecError]:
 
 
 def _find_cycle(deps: Mapping[str, list[tuple[str, str]]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        state[n] = 1
-        stack.append(n)
-        for _, m in deps.get(n, []):
-            if m not in deps:
+    """A cycle among the steps (as a list of ids), or None. Iterative: a spec may chain thousands of steps."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in deps:
+        if root in state:
+            continue
+        path: list[str] = [root]
+        state[root] = 1
+        stack = [iter([m for _, m in deps.get(root, [])])]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                state[path.pop()] = 2
                 continue
-            if state.get(m) == 1:
-                return stack[stack.index(m):]
-            if state.get(m) is None:
-                found = visit(m)
-                if found:
-                    return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in deps:
-        if state.get(n) is None:
-            found = visit(n)
-            if found:
-                return found
+            if nxt not in deps:
+                continue  # a source
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):]
+            if nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter([m for _, m in deps.get(nxt, [])]))
     return None
 
 
 def _topo(ids: list[str], deps: Mapping[str, list[tuple[str, str]]]) -> list[str]:
+    """Steps in dependency order (declaration order where free); ``deps`` must be acyclic."""
     done: set[str] = set()
     out: list[str] = []
-
-    def visit(n: str) -> None:
-        if n in done:
-            return
-        done.add(n)
-        for _, m in deps.get(n, []):
-            if m in deps:
-                visit(m)
-        out.append(n)
-
-    for n in ids:
-        visit(n)
+    for root in ids:
+        if root in done:
+            continue
+        done.add(root)
+        stack = [(root, iter([m for _, m in deps.get(root, []) if m in deps]))]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                out.append(node)
+            elif child not in done:
+                done.add(child)
+                stack.append((child, iter([m for _, m in deps.get(child, []) if m in deps])))
     return out
