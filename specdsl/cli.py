@@ -103,6 +103,9 @@ def plan(spec: Path, as_json: bool, expanded: bool, estimate: bool, store: Path 
 def run(spec: Path, only: str | None, until: str | None, dry_run: bool, fail_fast: bool, store: Path | None,
         no_progress: bool, executor: str) -> None:
     """Compile SPEC and execute it; unchanged nodes come from the store."""
+    # Our progress display shows model loading and training; the libraries' own bars would interleave.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from . import api
     from .render import render_run_summary
 
