@@ -1,0 +1,134 @@
+"""Run a batch of generation requests through a backend, journaling each result as it arrives.
+
+``run_requests`` is the resume point of every generation step: identical requests in a batch are sent
+once, requests already answered in the journal are not sent at all, and every new answer is committed
+to the journal inside the backend's ``on_result`` callback, before the next one is counted. Killing the
+process at any moment loses at most the requests that were in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+from specdsl.errors import RunError
+from specdsl.hookspecs import GenerationBackend, GenRequest, GenResult
+
+NO_RESULT = "the backend returned no result for this request"
+
+
+@dataclass(frozen=True)
+class GenerationProgress:
+    """Running totals after each result, for a progress bar (``done`` of ``total``).
+
+    ``total`` counts distinct requests; ``cached`` of them were answered by the journal before the run
+    started; ``done`` = cached + succeeded + failed. Tokens, cost and rate cover this run's requests
+    only (cached answers cost nothing now).
+    """
+
+    total: int
+    done: int
+    cached: int
+    succeeded: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    elapsed_s: float
+    requests_per_s: float
+    last: GenResult | None = None  # the result that triggered this event (None for the first event)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done
+
+
+def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequence[GenRequest],
+                 journal, *, fail_fast: bool = False,
+                 progress: Callable[[GenerationProgress], None] | None = None) -> dict[str, GenResult]:
+    """Answer ``requests`` with ``backend``, resuming from and writing to ``journal``.
+
+    Returns a result for every distinct key in ``requests``: journaled, new, or failed (``error``
+    set). With ``fail_fast`` the first failure raises :class:`RunError` once the backend has stopped;
+    everything that completed before it is already journaled.
+    """
+    unique: dict[str, GenRequest] = {}
+    for r in requests:
+        unique.setdefault(r.key, r)  # equal keys mean equal requests: one answer serves them all
+    cached = journal.get_many(unique.keys())
+    todo = [r for k, r in unique.items() if k not in cached]
+    results: dict[str, GenResult] = dict(cached)
+
+    lock = threading.Lock()  # backends may call on_result from any thread
+    t0 = time.monotonic()
+    state = {"succeeded": 0, "failed": 0, "in": 0, "out": 0, "cost": 0.0}
+    first_failure: list[GenResult] = []
+    todo_keys = {r.key for r in todo}
+
+    def event(last: GenResult | None) -> GenerationProgress:
+        elapsed = time.monotonic() - t0
+        new = state["succeeded"] + state["failed"]
+        return GenerationProgress(
+            total=len(unique), done=len(cached) + new, cached=len(cached),
+            succeeded=state["succeeded"], failed=state["failed"], input_tokens=state["in"],
+            output_tokens=state["out"], cost=state["cost"], elapsed_s=elapsed,
+            requests_per_s=new / elapsed if elapsed > 0 else 0.0, last=last)
+
+    def on_result(res: GenResult) -> None:
+        with lock:
+            if res.key not in todo_keys:
+                return  # a key we did not ask for (a confused backend): never journal it
+            if res.key in results and results[res.key].ok:
+                return  # a duplicate callback for a key already answered
+            journal.put(res)  # durable before anyone hears of it
+            first = res.key not in results
+            results[res.key] = res
+            if res.ok:
+                state["succeeded"] += 1
+                state["in"] += res.input_tokens
+                state["out"] += res.output_tokens
+                state["cost"] += res.cost
+            elif first:
+                state["failed"] += 1
+            ev = event(res)
+        if progress is not None:
+            progress(ev)
+        if fail_fast and not res.ok:
+            if not first_failure:
+                first_failure.append(res)
+            # Raising here asks the backend to stop sending; a backend that swallows it is caught below.
+            raise _fail_fast_error(res, unique[res.key])
+
+    if progress is not None:
+        progress(event(None))
+    if todo:
+        try:
+            backend.generate(options, todo, on_result)
+        except RunError:
+            raise
+        except Exception as exc:
+            if first_failure:
+                raise _fail_fast_error(first_failure[0], unique[first_failure[0].key]) from exc
+            raise RunError(f"generation backend {getattr(backend, 'name', backend)!r} failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    if first_failure:
+        raise _fail_fast_error(first_failure[0], unique[first_failure[0].key])
+
+    missing = [k for k in unique if k not in results]
+    if missing:
+        lost = [GenResult(key=k, error=NO_RESULT) for k in missing]
+        journal.put_many(lost)
+        for r in lost:
+            results[r.key] = r
+        if fail_fast:
+            raise _fail_fast_error(lost[0], unique[lost[0].key])
+    return {k: results[k] for k in unique}
+
+
+def _fail_fast_error(res: GenResult, req: GenRequest) -> RunError:
+    who = f"row {req.row_id}" if req.row_id else f"request {req.key[:12]}"
+    return RunError(f"generation failed for {who}: {res.error}",
+                    hint="completed answers are journaled; rerun to resume, or drop fail_fast to "
+                         "collect every failure")

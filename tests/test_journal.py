@@ -1,0 +1,156 @@
+"""The request journal: durability (SIGKILL), failures kept apart, threads and processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from specdsl.execute.journal import RequestJournal
+from specdsl.hookspecs import GenResult
+from tests.conftest import ROOT
+
+
+def ok(i: int, text: str | None = None) -> GenResult:
+    return GenResult(key=f"k{i}", text=text if text is not None else f"answer {i}", input_tokens=i,
+                     output_tokens=2 * i, cost=0.001 * i, latency_s=0.5)
+
+
+def test_roundtrip(tmp_path):
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        j.put(ok(1))
+        j.put(ok(2, text=""))  # an empty answer is still an answer
+        got = j.get_many(["k1", "k2", "k3", "k1"])
+        assert set(got) == {"k1", "k2"}
+        assert got["k1"] == ok(1) and got["k2"].text == ""
+        assert len(j) == 2 and "k1" in j and "k3" not in j and j.get("k3") is None
+        assert sorted(j.keys()) == ["k1", "k2"]
+        assert j.totals() == {"results": 2, "input_tokens": 3, "output_tokens": 6,
+                              "cost": pytest.approx(0.003)}
+    with RequestJournal(tmp_path / "j.sqlite") as j:  # reopened: still there
+        assert j.get("k1") == ok(1)
+
+
+def test_first_answer_wins(tmp_path):
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        j.put(ok(1, "first"))
+        j.put(ok(1, "second"))
+        assert j.get("k1").text == "first" and len(j) == 1
+
+
+def test_failures_are_kept_apart_and_never_count_as_done(tmp_path):
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        j.put(GenResult(key="k1", error="HTTP 500 (after 7 attempts)"))
+        j.put(GenResult(key="k1", error="timed out after 60 s"))
+        j.put(GenResult(key="k2", error="HTTP 400: bad"))
+        assert j.get_many(["k1", "k2"]) == {} and len(j) == 0
+        fails = j.failures()
+        assert list(fails) == ["k1", "k2"]
+        assert fails["k1"].error == "timed out after 60 s" and not fails["k1"].ok
+        j.put(ok(1))  # a later run succeeded: no longer a failure, still in the attempt log
+        assert list(j.failures()) == ["k2"] and j.failure_count() == 3
+        assert j.get("k1").ok
+
+
+def test_get_many_handles_large_batches(tmp_path):
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        j.put_many(ok(i) for i in range(2500))
+        got = j.get_many(f"k{i}" for i in range(0, 3000, 1))
+        assert len(got) == 2500
+
+
+def test_wal_mode(tmp_path):
+    with RequestJournal(tmp_path / "j.sqlite"):
+        import sqlite3
+
+        con = sqlite3.connect(tmp_path / "j.sqlite")
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        con.close()
+
+
+def test_thread_safe(tmp_path):
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        errors = []
+
+        def writer(t: int) -> None:
+            try:
+                for i in range(200):
+                    j.put(ok(t * 1000 + i))
+                    if i % 50 == 0:
+                        j.get_many([f"k{t * 1000}"])
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors and len(j) == 1600
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from specdsl.execute.journal import RequestJournal
+    from specdsl.hookspecs import GenResult
+    j = RequestJournal(sys.argv[1])
+    start, stop = int(sys.argv[2]), int(sys.argv[3])
+    for i in range(start, stop):
+        j.put(GenResult(key=f"k{i}", text="x" * 200, input_tokens=1, output_tokens=1))
+        print(i, flush=True)   # printed only after put() returned: this one must survive
+    if stop < 10**9:
+        j.close()
+""")
+
+
+def test_survives_sigkill_of_the_writer(tmp_path):
+    path = tmp_path / "j.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), "0", str(10**9)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    acknowledged = -1
+    try:
+        for line in proc.stdout:
+            acknowledged = int(line)
+            if acknowledged >= 300:
+                break
+        os.kill(proc.pid, signal.SIGKILL)  # mid-stream, no chance to close or checkpoint
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL and acknowledged >= 300
+    with RequestJournal(path) as j:
+        got = j.get_many(f"k{i}" for i in range(acknowledged + 1))
+        assert len(got) == acknowledged + 1  # every put() that returned is there
+        assert len(j) >= acknowledged + 1
+        j.put(ok(10**9 + 1))  # and the journal is writable after recovery
+        integrity = j._db.execute("PRAGMA integrity_check").fetchone()[0]
+        assert integrity == "ok"
+
+
+def test_two_processes_share_one_journal(tmp_path):
+    path = tmp_path / "j.sqlite"
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(a), str(a + 300)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL)
+             for a in (0, 1000)]
+    with RequestJournal(path) as j:  # a third writer in this process, at the same time
+        for i in range(2000, 2100):
+            j.put(ok(i))
+        for p in procs:
+            assert p.wait(60) == 0
+        assert len(j) == 700
+
+
+def test_put_is_fast_enough_for_inline_use(tmp_path):
+    # Every result is committed on the event loop that drives the requests; at ~300 results/s this
+    # must stay well under a millisecond (measured ~0.1 ms here with synchronous=NORMAL).
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        t = time.perf_counter()
+        for i in range(300):
+            j.put(ok(i))
+        assert (time.perf_counter() - t) / 300 < 0.003

@@ -1,0 +1,291 @@
+"""LiteLLMBackend against a real HTTP server (tests/fakeserver.py): no mocks of litellm or of specdsl.
+
+Most behaviour is checked on both transports: ``direct`` (our aiohttp session, litellm for parameter
+mapping and prices) and ``litellm`` (litellm.acompletion per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+
+import jsonschema
+import pytest
+
+from specdsl.backends.litellm_backend import LiteLLMBackend
+from specdsl.hookspecs import GenerationBackend, GenRequest, GenResult
+from tests.conftest import ROOT
+from tests.fakeserver import FakeServer
+
+TRANSPORTS = ["direct", "litellm"]
+SECRET = "sk-test-Zq81secretvalue"
+
+
+def req(i: int | str, **params) -> GenRequest:
+    return GenRequest(key=f"key-{i}", messages=({"role": "user", "content": f"prompt {i}"},),
+                      params=params, row_id=str(i))
+
+
+def opts(server: FakeServer, transport: str, **extra) -> dict:
+    o = {"model": "openai/fake", "api_base": server.api_base, "api_key": SECRET,
+         "_api_key_env": "FAKE_PROVIDER_KEY", "transport": transport, "retry_backoff_s": 0.02,
+         "timeout_s": 5}
+    o.update(extra)
+    return o
+
+
+def collect(backend: LiteLLMBackend, options: dict, requests: list[GenRequest]) -> dict[str, GenResult]:
+    out: dict[str, GenResult] = {}
+    seen_threads = set()
+
+    def on_result(r: GenResult) -> None:
+        assert r.key not in out, "on_result called twice for one key"
+        seen_threads.add(threading.get_ident())
+        out[r.key] = r
+
+    backend.generate(options, requests, on_result)
+    assert len(seen_threads) <= 1, "on_result must be called from one thread at a time"
+    return out
+
+
+@pytest.fixture(scope="module")
+def backend() -> LiteLLMBackend:
+    return LiteLLMBackend()
+
+
+# --------------------------------------------------------------------------------------------------
+# Contract, schema, identity, price
+# --------------------------------------------------------------------------------------------------
+
+
+def test_import_is_cheap():
+    code = ("import sys, specdsl.backends.litellm_backend as m; "
+            "heavy = [n for n in ('litellm', 'aiohttp', 'openai', 'httpx') if n in sys.modules]; "
+            "assert not heavy, heavy; assert m.LiteLLMBackend.name == 'litellm'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_satisfies_protocol(backend):
+    assert isinstance(backend, GenerationBackend)
+    assert backend.name == "litellm" and isinstance(backend.version, str)
+
+
+def test_options_schema(backend):
+    schema = backend.options_schema
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    assert schema["additionalProperties"] is False
+    assert v.is_valid({"api_base": "http://localhost:8000/v1", "api_key": "${env:OPENAI_API_KEY}",
+                       "temperature": 0.7, "top_p": 0.9, "max_tokens": 256, "timeout_s": 30,
+                       "max_retries": 3, "concurrency": 32, "rpm": 500, "tpm": 200000,
+                       "extra_headers": {"X-Team": "data"}, "transport": "auto"})
+    assert not v.is_valid({"api_key": "sk-live-inline-key"})  # secrets must be ${env:NAME}
+    assert not v.is_valid({"api_key": "${env:}"})
+    assert not v.is_valid({"max_new_tokens": 5})               # unknown option
+    assert not v.is_valid({"concurrency": 0})
+    assert not v.is_valid({"transport": "carrier-pigeon"})
+    for name, prop in schema["properties"].items():
+        assert prop.get("description"), f"option {name} is undocumented"
+
+
+def test_identity_never_has_secrets_or_speed_knobs(backend):
+    o = {"model": "openai/gpt-4o-mini", "api_key": SECRET, "_api_key_env": "K", "temperature": 0.2,
+         "concurrency": 8, "rpm": 10, "timeout_s": 3, "max_retries": 1, "transport": "litellm",
+         "api_base": "http://h:1/v1/"}
+    ident = backend.identity(o)
+    assert SECRET not in repr(ident) and "K" not in ident.values()
+    assert ident["model"] == "openai/gpt-4o-mini" and ident["temperature"] == 0.2
+    assert ident["api_base"] == "http://h:1/v1" and ident["max_tokens"] == 1024
+    # Operational options only change speed, never answers: same identity.
+    assert ident == backend.identity({**o, "concurrency": 64, "rpm": None, "transport": "direct"})
+    assert ident != backend.identity({**o, "temperature": 0.3})
+
+
+def test_price_from_local_cost_map(backend):
+    p = backend.price({"model": "openai/gpt-4o-mini"}, 1_000_000, 1_000_000)
+    assert p is not None and 0 < p < 100
+    assert backend.price({"model": "openai/surely-not-a-real-model-xyz"}, 10, 10) is None
+
+
+def test_auto_transport_choice(backend):
+    assert backend.transport_for({"model": "openai/fake", "api_base": "http://x/v1"}) == "direct"
+    assert backend.transport_for({"model": "hosted_vllm/m", "api_base": "http://x/v1"}) == "direct"
+    assert backend.transport_for({"model": "anthropic/claude-3-5-haiku-20241022"}) == "litellm"
+    assert backend.transport_for({"model": "openai/fake", "transport": "litellm"}) == "litellm"
+
+
+# --------------------------------------------------------------------------------------------------
+# Behaviour over HTTP, on both transports
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_answers_usage_and_params(backend, transport):
+    with FakeServer(latency=0.01, responder=lambda m: "ANSWER " + m[-1]["content"].upper()) as srv:
+        requests = [req(i) for i in range(6)] + [req("t", temperature=0.5, max_tokens=7, seed=3)]
+        out = collect(backend, opts(srv, transport, temperature=0.1), requests)
+        assert set(out) == {r.key for r in requests}
+        r0 = out["key-0"]
+        assert r0.ok and r0.text == "ANSWER PROMPT 0"
+        assert (r0.input_tokens, r0.output_tokens) == (2, 3)  # the fake server counts words
+        assert r0.cost == 0.0 and r0.latency_s > 0
+        assert srv.request_count == len(requests)
+        assert all(rec.auth == SECRET and rec.model == "fake" for rec in srv.requests)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_429_retry_after_is_honoured(backend, transport):
+    with FakeServer(faults=["429", "429"], retry_after=0.6) as srv:
+        out = collect(backend, opts(srv, transport), [req(1)])
+        assert out["key-1"].ok
+        log = sorted((r for r in srv.requests if r.prompt == "prompt 1"), key=lambda r: r.t_start)
+        assert [r.outcome for r in log] == ["429", "429", "ok"]
+        gaps = [b.t_start - a.t_end for a, b in zip(log, log[1:])]
+        assert all(g >= 0.55 for g in gaps), gaps  # retry_backoff_s is 0.02: only Retry-After explains this
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_500_and_dropped_connections_are_retried(backend, transport):
+    with FakeServer(faults=["500", "503", "drop"]) as srv:
+        out = collect(backend, opts(srv, transport), [req(1), req(2)])
+        assert all(r.ok for r in out.values()), out
+        assert srv.attempts("prompt 1") == 4 and srv.attempts("prompt 2") == 4
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_retries_are_bounded(backend, transport):
+    with FakeServer(faults=["500"] * 10) as srv:
+        out = collect(backend, opts(srv, transport, max_retries=2), [req(1)])
+        r = out["key-1"]
+        assert not r.ok and r.text is None
+        assert "500" in r.error and "3 attempts" in r.error
+        assert srv.attempts("prompt 1") == 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_timeouts_are_retried_then_fail(backend, transport):
+    with FakeServer(faults=["hang"] * 5, hang_s=3) as srv:
+        t = time.monotonic()
+        out = collect(backend, opts(srv, transport, timeout_s=0.3, max_retries=1), [req(1)])
+        r = out["key-1"]
+        assert not r.ok and "timed out" in r.error and "2 attempts" in r.error
+        assert srv.attempts("prompt 1") == 2
+        assert time.monotonic() - t < 2.5  # each attempt gave up at ~0.3 s, not at the 3 s hang
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_timeout_then_success(backend, transport):
+    with FakeServer(faults=["hang"], hang_s=3) as srv:
+        out = collect(backend, opts(srv, transport, timeout_s=0.3), [req(1)])
+        assert out["key-1"].ok and srv.attempts("prompt 1") == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_400_is_not_retried(backend, transport):
+    with FakeServer(faults=["400"]) as srv:
+        out = collect(backend, opts(srv, transport), [req(1)])
+        assert not out["key-1"].ok and srv.attempts("prompt 1") == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_401_names_the_env_var_and_never_the_key(backend, transport, capfd, caplog):
+    with FakeServer(api_key="the-right-key") as srv:
+        requests = [req(i) for i in range(40)]
+        out = collect(backend, opts(srv, transport, concurrency=2), requests)
+        errors = {r.error for r in out.values()}
+        assert all(not r.ok for r in out.values())
+        msg = out["key-0"].error
+        assert "FAKE_PROVIDER_KEY" in msg and "401" in msg and "authentication failed" in msg
+        # Not retried, and once the key is known bad the rest of the batch is not sent at all.
+        assert srv.request_count <= 2
+        captured = capfd.readouterr()
+        for text in [*errors, captured.out, captured.err, caplog.text]:
+            assert SECRET not in text
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_concurrency_bound(backend, transport):
+    with FakeServer(latency=0.15) as srv:
+        out = collect(backend, opts(srv, transport, concurrency=5), [req(i) for i in range(30)])
+        assert all(r.ok for r in out.values())
+        assert srv.max_in_flight == 5
+
+
+def test_rpm_limit(backend):
+    with FakeServer() as srv:
+        n, rpm = 16, 480  # 8 per second, at most one second's worth (8) in a burst
+        t = time.monotonic()
+        out = collect(backend, opts(srv, "direct", rpm=rpm, concurrency=16), [req(i) for i in range(n)])
+        elapsed = time.monotonic() - t
+        assert all(r.ok for r in out.values())
+        starts = sorted(r.t_start for r in srv.requests)
+        assert elapsed >= (n - 8) / 8 * 0.9
+        for i, s in enumerate(starts):  # never more than burst + rate * window in any window
+            in_window = sum(1 for x in starts[i:] if x - s < 1.0)
+            assert in_window <= 8 + 8 + 1, in_window
+
+
+def test_tpm_limit(backend):
+    # Answers of 100 words = 100 tokens: the reservation is corrected by little after each response.
+    with FakeServer(responder=lambda m: "word " * 100) as srv:
+        # Each request reserves ceil(chars/4) + max_tokens = 4 + 100 tokens; 12,000 tpm = 200/s with
+        # one second (200 tokens) of burst: 6 requests need 624 - 200 = 424 tokens more, ~2.1 s.
+        t = time.monotonic()
+        out = collect(backend, opts(srv, "direct", tpm=12000, max_tokens=100, concurrency=8),
+                      [req(i) for i in range(6)])
+        assert all(r.ok for r in out.values())
+        assert time.monotonic() - t >= 1.8
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_on_result_exception_stops_the_batch(backend, transport):
+    with FakeServer(latency=0.05) as srv:
+        got: list[GenResult] = []
+
+        def on_result(r: GenResult) -> None:
+            got.append(r)
+            if len(got) == 3:
+                raise KeyError("stop")
+
+        with pytest.raises(KeyError):
+            backend.generate(opts(srv, transport, concurrency=2), [req(i) for i in range(50)], on_result)
+        assert len(got) == 3
+        time.sleep(0.2)
+        assert srv.request_count <= 6  # nothing was sent after the failure
+
+
+def test_generate_from_a_thread_and_from_a_running_loop(backend):
+    with FakeServer() as srv:
+        results: dict = {}
+        th = threading.Thread(target=lambda: results.update(collect(backend, opts(srv, "direct"),
+                                                                    [req(1), req(2)])))
+        th.start()
+        th.join(30)
+        assert set(results) == {"key-1", "key-2"}
+
+        async def inside_loop() -> dict:
+            return collect(backend, opts(srv, "litellm"), [req(3)])
+
+        assert asyncio.run(inside_loop())["key-3"].ok
+
+
+def test_unsupported_param_is_a_clear_error(backend):
+    with FakeServer() as srv:
+        out = collect(backend, opts(srv, "direct", model="openai/o3-mini"), [req(1, top_p=0.5)])
+        assert "top_p" in out["key-1"].error and srv.request_count == 0
+        out = collect(backend, opts(srv, "direct", model="openai/o3-mini", drop_params=True),
+                      [req(2, top_p=0.5)])
+        assert out["key-2"].ok
+
+
+def test_cost_from_local_cost_map(backend):
+    with FakeServer() as srv:
+        for transport in TRANSPORTS:
+            out = collect(backend, opts(srv, transport, model="openai/gpt-4o-mini"), [req(transport)])
+            r = out[f"key-{transport}"]
+            assert r.ok and r.cost == pytest.approx(
+                backend.price({"model": "openai/gpt-4o-mini"}, r.input_tokens, r.output_tokens))
+            assert r.cost > 0
