@@ -94,7 +94,12 @@ def analyze(source: str) -> TemplateInfo:
                 columns.add(arg.value)
             else:
                 dynamic = True
-    for flt in ast.find_all(nodes.Filter):
+    for flt in ast.find_all((nodes.Filter, nodes.Test)):
+        known = env.filters if isinstance(flt, nodes.Filter) else env.tests
+        if flt.name not in known:  # Jinja itself only notices when the template is compiled
+            kind = "filter" if isinstance(flt, nodes.Filter) else "test"
+            close = _close(flt.name, known)
+            raise TemplateError(f"unknown {kind} '{flt.name}'" + (f" ({close})" if close else ""), flt.lineno)
         if flt.name == "attr" and flt.args and isinstance(flt.args[0], nodes.Const) \
                 and str(flt.args[0].value).startswith("_"):
             unsafe.append(str(flt.args[0].value))

@@ -386,6 +386,15 @@ def test_S301_template_syntax_error(workdir):
     check(exc, "S301", 11, 54, "unexpected end of template")
 
 
+@pytest.mark.parametrize("template, message", [
+    ("{{ row.question | uper }}", "unknown filter 'uper' (did you mean 'upper'?)"),
+    ("{% if row.question is evn %}x{% endif %}", "unknown test 'evn' (did you mean 'even'?)"),
+])
+def test_S301_unknown_filter_or_test_is_caught_before_running(workdir, template, message):
+    exc = compile_errors(workdir, spec(f'  - id: a\n    map: {{from: problems, columns: {{x: "{template}"}}}}\n'))
+    check(exc, "S301", 11, 40, message)
+
+
 def test_S302_template_column_missing_at_this_step_did_you_mean(workdir):
     exc = compile_errors(workdir, spec(GEN + "  - id: shout\n    map: {from: answers, columns: {loud: '{{ row.respons | upper }}'}}\n"))
     err = check(exc, "S302", 13, 42, "template reads column 'row.respons', which does not exist at this step",
@@ -468,6 +477,11 @@ def test_S404_secret_shaped_value_anywhere(workdir):
     exc = compile_errors(workdir, spec(GEN).replace("greeting: hello", "greeting: " + SECRET))
     check(exc, "S404", 8, 13, "'greeting' holds an inline secret")
     assert SECRET not in exc.render()
+
+
+def test_S404_not_raised_for_ordinary_text(workdir):
+    text = spec(GEN).replace("greeting: hello", "greeting: sk-learn-is-a-python-library\n  eos_token: '<|im_end|>'")
+    assert api.compile_spec(write(workdir, text), identities=False).has("answers")
 
 
 def test_S404_env_references_are_fine(workdir):
