@@ -285,7 +285,7 @@ def test_S203_unknown_step(workdir):
 
 def test_S204_unknown_var(workdir):
     exc = compile_errors(workdir, spec(GEN.replace("{{ row.question }}", "{{ vars.greting }} {{ row.question }}")))
-    check(exc, "S204", 11, 54, "template uses unknown var 'vars.greting'", hint="did you mean 'greeting'?")
+    check(exc, "S204", 11, 58, "template uses unknown var 'vars.greting'", hint="did you mean 'greeting'?")
 
 
 def test_S205_duplicate_step_id(workdir):
@@ -397,7 +397,7 @@ def test_S301_unknown_filter_or_test_is_caught_before_running(workdir, template,
 
 def test_S302_template_column_missing_at_this_step_did_you_mean(workdir):
     exc = compile_errors(workdir, spec(GEN + "  - id: shout\n    map: {from: answers, columns: {loud: '{{ row.respons | upper }}'}}\n"))
-    err = check(exc, "S302", 13, 42, "template reads column 'row.respons', which does not exist at this step",
+    err = check(exc, "S302", 13, 46, "template reads column 'row.respons', which does not exist at this step",
                 hint="did you mean 'response'?")
     assert "columns here: id, category, question, answer, response" in err.hint
 
@@ -405,24 +405,31 @@ def test_S302_template_column_missing_at_this_step_did_you_mean(workdir):
 def test_S302_columns_flow_through_the_dag(workdir):
     # `response` exists after `answers`, not before it: a map reading the source cannot see it.
     exc = compile_errors(workdir, spec(GEN + "  - id: early\n    map: {from: problems, columns: {x: '{{ row.response }}'}}\n"))
-    check(exc, "S302", 13, 40, "'row.response', which does not exist", hint="columns here: id, category")
+    check(exc, "S302", 13, 44, "'row.response', which does not exist", hint="columns here: id, category")
+
+
+def test_S302_in_a_block_scalar_points_at_the_line_of_the_name(workdir):
+    exc = compile_errors(workdir, spec(
+        "  - id: a\n    generate:\n      from: problems\n      model: teacher\n      user: |\n"
+        "        Question: {{ row.question }}\n        Category: {{ row.categroy }}\n"))
+    check(exc, "S302", 16, 22, "template reads column 'row.categroy'", hint="did you mean 'category'?")
 
 
 def test_S303_unknown_template_variable(workdir):
     exc = compile_errors(workdir, spec(GEN.replace("{{ row.question }}", "{{ greting }} {{ row.question }}")))
-    check(exc, "S303", 11, 54, "template uses unknown variable 'greting' (did you mean 'greeting'?)",
+    check(exc, "S303", 11, 58, "template uses unknown variable 'greting' (did you mean 'greeting'?)",
           hint="templates see `row`, `vars`")
 
 
-@pytest.mark.parametrize("template, shown", [
-    ("{{ row.__class__ }}", "'__class__'"),
-    ("{{ ''.__class__.__mro__ }}", "'__mro__', '__class__'"),
-    ("{{ row | attr('__dict__') }}", "'__dict__'"),
-    ("{% include 'x.txt' %}", "'{% include %}'"),
+@pytest.mark.parametrize("template, shown, col", [
+    ("{{ row.__class__ }}", "'__class__'", 48),
+    ("{{ ''.__class__.__mro__ }}", "'__mro__', '__class__'", 57),
+    ("{{ row | attr('__dict__') }}", "'__dict__'", 56),
+    ("{% include 'x.txt' %}", "'{% include %}'", 40),  # the template's start
 ])
-def test_S304_sandbox_unsafe_expressions(workdir, template, shown):
+def test_S304_sandbox_unsafe_expressions(workdir, template, shown, col):
     exc = compile_errors(workdir, spec(f'  - id: a\n    map: {{from: problems, columns: {{x: "{template}"}}}}\n'))
-    check(exc, "S304", 11, 40, f"template uses {shown}, which the sandbox forbids")
+    check(exc, "S304", 11, col, f"template uses {shown}, which the sandbox forbids")
     assert exc.codes == ["S304"]  # `row.__class__` is not also reported as a missing column
 
 
@@ -521,7 +528,7 @@ def test_three_different_errors_in_one_run(workdir):
         "    map: {from: answers, columns: {x: '{{ row.respons }}', y: '{{ nope }}'}}\n")  # S302, S303
     exc = compile_errors(workdir, text)
     assert exc.codes == ["S201", "S302", "S303"]
-    assert [(e.pos.line, e.pos.col) for e in exc.errors] == [(11, 39), (13, 39), (13, 63)]
+    assert [(e.pos.line, e.pos.col) for e in exc.errors] == [(11, 39), (13, 43), (13, 67)]
     assert exc.render().endswith("3 errors")
 
 

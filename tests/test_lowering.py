@@ -89,7 +89,7 @@ def test_columns_flow_through_each_op(tmp_path):
   - id: answers
     generate: {from: problems, model: m, user: "{{ row.question }}", into: reply, n: 2, temperature: 0.7}
   - id: parsed
-    map: {from: answers, columns: {number: "{{ row.reply | regex_search('Answer:\\\\s*(\\\\d+)', 1) }}"}}
+    map: {from: answers, columns: {number: "{{ row.reply | regex_search('Answer: *([0-9]+)', 1) }}"}}
   - id: judged
     filter: {from: parsed, match: {field: number, gold: answer}, into: correct}
   - id: chat

@@ -8,6 +8,7 @@ plan nodes with fingerprints and estimates. All errors of a spec are collected a
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -212,7 +213,8 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             reads=reads)
 
     if sink:
-        raise SpecErrors(_sorted(sink.errors), {spec.doc.file: spec.doc.lines})
+        errors = [_pinpoint(e, spec.doc.lines) for e in sink.errors]
+        raise SpecErrors(_sorted(errors), {spec.doc.file: spec.doc.lines})
     ordered = topo_sort(nodes.values())
     plan = Plan(name=spec.name, spec_file=str(spec.file), spec_hash=_spec_hash(spec), nodes=refingerprint(ordered),
                 models=tuple(model_refs.values()), vars_json=canonical_json(dict(spec.vars)), seed=spec.seed,
@@ -243,6 +245,42 @@ def _unknown_input(ref: str, steps: list[str], sources: list[str]) -> tuple[str,
     if close_step:
         return "S203", f"unknown step '{ref}'", f"did you mean '{close_step[0]}'?"
     return "S203", f"'{ref}' is neither a step nor a source", did_you_mean(ref, steps + sources)
+
+
+# What a template error is about, as it appears in the template: the caret goes under it.
+_TEMPLATE_TOKENS = {
+    "S302": (re.compile(r"'row\.([^']+)'"), r"\brow(?:\.|\[['\"]|\.get\(['\"]){}\b"),
+    "S303": (re.compile(r"variable '([^']+)'"), r"(?<![\w.]){}\b"),
+    "S204": (re.compile(r"'vars\.([^']+)'"), r"\bvars(?:\.|\[['\"]){}\b"),
+    "S304": (re.compile(r"uses '([^']+)'"), r"{}"),
+}
+
+
+def _pinpoint(err: SpecError, lines: list[str]) -> SpecError:
+    """Move a template error's column from the start of the template to the name it is about.
+
+    Templates are checked as parsed text, so the checker knows *what* is wrong but only where the
+    template starts; the name is found in the source from there (on the same line, or further down a
+    block scalar). When it cannot be found unambiguously the position stays at the template's start.
+    """
+    rule = _TEMPLATE_TOKENS.get(err.code)
+    if rule is None or err.pos is None or not (0 < err.pos.line <= len(lines)):
+        return err
+    m = rule[0].search(err.message)
+    if m is None:
+        return err
+    token = re.compile(rule[1].format(re.escape(m.group(1))))
+    first = lines[err.pos.line - 1]
+    indent = len(first) - len(first.lstrip())
+    for i in range(err.pos.line - 1, min(len(lines), err.pos.line + 200)):
+        text = lines[i]
+        if i > err.pos.line - 1 and text.strip() and len(text) - len(text.lstrip()) <= indent:
+            break  # past the end of a block scalar
+        start = err.pos.col - 1 if i == err.pos.line - 1 else 0
+        found = token.search(text, start)
+        if found:
+            return replace(err, pos=SourcePos(err.pos.file, i + 1, found.start() + 1))
+    return err
 
 
 def _reads_dynamically(value: Any) -> bool:
