@@ -72,6 +72,13 @@ _ROW_METHODS = frozenset({"get", "items", "keys", "values"})
 @lru_cache(maxsize=4096)
 def analyze(source: str) -> TemplateInfo:
     """Parse a template and report what it reads. Raises :class:`TemplateError` on syntax errors."""
+    try:
+        return _analyze(source)
+    except RecursionError:  # Jinja's parser and node walks recurse: `((((...))))` thousands deep
+        raise TemplateError("template nests too deeply to check", 1) from None
+
+
+def _analyze(source: str) -> TemplateInfo:
     env = environment()
     try:
         ast = env.parse(source)

@@ -395,6 +395,14 @@ def test_S301_unknown_filter_or_test_is_caught_before_running(workdir, template,
     check(exc, "S301", 11, 40, message)
 
 
+def test_S301_absurdly_nested_template_is_an_error_not_a_crash(workdir):
+    template = "{{ " + "(" * 3000 + "row.question" + ")" * 3000 + " }}"
+    start = time.perf_counter()
+    exc = compile_errors(workdir, spec(f'  - id: a\n    map: {{from: problems, columns: {{x: "{template}"}}}}\n'))
+    assert time.perf_counter() - start < 1
+    check(exc, "S301", 11, 40, "template nests too deeply to check")
+
+
 def test_S302_template_column_missing_at_this_step_did_you_mean(workdir):
     exc = compile_errors(workdir, spec(GEN + "  - id: shout\n    map: {from: answers, columns: {loud: '{{ row.respons | upper }}'}}\n"))
     err = check(exc, "S302", 13, 46, "template reads column 'row.respons', which does not exist at this step",
