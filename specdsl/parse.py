@@ -90,6 +90,15 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
     except ValueError as exc:  # a recipe's own rule about its parameters
         sink.add("S211", f"recipe '{name}': {exc}", doc.pos(("steps", index, "use")), ("steps", index, "with"))
         return None
+    except Exception as exc:  # noqa: BLE001 - a plugin's recipe must not crash the compiler
+        sink.add("S211", f"recipe '{name}' failed to expand: {exc!r}", doc.pos(("steps", index, "use")),
+                 ("steps", index, "with"), hint="this is a bug in the recipe's plugin; run with --debug to see where")
+        return None
+    if not isinstance(produced, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str)
+                                                 for s in produced):
+        sink.add("S211", f"recipe '{name}' expanded to something that is not a list of steps with ids",
+                 doc.pos(("steps", index, "use")), ("steps", index))
+        return None
     out = []
     for step in produced:
         op_keys = [k for k in step if k not in _STEP_KEYS]

@@ -276,3 +276,55 @@ def test_thousands_of_chained_steps_in_reverse_order(tmp_path):
         compile_text(tmp_path, HEAD + "".join(reversed(steps)))
     (err,) = info.value.errors
     assert err.code == "S206" and f"... ({n} steps) ..." in err.message and len(err.message) < 200
+
+
+class BuggyPlugin:
+    """A third-party plugin with bugs: its recipe raises KeyError, its op's check raises TypeError."""
+
+    class Recipe:
+        name = "buggy.recipe"
+        description = "raises"
+        params_schema = {"type": "object", "properties": {}, "additionalProperties": False}
+
+        def expand(self, step_id, params):
+            return params["missing"]
+
+    class Op:
+        name = "buggy_op"
+        kind = "transform"
+        version = "1"
+        params_schema = {"type": "object", "properties": {"from": {"type": "string"}}, "additionalProperties": False}
+        input_keys = ("from",)
+        model_keys = ()
+        template_keys = ()
+
+        def check(self, ctx):
+            raise TypeError("oops")
+
+        def run(self, ctx):  # pragma: no cover
+            raise AssertionError
+
+    from specdsl.hookspecs import hookimpl
+
+    @hookimpl
+    def register_recipes(self, register):
+        register(self.Recipe())
+
+    @hookimpl
+    def register_ops(self, register):
+        register(self.Op())
+
+
+def test_a_buggy_plugin_gives_positioned_errors_not_a_crash(tmp_path):
+    from specdsl.plugins import build_registry
+
+    registry = build_registry(extra_plugins=(BuggyPlugin(),))
+    with pytest.raises(SpecErrors) as info:
+        compile_text(tmp_path, HEAD + "  - id: r\n    use: buggy.recipe\n    with: {}\n", registry=registry)
+    (err,) = info.value.errors
+    assert (err.code, err.pos.line) == ("S211", 9) and "failed to expand: KeyError('missing')" in err.message
+    with pytest.raises(SpecErrors) as info:
+        compile_text(tmp_path, HEAD + "  - id: b\n    buggy_op: {from: problems}\n"
+                               "  - id: c\n    map: {from: b, columns: {x: '{{ row.anything }}'}}\n", registry=registry)
+    (err,) = info.value.errors  # and the step reading it is not blamed for columns nobody knows
+    assert (err.code, err.pos.line) == ("S401", 9) and "failed to check step 'b': TypeError('oops')" in err.message
