@@ -92,7 +92,7 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
         return None
     except Exception as exc:  # noqa: BLE001 - a plugin's recipe must not crash the compiler
         sink.add("S211", f"recipe '{name}' failed to expand: {exc!r}", doc.pos(("steps", index, "use")),
-                 ("steps", index, "with"), hint="this is a bug in the recipe's plugin; run with --debug to see where")
+                 ("steps", index, "with"), hint=f"a bug in the plugin that provides it ({type(recipe).__module__}); report it there")
         return None
     if not isinstance(produced, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str)
                                                  for s in produced):

@@ -168,7 +168,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             out_cols = tuple(op.check(ctx))
         except Exception as exc:  # noqa: BLE001 - a plugin op's check must not crash the compiler
             sink.add("S401", f"op '{step.op}' failed to check step '{sid}': {exc!r}", pos_of(), (sid,),
-                     hint="this is a bug in the op's plugin; run with --debug to see where")
+                     hint=f"a bug in the plugin that provides '{step.op}' ({type(op).__module__}); report it there")
             out_cols = ()
             unknown_columns.add(sid)
         if blind:
