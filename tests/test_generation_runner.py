@@ -217,3 +217,17 @@ def test_resume_after_sigkill_reissues_no_completed_request(tmp_path):
         assert sum(resumed.values()) == n - len(done_before)
         # At most the requests in flight at the kill (concurrency 4) were answered but lost.
         assert sum(first_run.values()) - len(done_before) <= 4
+
+
+def test_a_progress_callback_error_is_raised_unchanged(journal):
+    backend = LiteLLMBackend()
+    with FakeServer() as srv:
+        opts = options(srv)
+
+        def progress(ev: GenerationProgress) -> None:
+            if ev.done == 2:
+                raise ZeroDivisionError("bar broke")
+
+        with pytest.raises(ZeroDivisionError):
+            run_requests(backend, opts, make_requests(backend, opts, 10), journal, progress=progress)
+        assert len(journal) >= 2  # journaled before the progress callback ran

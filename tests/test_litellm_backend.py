@@ -147,6 +147,17 @@ def test_429_retry_after_is_honoured(backend, transport):
         assert all(g >= 0.55 for g in gaps), gaps  # retry_backoff_s is 0.02: only Retry-After explains this
 
 
+def test_retry_after_pauses_the_whole_batch(backend):
+    # A 429 with Retry-After throttles the key, not one request: nobody starts a new attempt until then.
+    fault = (lambda p, a: "429" if p == "prompt 0" and a == 1 else None)
+    with FakeServer(latency=0.05, fault_fn=fault, retry_after=0.5) as srv:
+        out = collect(backend, opts(srv, "direct", concurrency=3), [req(i) for i in range(12)])
+        assert all(r.ok for r in out.values())
+        t429 = next(r.t_end for r in srv.requests if r.outcome == "429")
+        starts = [r.t_start for r in srv.requests if r.outcome == "ok"]
+        assert not [t for t in starts if t429 + 0.02 < t < t429 + 0.45]
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_500_and_dropped_connections_are_retried(backend, transport):
     with FakeServer(faults=["500", "503", "drop"]) as srv:

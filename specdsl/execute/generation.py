@@ -65,6 +65,7 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
     t0 = time.monotonic()
     state = {"succeeded": 0, "failed": 0, "in": 0, "out": 0, "cost": 0.0}
     first_failure: list[GenResult] = []
+    caller_errors: list[BaseException] = []
     todo_keys = {r.key for r in todo}
 
     def event(last: GenResult | None) -> GenerationProgress:
@@ -94,7 +95,11 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
                 state["failed"] += 1
             ev = event(res)
         if progress is not None:
-            progress(ev)
+            try:
+                progress(ev)
+            except BaseException as exc:
+                caller_errors.append(exc)  # the caller's own bug: re-raised as is, not as a backend error
+                raise
         if fail_fast and not res.ok:
             if not first_failure:
                 first_failure.append(res)
@@ -109,6 +114,8 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
         except RunError:
             raise
         except Exception as exc:
+            if caller_errors and exc is caller_errors[0]:
+                raise
             if first_failure:
                 raise _fail_fast_error(first_failure[0], unique[first_failure[0].key]) from exc
             raise RunError(f"generation backend {getattr(backend, 'name', backend)!r} failed: "
