@@ -125,16 +125,18 @@ STATS: dict[str, int] = {}
 
 def check_outcome(path: Path) -> None:
     registry = default_registry()
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        start = time.perf_counter()
         results = api.validate_paths([path], registry=registry)
+        assert time.perf_counter() - start < 1
+        start = time.perf_counter()
         try:
             api.compile_spec(path, registry=registry, identities=True)
             compiled = None
         except SpecErrors as exc:
             compiled = exc
-    assert time.perf_counter() - start < 2  # both calls; each well under a second
+        assert time.perf_counter() - start < 1
     stage = "ok" if compiled is None else min(compiled.codes)[:2]
     STATS[stage] = STATS.get(stage, 0) + 1
     for outcome in (results[str(path)], compiled):
