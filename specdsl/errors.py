@@ -224,6 +224,10 @@ class ErrorSink:
     def add(self, code: str, message: str, pos: SourcePos | None = None,
             key_path: tuple[str | int, ...] = (), hint: str | None = None) -> None:
         assert code in CODES, code
+        # Messages quote values (`'...' is not one of ...`): a secret typed in the wrong place must not leak
+        # into any output, --json included.
+        message = redact_secrets(message)
+        hint = redact_secrets(hint) if hint else hint
         self.errors.append(SpecError(code, message, pos, tuple(key_path), hint))
 
     def __bool__(self) -> bool:

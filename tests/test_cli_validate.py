@@ -144,3 +144,15 @@ def test_validate_and_plan_import_no_heavy_library(project, args):
     report = json.loads(out.stderr.strip().splitlines()[-1])
     assert report["heavy"] == [], f"`specdsl {' '.join(args)}` imported {report['heavy']}"
     assert report["code"] in (0, 2)
+
+
+def test_a_secret_in_the_wrong_place_never_reaches_the_json_output(project):
+    secret = "sk-live-0123456789abcdefABCDEF"
+    (project / "leak.yaml").write_text(BAD.replace("data/", "").replace("max_new_token: 5", f"device: {secret}")
+                                       .replace("temperature: -1", f"temperature: {secret}"))
+    for args in (("validate", "--json", "leak.yaml"), ("validate", "leak.yaml")):
+        result = cli(*args)
+        assert result.exit_code == 2
+        assert secret not in result.output and "sk-live" not in result.output
+    codes = [e["code"] for e in json.loads(cli("validate", "--json", "leak.yaml").stdout)["leak.yaml"]]
+    assert codes == ["S210", "S404", "S102", "S404"]
