@@ -49,7 +49,12 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         backend = registry.backends.get(decl.backend)
         if backend is None:
             continue  # reported by the schema
-        options = {"model": decl.model, **decl.options}
+        model = decl.model
+        if decl.backend == "transformers" and (model.startswith((".", "/")) or "/" in model) \
+                and (spec.dir / model).exists():
+            # A local model folder is relative to the spec, like a source, not to wherever `run` is typed.
+            model = str((spec.dir / model).resolve())
+        options = {"model": model, **decl.options}
         identity = {"backend": backend.name, "backend_version": backend.version}
         if identities:
             try:

@@ -45,6 +45,7 @@ def decoding_params(params: Mapping[str, Any], seed: int, sample: int) -> dict[s
 class GenerateOp(StepOp):
     name = "generate"
     kind = "generate"
+    version = "2"  # 2: rows whose request failed are left out (no `<into>_error` column)
     description = "ask a model once per row (or n times); the answer becomes a column"
     input_keys = ("from",)
     model_keys = ("model",)
