@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ErrorSink, did_you_mean
+from .errors import ErrorSink
 from .load import LoadedDoc
 from .schema import validate_fragment
 from .spec import DEFAULT_BACKEND, ModelDecl, SourceDecl, Spec, StepDecl

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import SourcePos
 
@@ -202,28 +202,36 @@ def refingerprint(nodes: Iterable[PlanNode], external: Mapping[str, str] | None 
     return tuple(out)
 
 
-def topo_sort(nodes: Iterable[PlanNode]) -> tuple[PlanNode, ...]:
-    """Stable topological order (ties keep declaration order). Iterative: plans may be thousands deep."""
-    nodes = list(nodes)
-    by_id = {n.id: n for n in nodes}
-    order: list[PlanNode] = []
+def topo_order(keys: Iterable[str], upstream: Callable[[str], Iterable[str]]) -> list[str]:
+    """Stable topological order of ``keys`` (ties keep the given order); ``upstream`` must be acyclic.
+
+    Iterative, not recursive: plans may be thousands of steps deep.
+    """
     done: set[str] = set()
-
-    def upstream(n: PlanNode):
-        return iter([by_id[src] for _, src in list(n.inputs) + list(n.models) if src in by_id])
-
-    for root in nodes:
-        if root.id in done:
+    order: list[str] = []
+    for root in keys:
+        if root in done:
             continue
-        done.add(root.id)
-        stack = [(root, upstream(root))]
+        done.add(root)
+        stack = [(root, iter(list(upstream(root))))]
         while stack:
-            node, children = stack[-1]
+            key, children = stack[-1]
             child = next(children, None)
             if child is None:
                 stack.pop()
-                order.append(node)
-            elif child.id not in done:
-                done.add(child.id)
-                stack.append((child, upstream(child)))
-    return tuple(order)
+                order.append(key)
+            elif child not in done:
+                done.add(child)
+                stack.append((child, iter(list(upstream(child)))))
+    return order
+
+
+def topo_sort(nodes: Iterable[PlanNode]) -> tuple[PlanNode, ...]:
+    """Plan nodes in stable topological order (ties keep declaration order)."""
+    by_id = {n.id: n for n in nodes}
+
+    def upstream(node_id: str) -> list[str]:
+        n = by_id[node_id]
+        return [src for _, src in list(n.inputs) + list(n.models) if src in by_id]
+
+    return tuple(by_id[k] for k in topo_order(by_id, upstream))

@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ErrorSink, SourcePos, SpecError, SpecErrors, did_you_mean
-from ..plan import ModelRef, Plan, PlanNode, canonical_json, digest, refingerprint, topo_sort
+from ..plan import ModelRef, Plan, PlanNode, canonical_json, refingerprint, topo_order, topo_sort
 from ..spec import Spec, StepDecl
 from ..steps.base import CheckContext
 from ..steps.source import peek_columns, source_identity
@@ -340,20 +339,5 @@ def _find_cycle(deps: Mapping[str, list[tuple[str, str]]]) -> list[str] | None:
 
 def _topo(ids: list[str], deps: Mapping[str, list[tuple[str, str]]]) -> list[str]:
     """Steps in dependency order (declaration order where free); ``deps`` must be acyclic."""
-    done: set[str] = set()
-    out: list[str] = []
-    for root in ids:
-        if root in done:
-            continue
-        done.add(root)
-        stack = [(root, iter([m for _, m in deps.get(root, []) if m in deps]))]
-        while stack:
-            node, children = stack[-1]
-            child = next(children, None)
-            if child is None:
-                stack.pop()
-                out.append(node)
-            elif child not in done:
-                done.add(child)
-                stack.append((child, iter([m for _, m in deps.get(child, []) if m in deps])))
-    return out
+    return topo_order(ids, lambda step: [m for _, m in deps.get(step, []) if m in deps])
+

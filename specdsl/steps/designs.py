@@ -6,7 +6,6 @@ answer masking), ``segment`` and ``interleave`` (IN2). Each wraps the pure funct
 from __future__ import annotations
 
 import random
-from typing import Any
 
 from ..errors import RunError
 from .base import COLUMN, MODEL_REF, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
