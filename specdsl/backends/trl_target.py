@@ -27,6 +27,7 @@ importing this module must stay cheap (``specdsl validate``).
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import json
 import logging
@@ -1086,14 +1087,15 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
     return output_dir
 
 
-class _TrlTarget:
+class _TrlTarget(abc.ABC):
     name = "?"
     device = "cpu"
     version = TARGET_VERSION
     params_schema = PARAMS_SCHEMA
 
+    @abc.abstractmethod
     def available(self) -> bool:
-        raise NotImplementedError
+        """Whether this machine can train on the target's device."""
 
     def train(self, request: TrainRequest, progress: Callable[[Mapping[str, Any]], None],
               *, callbacks: Sequence[Any] = ()) -> Path:

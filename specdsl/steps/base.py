@@ -8,6 +8,7 @@ then calls :meth:`StepOp.check` for the op's own rules and its output columns. A
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -114,7 +115,7 @@ class RunContext:
         return self.inputs.get("from", [])
 
 
-class StepOp:
+class StepOp(abc.ABC):
     """Base class for built-in ops; third-party ops may subclass it or follow the same shape."""
 
     name: str = ""
@@ -134,8 +135,9 @@ class StepOp:
     def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate | None:
         return None
 
+    @abc.abstractmethod
     def run(self, ctx: RunContext) -> Rows:
-        raise NotImplementedError(f"op {self.name} has no run()")
+        """Compute the node's rows (or ``(rows, meta)`` for ops that produce artifacts)."""
 
 
 def obj_schema(properties: Mapping[str, Any], required: Sequence[str] = (), description: str = "") -> dict:
