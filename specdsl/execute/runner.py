@@ -124,7 +124,8 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                 t0 = time.monotonic()
                 if store.has(node.fingerprint) and only != node.id:
                     meta = store.meta(node.fingerprint)
-                    reports.append(NodeReport(node.id, node.op, node.fingerprint, "cached", meta.get("rows")))
+                    reports.append(NodeReport(node.id, node.op, node.fingerprint, "cached", meta.get("rows"),
+                                              note="; ".join(meta.get("notes", []))))
                     if node.kind == "evaluate":
                         evaluations[node.id] = meta.get("evaluation")
                     continue
@@ -188,6 +189,9 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
                             stats=stats_dict)
         if "evaluation" in meta_extra:
             report.stats["evaluation"] = meta_extra["evaluation"]
+        if services.notes.get(node.id):
+            report.note = "; ".join(services.notes[node.id])
+            meta_extra = {**meta_extra, "notes": services.notes[node.id]}
         if incomplete:
             report.note = f"{stats_dict['failed']} request(s) failed; rerun to retry them"
             import shutil

@@ -54,6 +54,7 @@ class Services:
             executor = LocalExecutor()
         self.executor = executor
         self._tokenizers: dict[str, Any] = {}
+        self.notes: dict[str, list[str]] = {}
         self.stats: dict[str, NodeStats] = {}
         self._lock = threading.Lock()
 
@@ -177,6 +178,12 @@ class Services:
                            row_id=str(i)) for i, p in enumerate(prompts)]
         results = self.generate(node_id, model_ref, reqs)
         return [(results[r.key].text or "") if results.get(r.key) is not None else "" for r in reqs]
+
+    def note(self, node_id: str, message: str) -> None:
+        """Something the user should know about a node's output (rows skipped, and why)."""
+        self.notes.setdefault(node_id, []).append(message)
+        if self.progress is not None:
+            self.progress.log(f"[yellow]{node_id}: {message}[/yellow]")
 
     # -- training -------------------------------------------------------------------------------------
 

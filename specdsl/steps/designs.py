@@ -234,10 +234,14 @@ class InterleaveOp(StepOp):
         short_count = round(p.get("short_ratio", 0) * len(rows))
         short_ids = set(rng.sample(range(len(rows)), min(short_count, len(rows))))
         out = []
+        too_long = []
         for i, row in enumerate(rows):
             keys = row[key_col] if isinstance(row[key_col], list) else [row[key_col]]
             key_ids = [tok(k, add_special_tokens=False)["input_ids"] for k in keys]
             text_id = str(row.get("text_id", ""))
+            if sum(map(len, key_ids)) + len(sep_ids) * (len(key_ids) - 1) > p["max_tokens"]:
+                too_long.append(str(row.get("id")))  # cannot be hidden in a context of at most max_tokens
+                continue
             try:
                 ids, positions = build_long_context(key_ids, pool_ids, target_tokens=(p["min_tokens"], p["max_tokens"]),
                                                     rng=rng, separator_ids=sep_ids, exclude=by_text.get(text_id, []))
@@ -264,6 +268,13 @@ class InterleaveOp(StepOp):
                     new["prompt"] = film_prompt(context, row[q_col]) + " "
                     new["completion"] = str(row[a_col])
                 out.append(new)
+        if too_long:
+            ctx.services.note(ctx.node_id, f"skipped {len(too_long)} row(s) whose key segments alone exceed "
+                                           f"max_tokens={p['max_tokens']}: {', '.join(too_long[:5])}"
+                                           f"{', ...' if len(too_long) > 5 else ''}")
+        if rows and not out:
+            raise RunError("every row's key segments exceed max_tokens; nothing to interleave", node=ctx.node_id,
+                           hint="raise max_tokens or use shorter texts")
         return out
 
 

@@ -71,11 +71,13 @@ def stdlib_docs() -> None:
             doc = inspect.getdoc(obj)
             if doc and len(doc) > 200:
                 parts.append(f"{attr}: {doc}")
-            if sum(map(len, parts)) > 3000:
+            if sum(map(len, parts)) > 2400:
                 break
         text = "\n".join(p for p in parts if p).strip()
         if len(text) >= 1200:
-            rows.append({"id": name, "title": f"the {name} module", "text": text[:4000]})
+            # ~2,000 characters is 4-5 segments of 128 tokens: enough for type-2 QA over several
+            # segments, short enough that all of a text's segments fit the shipped spec's contexts.
+            rows.append({"id": name, "title": f"the {name} module", "text": text[:2000]})
     with (HERE / "stdlib_docs.jsonl").open("w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
