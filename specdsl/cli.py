@@ -106,6 +106,10 @@ def run(spec: Path, only: str | None, until: str | None, dry_run: bool, fail_fas
     # Our progress display shows model loading and training; the libraries' own bars would interleave.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # Library deprecation chatter (transformers warning about its own renamed flags) is not the user's to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)(\.|$)")
     from . import api
     from .render import render_run_summary
 
