@@ -172,6 +172,9 @@ def test_top_p_small_is_greedy(backend, options):
     nucleus = _run(backend, {**options, "temperature": 1.5, "top_p": 1e-6}, reqs)
     greedy = _run(backend, options, reqs)
     assert {k: r.text for k, r in nucleus.items()} == {k: r.text for k, r in greedy.items()}
+    # A vanishing temperature is greedy too (and does not turn the logits into NaN).
+    cold = _run(backend, {**options, "temperature": 1e-12}, reqs)
+    assert {k: r.text for k, r in cold.items()} == {k: r.text for k, r in greedy.items()}
 
 
 def test_request_params_override_options(backend, options):

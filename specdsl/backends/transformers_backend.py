@@ -228,8 +228,6 @@ def clear_model_cache() -> None:
 
 def load_model(path: Path, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load the model folder ``path`` for generation, or reuse the copy this process already loaded."""
-    import torch
-
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -518,7 +516,9 @@ def _row_sampler():
         def __call__(self, input_ids, scores):
             dev = scores.device
             rows = torch.tensor(self.rows, device=dev)
-            logits = scores[rows].float() / torch.tensor(self.temperature, device=dev).unsqueeze(1)
+            # The floor keeps a vanishing temperature from dividing logits into inf - inf = NaN.
+            temperature = torch.tensor(self.temperature, device=dev).clamp_min(1e-4).unsqueeze(1)
+            logits = scores[rows].float() / temperature
             probs = torch.softmax(logits, dim=-1)
             if any(p < 1.0 for p in self.top_p):
                 probs, order = probs.sort(dim=-1, descending=True, stable=True)
