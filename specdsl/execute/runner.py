@@ -118,6 +118,8 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
             outputs[node_id] = store.load(fp)
         return outputs[node_id]
 
+    if not dry_run and any(not store.has(n.fingerprint) for n in selected):
+        _pull_known_models(plan)
     try:
         with display:
             for node in selected:
@@ -207,6 +209,15 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _pull_known_models(plan: Plan) -> None:
+    """Fetch named local models before the live display starts: a first pull draws its own progress."""
+    from ..models import is_cached, is_known, pull
+
+    for m in plan.models:
+        if m.backend == "transformers" and is_known(m.model) and not is_cached(m.model):
+            pull(m.model)
 
 
 def run_row_chunk(op: Any, node_id: str, params: Mapping[str, Any], variables: Mapping[str, Any], seed: int,
