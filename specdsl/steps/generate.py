@@ -35,17 +35,17 @@ def prompt_messages(params: Mapping[str, Any], row: Mapping[str, Any], variables
 
 
 def decoding_params(params: Mapping[str, Any], seed: int, sample: int) -> dict[str, Any]:
+    """What is sent with the request. Sample k of a prompt gets seed + k: a distinct request (its own
+    key, its own journal entry) that a seeded provider answers differently."""
     out = {k: params[k] for k in ("max_tokens", "temperature", "top_p") if k in params}
-    out["seed"] = params.get("seed", seed)
-    if sample:
-        out["sample"] = sample  # distinct samples of one prompt are distinct requests
+    out["seed"] = params.get("seed", seed) + sample
     return out
 
 
 class GenerateOp(StepOp):
     name = "generate"
     kind = "generate"
-    version = "2"  # 2: rows whose request failed are left out (no `<into>_error` column)
+    version = "3"  # 2: failed rows left out (no `<into>_error`); 3: sample k is sent with seed + k
     description = "ask a model once per row (or n times); the answer becomes a column"
     input_keys = ("from",)
     model_keys = ("model",)
