@@ -2,7 +2,9 @@
 
     python bench/bench_run_requests.py [--n 2000] [--latency 0.2] [--concurrency 64]
 
-Both talk to the same fake OpenAI-compatible server (a separate process, 200 ms per answer). The run
+Both talk to the same fake OpenAI-compatible server (a separate process, 200 ms per answer), addressed
+as a self-hosted server (`hosted_vllm/`, as one would a vLLM fleet), which the litellm backend serves
+without importing litellm. The run
 is timed as a user sees it: a fresh `specdsl run` process (compile, journal, litellm backend, store,
 manifest). A second, fully cached `specdsl run` measures the fixed cost (interpreter start, imports,
 compile, store); the difference is the generation itself. Goal: within 20% of the bare client.
@@ -29,7 +31,7 @@ SPEC = """\
 specdsl: 1
 name: bench-run
 models:
-  fake: {{backend: litellm, model: openai/fake, api_base: "{api_base}", api_key: "${{env:BENCH_KEY}}",
+  fake: {{backend: litellm, model: hosted_vllm/fake, api_base: "{api_base}", api_key: "${{env:BENCH_KEY}}",
           concurrency: {conc}, max_tokens: 64}}
 sources:
   questions: {{path: questions.jsonl}}

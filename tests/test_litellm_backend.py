@@ -300,3 +300,55 @@ def test_cost_from_local_cost_map(backend):
             assert r.ok and r.cost == pytest.approx(
                 backend.price({"model": "openai/gpt-4o-mini"}, r.input_tokens, r.output_tokens))
             assert r.cost > 0
+
+
+# -- self-hosted OpenAI-compatible servers: no litellm import ---------------------------------------------
+
+
+def test_self_hosted_server_answers_without_importing_litellm(tmp_path):
+    """`hosted_vllm/` at an api_base needs nothing litellm computes; the run must not pay its import."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, json\n"
+        "from tests.fakeserver import FakeServer\n"
+        "from specdsl.backends.litellm_backend import LiteLLMBackend\n"
+        "from specdsl.hookspecs import GenRequest\n"
+        "out = {}\n"
+        "with FakeServer(faults=['429', 'ok'], retry_after=0.05) as srv:\n"
+        "    reqs = [GenRequest(key=f'k{i}', messages=({'role': 'user', 'content': f'p{i}'},),\n"
+        "                       params={'max_tokens': 8, 'seed': i}) for i in range(3)]\n"
+        "    LiteLLMBackend().generate({'model': 'hosted_vllm/my-model', 'api_base': srv.api_base,\n"
+        "                               'retry_backoff_s': 0.01}, reqs, lambda r: out.update({r.key: r}))\n"
+        "    models = sorted({r.model for r in srv.requests})\n"
+        "print(json.dumps({'texts': {k: r.text for k, r in out.items()}, 'cost': [r.cost for r in out.values()],\n"
+        "                  'models': models, 'litellm': 'litellm' in sys.modules}))\n")
+    from tests.conftest import ROOT
+
+    # The script lives outside the checkout: put the checkout first on its path for `tests.fakeserver`.
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json as _json
+
+    result = _json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["texts"] == {f"k{i}": f"echo: p{i}" for i in range(3)}  # 429s were retried
+    assert result["models"] == ["my-model"]  # the provider prefix is not sent
+    assert result["cost"] == [0.0, 0.0, 0.0]  # unknown to the cost map: no price, not a made-up one
+    assert result["litellm"] is False
+
+
+def test_openai_models_behind_a_gateway_still_get_litellm_parameter_mapping():
+    """A custom api_base in front of OpenAI's own models keeps litellm's per-model parameter rules."""
+    from specdsl.backends.litellm_backend import _Settings, _self_hosted
+
+    gateway = _Settings.from_options({"model": "openai/o3-mini", "api_base": "http://gateway/v1"})
+    assert _self_hosted(gateway) is None
+    vllm = _Settings.from_options({"model": "hosted_vllm/llama", "api_base": "http://gpu-box:8000/v1"})
+    assert _self_hosted(vllm) == "llama"
+    forced = _Settings.from_options({"model": "hosted_vllm/llama", "api_base": "http://gpu-box:8000/v1",
+                                     "transport": "litellm"})
+    assert _self_hosted(forced) is None

@@ -712,6 +712,21 @@ class LiteLLMBackend:
                          on_result: Callable[[GenResult], None]) -> None:
         engine_ref: list[_Engine] = []
         describe = f"model {s.model!r}" + (f" at {s.api_base}" if s.api_base else "")
+        self_hosted = _self_hosted(s)
+        if self_hosted is not None:
+            # A self-hosted OpenAI-compatible server (vLLM, TGI, a local proxy) needs nothing litellm
+            # computes: the model name is what follows the prefix and the parameters go as they are.
+            # Skipping `import litellm` (3-4 s of CPU) is most of a short run's overhead.
+            prices = _cost_map_prices(s.model)
+            engine = _Engine(s, None, on_result,
+                             lambda i, o: None if prices is None else i * prices[0] + o * prices[1], describe)
+            transport = _DirectTransport(engine_ref, s, self_hosted, s.api_base.rstrip("/") + "/chat/completions",
+                                         s.api_key, _send_as_is)
+            engine.send = transport.send
+            engine_ref.append(engine)
+            async with transport:
+                await engine.run(requests)
+            return
         prices = self._per_token_prices(s.model)
 
         def price(i: int, o: int) -> float | None:
@@ -768,6 +783,51 @@ class LiteLLMBackend:
             return hit
 
         return s, _DirectTransport(engine_ref, s, model_name, url, api_key, map_params)
+
+
+# Prefixes that say "a server of mine speaking OpenAI's wire format": litellm maps no parameter for them.
+# (`openai/` models keep going through litellm even at a custom api_base: a gateway may front OpenAI's
+# own models, whose parameters litellm rewrites, e.g. max_tokens -> max_completion_tokens.)
+SELF_HOSTED_PROVIDERS = frozenset({"hosted_vllm", "custom_openai"})
+
+
+def _self_hosted(s: _Settings) -> str | None:
+    """The model name to send when litellm has nothing to add, else None."""
+    if s.transport == "litellm" or not s.api_base or s.drop_params:
+        return None
+    provider, _, name = s.model.partition("/")
+    if provider not in SELF_HOSTED_PROVIDERS or not name:
+        return None
+    return name
+
+
+def _send_as_is(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+_COST_MAP: dict[str, Any] | None = None
+
+
+def _cost_map_prices(model: str) -> tuple[float, float] | None:
+    """Per-token prices from litellm's bundled cost map, read as data (no ``import litellm``)."""
+    global _COST_MAP
+    if _COST_MAP is None:
+        import importlib.util
+
+        _COST_MAP = {}
+        spec = importlib.util.find_spec("litellm")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            path = os.path.join(folder, "model_prices_and_context_window_backup.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as fh:
+                    _COST_MAP = json.load(fh)
+                break
+    for name in (model, model.partition("/")[2]):
+        info = _COST_MAP.get(name)
+        if isinstance(info, dict) and info.get("input_cost_per_token") is not None \
+                and info.get("output_cost_per_token") is not None:
+            return float(info["input_cost_per_token"]), float(info["output_cost_per_token"])
+    return None
 
 
 def _env_proxy_for(url: str) -> str | None:
