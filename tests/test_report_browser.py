@@ -279,7 +279,10 @@ def dump_dom(page: Path, tmp_path: Path) -> str:
 
 
 def screenshot(page: Path, tmp_path: Path, out: Path, size: str = "1200,900") -> Path:
-    proc = chromium(page, tmp_path, f"--screenshot={out}", f"--window-size={size}")
+    # Let layout, fonts and the SVG finish before the capture (without these a loaded machine can shoot a
+    # half-drawn page).
+    proc = chromium(page, tmp_path, f"--screenshot={out}", f"--window-size={size}", "--hide-scrollbars",
+                    "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000")
     assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
     return out
 
