@@ -216,3 +216,16 @@ def test_sigkill_mid_generation_then_rerun_reissues_nothing_and_matches(tmp_path
         other = run(spec2).rows("answers")
     strip = lambda rs: [{k: v for k, v in r.items() if k != "response_prompt"} for r in rs]  # noqa: E731
     assert strip(rows) == strip(other)
+
+
+def test_each_run_keeps_its_own_manifest_even_within_one_second(tmp_path):
+    with FakeServer() as srv:
+        spec = write_spec(tmp_path, srv)
+        first = run(spec)
+        second = run(spec)  # all cached: well under a second
+        third = run(spec)
+    paths = {first.manifest_path, second.manifest_path, third.manifest_path}
+    assert len(paths) == 3 and all(p.is_file() for p in paths)
+    assert json.loads(first.manifest_path.read_text())["totals"]["requests"] == 6
+    assert json.loads(third.manifest_path.read_text())["totals"]["requests"] == 0
+    assert (third.manifest_path.parent / "report.html").is_file()

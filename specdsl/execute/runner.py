@@ -267,14 +267,22 @@ def _manifest(plan: Plan, store: Store, reports: list[NodeReport], started: floa
 
 
 def _write_manifest(store: Store, manifest: Mapping[str, Any]) -> Path:
-    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime(manifest["started_at"])) + f"-{os.getpid()}"
-    run_dir = store.root / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Unique even for two runs of one process in the same second (a cached rerun is that fast).
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(manifest["started_at"])) + f"-{os.getpid()}"
+    for n in range(1000):
+        run_dir = store.root / "runs" / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
     text = json.dumps(manifest, indent=2, default=str)
     path = run_dir / "run.json"
     path.write_text(text)
     tmp = store.root / "run.json.tmp"
     tmp.write_text(text)
     os.replace(tmp, store.root / "run.json")
-    from ..report import write_run_reports; write_run_reports(manifest, store.root, run_dir)  # report.html beside run.json (never raises)  # noqa: E702,E501
+    from ..report import write_run_reports
+
+    write_run_reports(manifest, store.root, run_dir)  # report.html beside run.json (never raises)
     return path
