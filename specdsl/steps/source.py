@@ -35,15 +35,84 @@ def peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
             header = next(csv.reader(fh), [])
         return tuple(header)
     if fmt == "json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list) or (data and not isinstance(data[0], dict)):
-            raise ValueError(f"{path.name}: a JSON source must be a list of objects")
-        return tuple(data[0]) if data else ()
+        with path.open(encoding="utf-8") as fh:
+            return first_json_record_columns(fh, path.name)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         return tuple(pq.read_schema(path).names)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+# Reading a JSON array in growing pieces. The first piece is small because most records are; each retry
+# doubles it, so a huge first record is still parsed in linear time overall.
+_FIRST_READ_CHARS = 1 << 16
+# A parse error this close to the end of what was read may just be a value cut off by the read (a
+# literal such as "Infinity", a \uXXXX surrogate pair): read on before calling the file malformed.
+_CUT_OFF_MARGIN = 16
+_JSON_VALUE_STARTS = frozenset('{"-0123456789tfnNI')
+
+
+def first_json_record_columns(fh: Any, name: str) -> tuple[str, ...]:
+    """The keys of the first object of the JSON array in text file ``fh``, reading little beyond that object.
+
+    Validation peeks at sources whose full parse would cost as much as the data (a multi-GB JSON array),
+    so only the opening bracket, the first record and the delimiter after it are read and checked; the
+    rest of the file is checked when the rows are read at run time. ``name`` prefixes errors, which
+    carry the line and column of the fault.
+    """
+    decoder = json.JSONDecoder()
+    text, at_end, want = "", False, _FIRST_READ_CHARS
+
+    def read_more() -> None:
+        nonlocal text, at_end, want
+        piece = fh.read(want)
+        text += piece
+        at_end = piece == ""
+        want *= 2
+
+    def malformed(message: str, pos: int) -> ValueError:
+        exc = json.JSONDecodeError(message, text, pos)
+        return ValueError(f"{name}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})")
+
+    def next_significant(pos: int) -> int:
+        """Index of the first non-whitespace character at or after ``pos`` (len(text) at the end)."""
+        while True:
+            while pos < len(text) and text[pos] in " \t\n\r":
+                pos += 1
+            if pos < len(text) or at_end:
+                return pos
+            read_more()
+
+    read_more()
+    if text.startswith("\ufeff"):
+        raise malformed("Unexpected UTF-8 BOM (decode using utf-8-sig)", 0)
+    pos = next_significant(0)
+    if pos == len(text):
+        raise malformed("Expecting value", pos)
+    if text[pos] != "[":
+        if text[pos] in _JSON_VALUE_STARTS:
+            raise ValueError(f"{name}: a JSON source must be a list of objects")
+        raise malformed("Expecting value", pos)
+    pos = next_significant(pos + 1)
+    if pos < len(text) and text[pos] == "]":
+        return ()
+    while True:
+        try:
+            first, end = decoder.raw_decode(text, pos)
+            break
+        except json.JSONDecodeError as exc:
+            cut_off = exc.msg.startswith("Unterminated string") or exc.pos >= len(text) - _CUT_OFF_MARGIN
+            if at_end or not cut_off:
+                raise malformed(exc.msg, exc.pos) from None
+            read_more()
+    if not isinstance(first, dict):
+        raise ValueError(f"{name}: a JSON source must be a list of objects")
+    # The delimiter after the record is cheap to check and catches a missing comma at the top.
+    end = next_significant(end)
+    if end == len(text) or text[end] not in ",]":
+        raise malformed("Expecting ',' delimiter", end)
+    return tuple(first)
 
 
 def source_identity(path: Path) -> dict[str, Any]:
