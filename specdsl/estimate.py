@@ -1,22 +1,51 @@
-"""Estimates before any call: requests, input/output tokens and cost per generate node, training tokens.
+"""Estimates before any call: requests, input/output tokens and cost per generate and evaluate node,
+training tokens.
 
-Row counts flow from the sources (counted exactly) through the DAG; filters are counted as keeping
-every row, so figures are upper bounds. Input tokens come from rendering the templates over the real
-source rows where the generate node reads a source, else from the templates' length; output tokens
-assume each answer runs to its token cap. Cost is the backend's price (litellm's local cost map;
-zero for local models; unknown when the backend cannot price the model).
+Row counts flow from the sources (counted exactly) through the DAG. Filters are counted as keeping
+every row, so a figure downstream of a filter is an upper bound: its estimate names those filters under
+``filters_assumed_to_keep_every_row``. Input tokens come from rendering the prompts over the real source
+rows where the node reads a source (directly or through steps that pass rows on), else from the templates'
+length; output tokens assume each answer runs to its token cap. Cost is the backend's price (litellm's
+local cost map; zero for local models; unknown when the backend cannot price the model).
+
+An evaluate node is estimated from what its probes send (see specdsl.steps.evaluate), per probe and
+model under ``probes``:
+
+* ``accuracy``: one request per evaluated row per condition (default: one condition per model without a
+  system prompt); the prompt is the condition's system prompt plus the question.
+* ``self_correction``: one request per evaluated row per model. The model answers, verifies and corrects
+  itself within that one output, so the output cap covers all of it.
+* ``position``: ``buckets x per_bucket`` requests per task per model, whatever the rows; each prompt is a
+  context of at most ``context_tokens`` plus the IN2 template, the instruction and its quoted query.
+* a probe from a plugin: unknown, and so are the node's totals.
+
+Every probe request carries the node's ``max_tokens`` (default 256), which overrides the model's own cap.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .plan import Plan
 
 CHARS_PER_TOKEN = 4          # the usual rule of thumb for English text with BPE tokenizers
+CHAT_TEMPLATE_TOKENS = 8     # role markers and separators a chat template adds around each request
 DEFAULT_OUTPUT_TOKENS = 256
+SAMPLE_ROWS = 200            # source rows rendered to measure prompts: enough for a stable average
+
+# The defaults steps/evaluate.py applies when a spec leaves them out.
+EVALUATE_MAX_TOKENS = 256
+POSITION_DEFAULTS = {"tasks": ("document", "code", "records"), "context_tokens": 2000, "buckets": 8,
+                     "per_bucket": 4}
+# The longest query a position instruction quotes: a code line of at most 100 characters (document pieces
+# are 8 words, record ids 9 characters).
+POSITION_QUERY_CHARS = 100
+
+# Steps whose output rows are input rows (all or some of them, maybe with columns added), so the input's
+# sample rows still measure the prompts rendered downstream.
+SAME_ROW_OPS = ("filter", "map", "format", "erase_prompt", "pam")
 
 
 def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
@@ -29,12 +58,14 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
     spec_dir = Path(plan.spec_file).parent
     rows: dict[str, int | None] = {}
     samples: dict[str, list[dict]] = {}
+    filters_upstream: dict[str, list[str]] = {}
     nodes = []
     for n in plan.nodes:
         p = n.params
         est: dict[str, Any] = {}
         src = n.input("from")
         in_rows = rows.get(src) if src else None
+        filters_upstream[n.id] = _filters_upstream(n, filters_upstream)
         if n.op == "source":
             path = spec_dir / p["path"]
             count = count_rows(path, p["format"])
@@ -42,7 +73,8 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
                 count = min(count, p["limit"])
             rows[n.id] = count
             try:
-                samples[n.id] = read_rows(path, p["format"], id_column=p.get("id"), limit=min(p.get("limit") or 200, 200))
+                samples[n.id] = read_rows(path, p["format"], id_column=p.get("id"),
+                                          limit=min(p.get("limit") or SAMPLE_ROWS, SAMPLE_ROWS))
             except Exception:  # noqa: BLE001 - estimates never fail a plan
                 samples[n.id] = []
             est["rows"] = count
@@ -52,6 +84,16 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
             rows[n.id] = count
             est.update(_generation(plan, registry, n, samples.get(src or "", []), count))
             est["rows"] = count
+        elif n.kind == "evaluate":
+            on = n.input("on")
+            evaluated = rows.get(on) if on else None
+            sample = samples.get(on or "", [])
+            if p.get("limit"):
+                evaluated = None if evaluated is None else min(evaluated, p["limit"])
+                sample = sample[: p["limit"]]  # the probes see the first rows only
+            rows[n.id] = len(p.get("probes") or [])  # one summary row per probe
+            est["rows"] = evaluated
+            est.update(_evaluation(plan, registry, n, sample, evaluated))
         elif n.op == "train":
             rows[n.id] = 1
             est["rows"] = in_rows
@@ -66,46 +108,137 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
         else:
             rows[n.id] = in_rows
             est["rows"] = in_rows
-            if n.op in ("filter", "map", "format", "erase_prompt", "pam") and src in samples:
+            if n.op in SAME_ROW_OPS and src in samples:
                 samples[n.id] = samples[src]
+        if filters_upstream[n.id]:
+            est["filters_assumed_to_keep_every_row"] = filters_upstream[n.id]
         nodes.append(replace(n, estimate=est))
     return replace(plan, nodes=tuple(nodes))
+
+
+def _filters_upstream(node: Any, known: Mapping[str, list[str]]) -> list[str]:
+    """The row-dropping filters whose rows reach ``node`` (itself included), in a stable order. A filter
+    with ``into:`` only writes its verdict, so it keeps every row for certain. Only data inputs count: a
+    model trained downstream of a filter costs an evaluation the same, whatever the filter kept."""
+    found = {f for _, src in node.inputs for f in known.get(src, [])}
+    if node.op == "filter" and not node.params.get("into"):
+        found.add(node.id)
+    return sorted(found)
+
+
+def _backend_and_options(plan: Plan, registry: Any, model_ref: str) -> tuple[Any, dict[str, Any]]:
+    try:
+        m = plan.model(model_ref)
+        return registry.backends.get(m.backend), m.options
+    except KeyError:  # a trained model: local, free
+        return registry.backends.get("transformers"), {}
+
+
+def _usage(backend: Any, options: Mapping[str, Any], requests: int | None, avg_input_tokens: float | None,
+           output_cap: int) -> dict[str, Any]:
+    """Requests, tokens (inputs measured, outputs at their cap) and the backend's price for them."""
+    if requests is None or avg_input_tokens is None:
+        return {"requests": requests, "input_tokens": None, "output_tokens": None, "cost": None}
+    tin, tout = int(avg_input_tokens * requests), int(output_cap * requests)
+    cost = None
+    if backend is not None:
+        try:
+            cost = backend.price(options, tin, tout)
+        except Exception:  # noqa: BLE001 - a backend that cannot price leaves the cost unknown
+            cost = None
+    return {"requests": requests, "input_tokens": tin, "output_tokens": tout, "cost": cost}
+
+
+def _average_prompt_tokens(sample_rows: Sequence[Mapping[str, Any]], prompt_chars: Callable[[Mapping], int],
+                           fallback_chars: int) -> float:
+    """Mean tokens of one request's prompt over the sample rows; ``fallback_chars`` (the templates' own
+    length) when no row is known or none renders."""
+    lengths = []
+    for row in sample_rows[:SAMPLE_ROWS]:
+        try:
+            lengths.append(prompt_chars(row))
+        except Exception:  # noqa: BLE001 - a row the template cannot render is reported at run time
+            continue
+    if not lengths:
+        lengths = [fallback_chars]
+    return sum(lengths) / len(lengths) / CHARS_PER_TOKEN + CHAT_TEMPLATE_TOKENS
 
 
 def _generation(plan: Plan, registry: Any, node: Any, sample_rows: list[dict], requests: int | None) -> dict[str, Any]:
     from .steps.generate import prompt_messages
 
     p = node.params
-    model_ref = p["model"]
-    try:
-        m = plan.model(model_ref)
-        backend = registry.backends.get(m.backend)
-        options = m.options
-    except KeyError:  # a trained model: local, free
-        backend, options = registry.backends.get("transformers"), {}
+    backend, options = _backend_and_options(plan, registry, p["model"])
     variables = plan.vars
-    lengths = []
-    for row in sample_rows[:200]:
-        try:
-            msgs = prompt_messages(p, row, variables)
-            lengths.append(sum(len(x["content"]) for x in msgs))
-        except Exception:  # noqa: BLE001 - a row the template cannot render is reported at run time
-            continue
-    if not lengths:
-        texts = [p.get("system") or "", p.get("user") or ""] + [m.get("content", "") for m in p.get("messages") or []]
-        lengths = [sum(len(t) for t in texts)]
-    avg_in = sum(lengths) / len(lengths) / CHARS_PER_TOKEN + 8  # + chat template overhead
+    texts = [p.get("system") or "", p.get("user") or ""] + [m.get("content", "") for m in p.get("messages") or []]
+    avg_in = _average_prompt_tokens(
+        sample_rows, lambda row: sum(len(x["content"]) for x in prompt_messages(p, row, variables)),
+        sum(len(t) for t in texts))
     cap = p.get("max_tokens") or options.get("max_tokens") or options.get("max_new_tokens") or DEFAULT_OUTPUT_TOKENS
-    if requests is None:
-        return {"requests": None, "input_tokens": None, "output_tokens": None, "cost": None}
-    tin, tout = int(avg_in * requests), int(cap * requests)
-    cost = None
-    if backend is not None:
-        try:
-            cost = backend.price(options, tin, tout)
-        except Exception:  # noqa: BLE001
-            cost = None
-    return {"requests": requests, "input_tokens": tin, "output_tokens": tout, "cost": cost}
+    return _usage(backend, options, requests, avg_in, cap)
+
+
+def _evaluation(plan: Plan, registry: Any, node: Any, sample_rows: list[dict], rows: int | None) -> dict[str, Any]:
+    """Totals over the node's probes, and one entry per probe and model under ``probes``."""
+    p = node.params
+    cap = p.get("max_tokens", EVALUATE_MAX_TOKENS)
+    parts = []
+    for probe in p.get("probes") or []:
+        for ask in _probe_requests(probe, list(p.get("models") or []), sample_rows, rows, plan.vars):
+            backend, options = _backend_and_options(plan, registry, ask["model"])
+            usage = _usage(backend, options, ask.pop("requests"), ask.pop("avg_input_tokens"), cap)
+            parts.append({"probe": probe.get("probe"), **ask, **usage})
+    totals = {key: _sum_if_all_known(part[key] for part in parts)
+              for key in ("requests", "input_tokens", "output_tokens", "cost")}
+    return {**totals, "probes": parts}
+
+
+def _probe_requests(probe: Mapping[str, Any], models: list[str], sample_rows: list[dict], rows: int | None,
+                    variables: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What a probe's ``run`` sends (specdsl.steps.evaluate), one entry per model it asks (and condition
+    or task, where the probe has them): ``requests`` and ``avg_input_tokens`` per request."""
+    from . import templates
+
+    name = probe.get("probe")
+    question = probe.get("question", "question")
+    if name == "accuracy":
+        conditions = probe.get("conditions") or [{"name": m, "model": m} for m in models]
+        asks = []
+        for cond in conditions:
+            system = cond.get("system")
+
+            def prompt_chars(row: Mapping, system: str | None = system) -> int:
+                return (len(templates.render(system, row, variables)) if system else 0) + len(str(row[question]))
+
+            asks.append({"condition": cond["name"], "model": cond["model"], "requests": rows,
+                         "avg_input_tokens": _average_prompt_tokens(sample_rows, prompt_chars, len(system or ""))})
+        return asks
+    if name == "self_correction":
+        from .steps.evaluate import SelfCorrectionProbe
+
+        prompt = probe.get("prompt", SelfCorrectionProbe.DEFAULT_PROMPT.replace("QUESTION", question))
+        avg_in = _average_prompt_tokens(sample_rows, lambda row: len(templates.render(prompt, row, variables)),
+                                        len(prompt))
+        return [{"model": m, "requests": rows, "avg_input_tokens": avg_in} for m in models]
+    if name == "position":
+        from .eval.position import IN2_TEMPLATE, INSTRUCTIONS
+
+        settings = {**POSITION_DEFAULTS, **probe}
+        requests = settings["buckets"] * settings["per_bucket"]
+        template_chars = len(IN2_TEMPLATE.replace("{context}", "").replace("{instruction}", ""))
+        asks = []
+        for task in settings["tasks"]:
+            wrapper_chars = template_chars + len(INSTRUCTIONS[task].replace("{query}", "")) + POSITION_QUERY_CHARS
+            avg_in = settings["context_tokens"] + wrapper_chars / CHARS_PER_TOKEN + CHAT_TEMPLATE_TOKENS
+            asks += [{"task": task, "model": m, "requests": requests, "avg_input_tokens": avg_in} for m in models]
+        return asks
+    # A plugin's probe: what it sends is its own business, known only once it runs.
+    return [{"model": m, "estimable": False, "requests": None, "avg_input_tokens": None} for m in models]
+
+
+def _sum_if_all_known(values: Iterable[Any]) -> Any:
+    values = list(values)
+    return None if not values or any(v is None for v in values) else sum(values)
 
 
 def _train_tokens(plan: Plan, node: Any, rows: dict[str, int | None]) -> int | None:

@@ -24,7 +24,7 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
     root = Path(store_dir) if store_dir else default_store_dir(plan)
     store = Store(root) if root.exists() else None
     console.print(f"[bold]plan[/bold] {plan.name}: {len(plan.nodes)} nodes")
-    total_cost, unknown_cost, total_requests = 0.0, False, 0
+    total_cost, unknown_cost, total_requests, bounded_by_filters = 0.0, False, 0, False
     for n in plan.nodes:
         est = n.estimate or {}
         ins = ", ".join(src for _, src in n.inputs) or n.params.get("path", "-")
@@ -36,14 +36,16 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
             facts.append(n.backend)
         if n.models:
             facts.append("model " + ", ".join(ref for _, ref in n.models))
-        if n.kind == "generate":
+        filters = est.get("filters_assumed_to_keep_every_row") or []
+        if n.kind in ("generate", "evaluate"):
             req = est.get("requests")
             if req is None:
-                facts.append("requests: unknown until upstream runs")
+                facts.append(f"requests: {_unknown_requests_reason(est)}")
             else:
                 total_requests += req
-                facts.append(f"{req:,} requests, ~{_fmt_int(est.get('input_tokens'))} in / <= "
-                             f"{_fmt_int(est.get('output_tokens'))} out tokens")
+                bounded_by_filters = bounded_by_filters or bool(filters)
+                facts.append(f"{req:,} requests{_requests_by_probe(est)}, ~{_fmt_int(est.get('input_tokens'))} in "
+                             f"/ <= {_fmt_int(est.get('output_tokens'))} out tokens")
             cost = est.get("cost")
             if cost is None:
                 unknown_cost = True
@@ -51,21 +53,53 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
             else:
                 total_cost += cost
                 facts.append(f"${cost:.4f}")
+            if filters and req is not None:
+                facts.append(_upper_bound(filters))
         elif est.get("train_tokens"):
             facts.append(f"~{est['train_tokens']:,} training tokens")
+            if filters:
+                facts.append(_upper_bound(filters))
         elif est.get("rows") is not None and n.kind == "source":
             facts.append(f"{est['rows']:,} rows")
         facts.append("[green]cached[/green]" if cached else "not cached")
         facts.append(f"fp {n.short}")
         console.print("    " + " · ".join(facts))
     cost_line = f"estimated: {total_requests:,} requests, ${total_cost:.4f}" + \
-        (" + models that cannot be priced" if unknown_cost else "")
+        (" + models that cannot be priced" if unknown_cost else "") + \
+        (" (upper bound: filters assumed to keep every row)" if bounded_by_filters else "")
     console.print(cost_line)
     if expanded and plan.expansions:
         for step, ids in plan.expansions:
             console.print(f"recipe step [bold]{escape(step)}[/bold] expanded to: {escape(', '.join(ids))}")
     for note in plan.notes:
         console.print(f"[dim]note: {escape(note)}[/dim]")
+
+
+def _upper_bound(filters: list[str]) -> str:
+    return _escape_markup(f"upper bound: filters assumed to keep every row ({', '.join(filters)})")
+
+
+def _requests_by_probe(est: dict[str, Any]) -> str:
+    """An evaluate node's requests split by probe, like ' (accuracy 24, position 12)', when it has several."""
+    per_probe: dict[str, int] = {}
+    for part in est.get("probes") or []:
+        per_probe[part["probe"]] = per_probe.get(part["probe"], 0) + (part.get("requests") or 0)
+    if len(per_probe) < 2:
+        return ""
+    return " (" + ", ".join(f"{_escape_markup(name)} {count:,}" for name, count in per_probe.items()) + ")"
+
+
+def _unknown_requests_reason(est: dict[str, Any]) -> str:
+    opaque = [part["probe"] for part in est.get("probes") or [] if part.get("estimable") is False]
+    if opaque:
+        return _escape_markup(f"unknown (probe {', '.join(dict.fromkeys(opaque))} cannot be estimated before it runs)")
+    return "unknown until upstream runs"
+
+
+def _escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def render_run_summary(result: Any, console: Any = None) -> None:
