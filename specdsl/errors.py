@@ -215,6 +215,20 @@ class RunError(Exception):
         return text
 
 
+class StopRun(Exception):
+    """Not a failure: this machine's share of the run ends at this node, and the run exits with code 0.
+
+    A step (or the training target it calls) raises it when the rest of the plan belongs to another
+    machine: machine k > 0 of a multi-node training contributes its gradients, but machine 0 writes the
+    model and runs the later steps. The node is not committed (this machine holds no output for it) and
+    the nodes after it are reported as skipped.
+    """
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
 @dataclass
 class ErrorSink:
     """Collects errors across a stage so they can be reported together."""

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from specdsl.errors import RunError
+from specdsl.errors import RunError, StopRun
 from specdsl.hookspecs import TrainRequest
 
 log = logging.getLogger("specdsl.train")
@@ -1070,9 +1070,11 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
             metrics, launch = _launch_distributed(request, params=params, settings=settings, stats=stats,
                                                   seed=seed, stage=stage, progress=progress)
             if launch["machine_rank"] != 0:
-                # Machine 0 writes the output; the other machines only contributed their gradients.
+                # Machine 0 writes the output; the other machines only contributed their gradients. Their run
+                # ends here: no model exists on this machine for later steps to use, or for a cache to keep.
                 shutil.rmtree(stage, ignore_errors=True)
-                return output_dir
+                raise StopRun(f"machine {launch['machine_rank']} of {launch['num_machines']}: this machine's "
+                              "share of the training is done; machine 0 writes the model and runs the later steps")
         else:
             metrics = train_worker(base_model=Path(request.base_model), dataset=Path(request.dataset), stage=stage,
                                    params=params, settings=settings, stats=stats, seed=seed, progress=progress,

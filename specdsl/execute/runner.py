@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import RunError
+from ..errors import RunError, StopRun
 from ..plan import Plan, PlanNode
 from ..steps.base import RunContext
 from .services import Services
@@ -33,7 +33,7 @@ class NodeReport:
     id: str
     op: str
     fingerprint: str
-    status: str                  # cached | ran | incomplete | skipped | would-run | failed
+    status: str                  # cached | ran | incomplete | skipped | would-run | failed | stopped
     rows: int | None = None
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
@@ -54,7 +54,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return all(n.status in ("cached", "ran", "skipped", "would-run") for n in self.nodes)
+        return all(n.status in ("cached", "ran", "skipped", "would-run", "stopped") for n in self.nodes)
 
     def rows(self, node_id: str) -> list[dict[str, Any]]:
         return self.store.load(self.plan.node(node_id).fingerprint)
@@ -122,7 +122,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
         _pull_known_models(plan)
     try:
         with display:
-            for node in selected:
+            for index, node in enumerate(selected):
                 t0 = time.monotonic()
                 if store.has(node.fingerprint) and only != node.id:
                     meta = store.meta(node.fingerprint)
@@ -137,7 +137,17 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                     continue
                 upstream_tainted = any(src in tainted for _, src in node.inputs) or \
                     any(ref in tainted for _, ref in node.models)
-                report = _run_node(plan, node, store, services, registry, load, outputs)
+                try:
+                    report = _run_node(plan, node, store, services, registry, load, outputs)
+                except StopRun as stop:
+                    # This machine's share is done (see StopRun): nothing is committed, and the later nodes
+                    # are another machine's, so they are reported, not run.
+                    reports.append(NodeReport(node.id, node.op, node.fingerprint, "stopped",
+                                              seconds=time.monotonic() - t0, note=stop.message))
+                    reports.extend(NodeReport(n.id, n.op, n.fingerprint, "skipped",
+                                              note=f"not run on this machine (stopped at {node.id})")
+                                   for n in selected[index + 1:])
+                    break
                 report.seconds = time.monotonic() - t0
                 if report.status == "incomplete" or upstream_tainted:
                     tainted.add(node.id)

@@ -88,7 +88,7 @@ class TrainOp(StepOp):
             import json
 
             metrics = json.loads(record_file.read_text()).get("metrics", {})
-        row = {"model_dir": out_dir.name, "train_loss": metrics.get("train_loss"), "steps": metrics.get("steps"),
+        row = {"model_dir": out_dir.name, "train_loss": metrics.get("train_loss"), "steps": metrics.get("global_step"),
                "train_tokens": total_tokens}
         return [row], {"model_dir": out_dir.relative_to(ctx.artifact_dir).as_posix(), "target": target.name,
                        "metrics": metrics}
