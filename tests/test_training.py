@@ -353,6 +353,54 @@ def test_packed_padding_free_batches_match_padded_ones(tmp_path, tiny_model_dir,
         assert set(row_labels[n:].tolist()) <= {-100}
 
 
+def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The cuda target's default batches, built by the same trainer set-up on the CPU: bfd packing into
+    one padding-free row padded to the full token budget (one shape for flex attention's compiled kernels).
+
+    Checked without a GPU: the labels of every packed sample are exactly the dataset's, the pad tail adds no
+    loss and sits at position 0, and flex attention (forward only: torch has no flex backward on the CPU)
+    computes for each packed sample exactly the logits it has alone, so no sample sees another one."""
+    import torch
+
+    from specdsl.backends.trl_target import DataStats, _build_trainer, _load_training_dataset
+
+    rows = []
+    for i, (n_garbage, text) in enumerate([(5, "Paris is the capital of France."), (17, "Answer: 42"),
+                                           (2, "def add(a, b):\n    return a + b\n"), (11, "7 times 8 is 56")]):
+        g, a = garbage_ids(tiny_tokenizer, n_garbage, seed=20 + i), answer_ids(tiny_tokenizer, text)
+        rows.append({"input_ids": g + a, "labels": [-100] * len(g) + a})
+    data = write_parquet(tmp_path / "d.parquet", rows)
+    caps = {"cuda": True, "bf16": True, "capability": [9, 0], "flash_attention_2": False,
+            "flash_attention_3": False, "flex_attention": True, "liger": False}
+    params = resolve_params({"max_tokens_per_batch": 256})
+    settings = plan_settings(params, "cuda", caps)
+    assert settings["attn_implementation"] == "flex_attention" and settings["packing"]
+    # The same choices, run on this machine's CPU in fp32 (no GPU here; only the device differs).
+    settings = {**settings, "device": "cpu", "bf16": False}
+    stats = inspect_dataset(data)
+    ds = _load_training_dataset(data, stats, tmp_path / "cache")
+    trainer = _build_trainer(base_model=tiny_model_dir, dataset=ds, params=params, settings=settings,
+                             stats=stats, seed=0, scratch=tmp_path / "scratch")
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+    assert "attention_mask" not in batch and ids.shape[0] == 256  # padded to the token budget
+
+    starts = [i for i, p in enumerate(pos.tolist()) if p == 0]
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert len(starts) == 4 + (256 - real)  # four samples, then each pad token its own sequence
+    assert set(labels[real:].tolist()) == {-100}
+    by_ids = {tuple(r["input_ids"]): r["labels"] for r in rows}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed_logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
+        model.set_attn_implementation("sdpa")
+        for s, e in zip(starts[:4], starts[1:5]):
+            seg = tuple(ids[s:e].tolist())
+            assert labels[s].item() == -100 and labels[s + 1:e].tolist() == by_ids[seg][1:]
+            alone = model(input_ids=ids[None, s:e], use_cache=False).logits[0]
+            assert torch.allclose(packed_logits[s:e], alone, atol=1e-5), "a packed sample attended to another"
+
+
 def test_lora_adapter_and_merge(tmp_path, tiny_model_dir, tiny_tokenizer):
     import torch
     from peft import PeftConfig, PeftModel
@@ -422,3 +470,67 @@ def test_two_processes_through_accelerate_launch(tmp_path, tiny_model_dir, tiny_
     steps = [e["step"] for e in events]
     assert steps == sorted(steps) and steps[-1] == 3 and all(math.isfinite(e["loss"]) for e in events[1:])
     assert (out / "README.md").is_file() and not leftovers(tmp_path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_each_run_the_spec_and_only_machine_0_goes_on(tmp_path, tiny_model_dir):
+    """nodes: 2, played by two `specdsl run` processes on this machine (machine ranks 0 and 1, each with its
+    own store, as two machines would be). They train together over gloo; machine 0 commits the model and
+    runs the later step with it; machine 1 stops after its share, commits nothing and exits 0."""
+    from specdsl import api
+    from specdsl.execute.store import Store
+
+    chats = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"Answer: {2 * i}"}]} for i in range(8)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (tmp_path / "spec.yaml").write_text(f"""specdsl: 1
+name: two-machines
+seed: 0
+models:
+  student: {{backend: transformers, model: {tiny_model_dir}, max_new_tokens: 3}}
+sources:
+  chats: {{path: chats.jsonl}}
+steps:
+  - id: sft
+    train: {{from: chats, model: student, target: cpu, max_steps: 2, batch_size: 2, nodes: 2,
+            main_process_ip: 127.0.0.1, main_process_port: {_free_port()}}}
+  - id: answers
+    generate: {{from: chats, model: sft, user: "{{{{ row.messages[0].content }}}}", into: reply}}
+""")
+    procs = {}
+    for rank in (0, 1):
+        env = {**os.environ, "SPECDSL_MACHINE_RANK": str(rank), "SPECDSL_PLUGINS": "none",
+               "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
+        procs[rank] = subprocess.Popen(
+            [sys.executable, "-m", "specdsl", "run", "--no-progress", "--store", str(tmp_path / f"store-{rank}"),
+             str(tmp_path / "spec.yaml")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs = {}
+    for rank, proc in procs.items():
+        try:
+            outs[rank] = proc.communicate(timeout=300)[0]
+        finally:
+            proc.kill()
+    assert procs[0].returncode == 0, outs[0][-3000:]
+    assert procs[1].returncode == 0, outs[1][-3000:]
+    assert "machine 1 of 2" in outs[1] and "machine 0 writes the model" in outs[1]
+
+    plan = api.compile_spec(tmp_path / "spec.yaml")
+    sft, answers = plan.node("sft").fingerprint, plan.node("answers").fingerprint
+    store0, store1 = Store(tmp_path / "store-0"), Store(tmp_path / "store-1")
+    assert store0.has(sft) and store0.has(answers)
+    assert not store1.has(sft) and not store1.has(answers)
+    (row,) = store0.load(sft)
+    assert row["steps"] == 2 and math.isfinite(row["train_loss"])
+    model_dirs = list((tmp_path / "store-0").rglob("specdsl_train.json"))
+    (record_file,) = model_dirs
+    record = json.loads(record_file.read_text())
+    assert record["metrics"]["world_size"] == 2 and record["launch"]["num_machines"] == 2
+    assert not list((tmp_path / "store-1").rglob("specdsl_train.json"))
+    assert len(store0.load(answers)) == len(chats)
