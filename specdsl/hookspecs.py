@@ -10,18 +10,27 @@ Rules every registered object follows:
   level. Import them inside the methods that run (``specdsl validate`` must stay fast).
 * Options are validated by the JSON Schema fragment the object carries (``options_schema`` /
   ``params_schema``), so user mistakes in backend options become positioned spec errors.
+* What a schema cannot express, a backend checks in its optional ``check_options(options)``: it returns
+  :class:`OptionProblem` s (option path, message, hint), which ``specdsl validate``, ``plan`` and ``run``
+  report as error[S210] at that option's line and column. It runs on every validate, so it stays cheap
+  and offline: no network, no heavy imports, no loading or hashing of model weights (``identity()``
+  may do those; ``validate`` never calls it). Backends without the method keep working.
 * Secrets only arrive resolved at run time; ``identity()`` must never include them (it feeds the
   fingerprint, which is stored in plans, caches and manifests).
 
 Example, a complete third-party backend::
 
-    from specdsl.hookspecs import hookimpl, GenResult
+    from specdsl.hookspecs import hookimpl, GenResult, OptionProblem
 
     class EchoBackend:
         name = "echo"
         version = "1"
         options_schema = {"type": "object", "properties": {}, "additionalProperties": False}
         def identity(self, options): return {"model": options["model"]}
+        def check_options(self, options):  # optional
+            if options["model"] != options["model"].strip():
+                return [OptionProblem(("model",), "the model name has surrounding spaces", "remove them")]
+            return []
         def price(self, options, input_tokens, output_tokens): return 0.0
         def generate(self, options, requests, on_result):
             for r in requests:
@@ -90,8 +99,40 @@ def request_key(identity: Mapping[str, Any], messages: Sequence[Mapping[str, str
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True)
+class OptionProblem:
+    """One thing wrong with a model entry's options, as found by a backend's ``check_options``.
+
+    ``path`` is where the problem is inside the model entry: ``("api_base",)``, ``("model",)`` for the
+    model itself, ``("rules", 0, "match")`` inside a nested option, ``()`` for the entry as a whole.
+    The error is positioned at that value in the YAML (the nearest written parent when the option is
+    not written out, e.g. a default). ``message`` names the option and says what is wrong; ``hint``
+    says how to fix it.
+    """
+
+    path: tuple[str | int, ...]
+    message: str
+    hint: str | None = None
+
+
 @runtime_checkable
 class GenerationBackend(Protocol):
+    """A generation backend.
+
+    Optional method (not a protocol member, so backends written before it still satisfy
+    ``isinstance`` checks)::
+
+        def check_options(self, options: Mapping[str, Any]) -> Sequence[OptionProblem]:
+            "Every problem with these options that would make plan or run fail; [] when none."
+
+    ``options`` is what ``identity()`` receives: the schema-valid model entry including ``model``
+    (a local path already resolved the way the plan resolves it), secrets still as ``${env:NAME}``
+    references. It runs in ``specdsl validate`` for every spec: cheap and offline only (no network, no
+    torch/transformers/litellm imports, no loading or hashing of weights), and it must not depend on
+    the machine that will run the spec (which GPU, which environment variables are set). Report all
+    problems, not just the first. When it returns problems, ``identity()`` is not called for the entry.
+    """
+
     name: str
     version: str
     options_schema: Mapping[str, Any]  # JSON Schema for a model entry's options (minus backend/model)
