@@ -304,3 +304,77 @@ def test_empty_request_list_does_nothing(backend, options):
 def test_bfloat16_runs(backend, options):
     res = _run(backend, {**options, "dtype": "bfloat16", "max_new_tokens": 4}, _requests(PROMPTS[:2]))
     assert all(r.ok and r.output_tokens > 0 for r in res.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# check_options: what `specdsl validate` learns without torch agrees with what loading and generating do
+# --------------------------------------------------------------------------------------------------
+
+
+def _problems(backend, options) -> list[tuple[tuple, str]]:
+    return [(p.path, p.message) for p in backend.check_options(options)]
+
+
+def test_check_options_accepts_the_known_model_and_a_model_folder(backend, options, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDSL_HOME", str(tmp_path / "empty-home"))
+    assert backend.check_options({"model": "smollm2-135m-instruct"}) == []  # not downloaded: fine
+    assert backend.check_options(options) == []
+    assert not (tmp_path / "empty-home").exists()
+
+
+def test_check_options_rejects_what_identity_rejects(backend, tmp_path):
+    for ref, message in [(str(tmp_path / "missing"), "no model folder"), ("gpt-17", "unknown model 'gpt-17'"),
+                         ("smollm2", "unknown model 'smollm2'")]:
+        [(path, text)] = _problems(backend, {"model": ref})
+        assert path == ("model",) and message in text
+        with pytest.raises(RunError, match=message):
+            backend.identity({"model": ref})
+    (tmp_path / "empty").mkdir()
+    [(path, text)] = _problems(backend, {"model": str(tmp_path / "empty")})
+    assert "not a Hugging Face model folder" in text
+
+
+def test_check_options_finds_a_missing_chat_template_before_loading(backend, tiny_model_dir, tmp_path):
+    copy = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, copy)
+    assert backend.check_options({"model": str(copy)}) == []
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    [(path, text)] = _problems(backend, {"model": str(copy)})
+    assert path == ("model",) and "has no chat template" in text
+    clear_model_cache()
+    with pytest.raises(RunError, match="no chat template"):  # what a run would have said, after loading
+        backend.generate({"model": str(copy), "device": "cpu"}, _requests(PROMPTS[:1]), lambda r: None)
+
+
+def test_check_options_max_new_tokens_against_the_context(backend, tiny_model_dir, tmp_path):
+    copy = tmp_path / "short-context"
+    shutil.copytree(tiny_model_dir, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (copy / "config.json").write_text(json.dumps(cfg))
+    opts = {"model": str(copy), "device": "cpu", "max_new_tokens": 64}
+    [(path, text)] = _problems(backend, opts)
+    assert path == ("max_new_tokens",) and "64-token context" in text
+    # The generation it predicts: every request fails.
+    clear_model_cache()
+    results = _run(backend, opts, _requests(["hi", "2 + 2 = ?"]))
+    assert all(not r.ok and "prompt too long" in r.error for r in results.values())
+    assert backend.check_options({**opts, "max_new_tokens": 8}) == []
+    assert backend.check_options({"model": "smollm2-135m-instruct", "max_new_tokens": 8191}) == []
+    [(path, _)] = _problems(backend, {"model": "smollm2-135m-instruct", "max_new_tokens": 8192})
+    assert path == ("max_new_tokens",)
+
+
+def test_check_options_reads_no_weights_and_imports_no_torch(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    code = ("import sys, json; from specdsl.backends.transformers_backend import TransformersBackend; "
+            f"p = TransformersBackend().check_options({{'model': {str(folder)!r}, 'max_new_tokens': 16}}); "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert p == [] and not bad, (p, bad)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from specdsl.errors import RunError
-from specdsl.hookspecs import GenRequest, GenResult
+from specdsl.hookspecs import GenRequest, GenResult, OptionProblem
 
 # Documented defaults of a model entry's options. Also what identity() fills in, so writing a default
 # explicitly does not change a fingerprint.
@@ -120,6 +120,48 @@ class TransformersBackend:
             "dtype": settings["dtype"],
         }
 
+    def check_options(self, options: Mapping[str, Any]) -> list[OptionProblem]:
+        """What plan or run would reject in these options, found from a few small files (no torch).
+
+        The model is a known name or a local model folder (one with config.json, or a PEFT adapter
+        folder); a model folder's tokenizer has a chat template; ``max_new_tokens`` leaves room for a
+        prompt in the model's context. ``device: cuda`` is not checked: the machine that validates a
+        spec is often not the one that runs it.
+        """
+        from specdsl import models
+
+        ref = options.get("model")
+        if not isinstance(ref, str) or not ref:
+            return [OptionProblem(("model",), "the transformers backend needs `model`: a known model name or "
+                                              "a local model folder", "e.g. model: smollm2-135m-instruct")]
+        problems: list[OptionProblem] = []
+        if models.is_known(ref):
+            context: int | None = models.KNOWN_MODELS[ref].context_length
+        else:
+            try:
+                # The same lookup plan and run make, without fetching anything.
+                folder = models.resolve_model(ref, fetch=False)
+            except RunError as e:
+                return [OptionProblem(("model",), e.message, e.hint)]
+            if (folder / "adapter_config.json").is_file():
+                return []  # its base model decides the tokenizer and the context
+            if _has_chat_template(folder) is False:
+                problems.append(OptionProblem(
+                    ("model",), f"the tokenizer in '{ref}' has no chat template, so chat messages cannot be "
+                                "formatted for it",
+                    "use an instruct/chat model, or add a chat_template.jinja (or a chat_template entry in "
+                    "tokenizer_config.json) to the folder"))
+            context = _config_context_length(folder)
+        max_new = options.get("max_new_tokens", DEFAULTS["max_new_tokens"])
+        if context is not None and isinstance(max_new, int) and max_new >= context:
+            # A request fails when its prompt tokens + max_new_tokens exceed the context, and a prompt
+            # has at least one token.
+            problems.append(OptionProblem(
+                ("max_new_tokens",), f"max_new_tokens {max_new} leaves no room for a prompt in the "
+                                     f"{context}-token context of '{ref}': every request using it would fail",
+                f"lower it well below {context}: prompt tokens + max_new_tokens must fit in the context"))
+        return problems
+
     def price(self, options: Mapping[str, Any], input_tokens: int, output_tokens: int) -> float | None:
         return 0.0  # local compute: nothing is billed
 
@@ -181,6 +223,50 @@ def model_fingerprint(ref: str) -> str:
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
     path = models.resolve_model(ref, fetch=False)
     return _folder_fingerprint(path, content=True)
+
+
+def _has_chat_template(folder: Path) -> bool | None:
+    """Whether the tokenizer in ``folder`` will carry a chat template (None: cannot tell from the files).
+
+    transformers reads it from chat_template.jinja, additional_chat_templates/ or the ``chat_template``
+    entry of tokenizer_config.json (older processors: chat_template.json, counted too so that no folder
+    the loader accepts is rejected here).
+    """
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir() and any(extra.iterdir()):
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return None  # unreadable: loading explains it better
+    return bool(config.get("chat_template")) if isinstance(config, dict) else None
+
+
+def _config_context_length(folder: Path) -> int | None:
+    """The context length generation will enforce (see :func:`_context_length`), from config.json alone.
+
+    None when config.json does not spell it out (the config class may have a default for it).
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    # Composite configs keep the language model's settings in a sub-config (PretrainedConfig.get_text_config).
+    nested = [config[k] for k in ("text_encoder", "decoder", "generator", "text_config") if isinstance(config.get(k), dict)]
+    if len(nested) > 1:
+        return None
+    section = nested[0] if nested else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = section.get(attr)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _folder_fingerprint(path: Path, *, content: bool) -> str:
