@@ -628,6 +628,67 @@ class LiteLLMBackend:
                 ident[k] = v
         return ident
 
+    def check_options(self, options: Mapping[str, Any]) -> list:
+        """What would make every request fail, found without importing litellm (validate stays fast):
+        a model name with stray spaces or nothing after an OpenAI-compatible prefix, an api_base that is
+        not a usable URL or that already ends in the /chat/completions this backend appends, and
+        extra_headers that no HTTP client sends.
+
+        Which provider litellm picks for a model name is not checked: only litellm can tell (its rules
+        change between versions), and importing it takes seconds. Nor is the environment (keys, base
+        URLs): the machine that validates a spec is often not the one that runs it.
+        """
+        import urllib.parse
+
+        from specdsl.hookspecs import OptionProblem
+
+        problems = []
+        model = str(options.get("model", ""))
+        provider, slash, model_name = model.partition("/")
+        if model != model.strip():
+            problems.append(OptionProblem(("model",), f"model {model!r} starts or ends with spaces; the provider "
+                                                      "would not know it", "remove the spaces"))
+        elif slash and provider in OPENAI_WIRE_PROVIDERS and not model_name.strip():
+            problems.append(OptionProblem(("model",), f"model {model!r} names no model after '{provider}/'",
+                                          f"write {provider}/<the model name the server serves>"))
+
+        def control(c: str) -> bool:  # what aiohttp and httpx refuse in a URL or header value
+            return (ord(c) < 32 and c != "\t") or ord(c) == 127
+
+        api_base = options.get("api_base")
+        if isinstance(api_base, str):
+            example = "e.g. http://10.0.0.5:8000/v1"
+            try:
+                parts = urllib.parse.urlsplit(api_base)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+            except ValueError as exc:
+                problems.append(OptionProblem(("api_base",), f"api_base {api_base!r} is not a valid URL: {exc}", example))
+            else:
+                if any(c.isspace() or control(c) for c in api_base):
+                    problems.append(OptionProblem(("api_base",), f"api_base {api_base!r} contains spaces or "
+                                                                 "control characters", "remove them"))
+                elif not parts.hostname:
+                    problems.append(OptionProblem(("api_base",), f"api_base {api_base!r} has no host name", example))
+                elif (parts.path.rstrip("/").endswith("/chat/completions") and slash
+                      and provider in OPENAI_WIRE_PROVIDERS and options.get("transport", DEFAULTS["transport"]) != "litellm"):
+                    # _DirectTransport posts to api_base + "/chat/completions".
+                    base = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/")[: -len("/chat/completions")]))
+                    problems.append(OptionProblem(
+                        ("api_base",), f"api_base ends with /chat/completions, which this backend appends itself: "
+                                       "every request would go to .../chat/completions/chat/completions",
+                        f"give the base URL: api_base: {base}"))
+
+        token = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP field name (RFC 9110 token)
+        for name, value in (options.get("extra_headers") or {}).items():
+            if not token.match(str(name)):
+                problems.append(OptionProblem(("extra_headers", name), f"{str(name)!r} is not a valid HTTP header name",
+                                              "header names hold letters, digits and -, no spaces or colons"))
+            elif isinstance(value, str) and any(control(c) for c in value):
+                problems.append(OptionProblem(("extra_headers", name), f"the value of header '{name}' contains a line "
+                                                                       "break or control character; HTTP clients refuse it",
+                                              "put the value on one line"))
+        return problems
+
     def price(self, options: Mapping[str, Any], input_tokens: int, output_tokens: int) -> float | None:
         """USD from litellm's local cost map (per-token list prices), or None for an unknown model."""
         p = self._per_token_prices(str(options["model"]))
