@@ -156,3 +156,48 @@ def test_a_secret_in_the_wrong_place_never_reaches_the_json_output(project):
         assert secret not in result.output and "sk-live" not in result.output
     codes = [e["code"] for e in json.loads(cli("validate", "--json", "leak.yaml").stdout)["leak.yaml"]]
     assert codes == ["S210", "S404", "S102", "S404"]
+
+
+MODEL_OPTIONS = """\
+specdsl: 1
+name: options
+models:
+  teacher: {model: ./models/teacher}
+  judge: {backend: litellm, model: hosted_vllm/qwen, api_base: "http://10.0.0.5:8000/v1/chat/completions"}
+sources:
+  problems: {path: data/problems.jsonl}
+steps:
+  - id: answers
+    generate: {from: problems, model: teacher, user: "{{ row.question }}"}
+  - id: judged
+    generate: {from: answers, model: judge, user: "{{ row.response }}", into: verdict}
+"""
+
+
+def test_validate_catches_backend_option_problems_that_only_plan_caught_before(project):
+    # Until backends could check their options, `validate` said "ok" here and `plan` failed on the
+    # missing model folder (positioned on the whole entry), and the doubled URL failed every request at run.
+    (project / "options.yaml").write_text(MODEL_OPTIONS)
+    expected = [
+        "options.yaml:4:20: error[S210]: model 'teacher': no model folder at './models/teacher'",
+        "options.yaml:5:64: error[S210]: model 'judge': api_base ends with /chat/completions, which this "
+        "backend appends itself: every request would go to .../chat/completions/chat/completions",
+    ]
+    for args in (("validate", "options.yaml"), ("plan", "options.yaml")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert [line for line in result.stderr.splitlines() if ": error[" in line] == expected
+    assert "  hint: give the base URL: api_base: http://10.0.0.5:8000/v1" in cli("validate", "options.yaml").stderr
+    data = json.loads(cli("validate", "--json", "options.yaml").stdout)["options.yaml"]
+    assert [(e["code"], e["line"], e["col"]) for e in data] == [("S210", 4, 20), ("S210", 5, 64)]
+
+
+@pytest.mark.parametrize("args", [("validate", "options.yaml"), ("plan", "--json", "options.yaml")])
+def test_backend_option_checks_import_no_heavy_library(project, args):
+    # The litellm entry is checked without litellm, the model folder without torch.
+    (project / "options.yaml").write_text(MODEL_OPTIONS.replace("./models/teacher", "smollm2-135m-instruct")
+                                          .replace("/chat/completions", ""))
+    out = subprocess.run([sys.executable, "-c", CHECK_IMPORTS, *args], capture_output=True, text=True,
+                         cwd=project, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+    report = json.loads(out.stderr.strip().splitlines()[-1])
+    assert report == {"code": 0, "heavy": []}, out.stderr

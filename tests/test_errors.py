@@ -338,10 +338,196 @@ def test_S210_invalid_backend_option(workdir):
 
 
 def test_S210_backend_rejects_the_model(workdir):
-    # With identities (as `specdsl plan` does), the backend looks the model up; nothing is downloaded.
+    # `specdsl plan` used to be the first to see this (the backend's identity() looked the model up);
+    # the backend's check_options now finds it in `specdsl validate`, at the model's value. Nothing is
+    # downloaded either way.
     text = spec(GEN).replace("{model: smollm2-135m-instruct}", "{model: ./no-such-model-folder}")
-    exc = compile_errors(workdir, text, identities=True)
-    check(exc, "S210", 4, 12, "model 'teacher': no model folder at './no-such-model-folder'", hint="check the path")
+    for identities in (False, True):
+        exc = compile_errors(workdir, text, identities=identities)
+        check(exc, "S210", 4, 20, "model 'teacher': no model folder at './no-such-model-folder'", hint="check the path")
+        assert exc.codes == ["S210"]  # plan does not report it a second time through identity()
+        assert exc.errors[0].key_path == ("models", "teacher", "model")
+
+
+def with_model(entry: str, steps: str = GEN) -> str:
+    """The spec with line 4 holding ``teacher: {entry}``."""
+    return spec(steps).replace("{model: smollm2-135m-instruct}", entry)
+
+
+def test_S210_unknown_model_name_did_you_mean(workdir):
+    exc = compile_errors(workdir, with_model("{model: smollm2-135m}"))
+    check(exc, "S210", 4, 20, "model 'teacher': unknown model 'smollm2-135m'",
+          hint="did you mean 'smollm2-135m-instruct'?")
+
+
+def test_S210_model_hub_id_is_not_a_local_folder(workdir):
+    exc = compile_errors(workdir, with_model("{model: HuggingFaceTB/SmolLM2-135M-Instruct}"))
+    check(exc, "S210", 4, 20, "no model folder at 'HuggingFaceTB/SmolLM2-135M-Instruct'",
+          hint="this looks like a model hub id; specdsl never downloads from a hub")
+
+
+def fake_model_folder(folder: Path, *, context: int | None = 2048, template: bool = True) -> Path:
+    """Just the small files the transformers backend's check_options reads (no weights)."""
+    folder.mkdir()
+    config = {"model_type": "llama"} | ({"max_position_embeddings": context} if context else {})
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if template:
+        tokenizer_config["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def test_S210_model_folder_without_config_json(workdir):
+    (workdir / "weights").mkdir()
+    exc = compile_errors(workdir, with_model("{model: ./weights}"))
+    check(exc, "S210", 4, 20, "is a folder but not a Hugging Face model folder (no config.json",
+          hint="point at the folder that contains config.json")
+
+
+def test_S210_model_folder_without_chat_template(workdir):
+    fake_model_folder(workdir / "base-model", template=False)
+    exc = compile_errors(workdir, with_model("{model: ./base-model}"))
+    check(exc, "S210", 4, 20, "the tokenizer in", hint="use an instruct/chat model")
+    assert "has no chat template" in exc.errors[0].message
+
+
+def test_S210_max_new_tokens_leaves_no_room_for_a_prompt(workdir):
+    exc = compile_errors(workdir, with_model("{model: smollm2-135m-instruct, max_new_tokens: 8192}"))
+    check(exc, "S210", 4, 59, "max_new_tokens 8192 leaves no room for a prompt in the 8192-token context",
+          hint="lower it well below 8192")
+    assert exc.errors[0].key_path == ("models", "teacher", "max_new_tokens")
+
+
+def test_S210_default_max_new_tokens_too_long_for_a_local_model_points_at_the_entry(workdir):
+    # The default (256) is not written in the spec: the error points at the model entry instead.
+    fake_model_folder(workdir / "small-model", context=128)
+    exc = compile_errors(workdir, with_model("{model: ./small-model}"))
+    check(exc, "S210", 4, 12, "max_new_tokens 256 leaves no room for a prompt in the 128-token context")
+
+
+def test_S210_local_model_folder_is_found_beside_the_spec_from_any_working_directory(workdir, monkeypatch):
+    fake_model_folder(workdir / "my-model")
+    path = write(workdir, with_model("{model: ./my-model, max_new_tokens: 64}"))
+    (workdir / "elsewhere").mkdir()
+    monkeypatch.chdir(workdir / "elsewhere")
+    api.compile_spec(path, identities=False)  # validate: no error
+
+
+LITELLM = "{backend: litellm, model: hosted_vllm/qwen, api_base: 'http://10.0.0.5:8000/v1'}"
+
+
+def test_S210_litellm_api_base_without_a_host(workdir):
+    exc = compile_errors(workdir, with_model(LITELLM.replace("10.0.0.5", "")))
+    check(exc, "S210", 4, 66, "api_base 'http://:8000/v1' has no host name", hint="e.g. http://10.0.0.5:8000/v1")
+
+
+def test_S210_litellm_api_base_with_a_bad_port(workdir):
+    exc = compile_errors(workdir, with_model(LITELLM.replace(":8000", ":80000")))
+    check(exc, "S210", 4, 66, "is not a valid URL: Port out of range")
+
+
+def test_S210_litellm_api_base_that_already_ends_in_chat_completions(workdir):
+    exc = compile_errors(workdir, with_model(LITELLM.replace("/v1'", "/v1/chat/completions'")))
+    check(exc, "S210", 4, 66, "api_base ends with /chat/completions, which this backend appends itself",
+          hint="give the base URL: api_base: http://10.0.0.5:8000/v1")
+    # Through litellm's own client the URL is litellm's business, not this check's.
+    write(workdir, with_model(LITELLM.replace("/v1'", "/v1/chat/completions', transport: litellm")))
+    api.compile_spec(workdir / "s.yaml", identities=False)
+
+
+def test_S210_litellm_model_prefix_without_a_model_name(workdir):
+    exc = compile_errors(workdir, with_model(LITELLM.replace("hosted_vllm/qwen", "hosted_vllm/")))
+    check(exc, "S210", 4, 38, "model 'hosted_vllm/' names no model after 'hosted_vllm/'",
+          hint="write hosted_vllm/<the model name the server serves>")
+
+
+def test_S210_litellm_extra_header_that_no_http_client_sends(workdir):
+    entry = LITELLM.replace("}", ", extra_headers: {'X Team': ml, X-Trace: \"a\\nb\"}}")
+    exc = compile_errors(workdir, with_model(entry))
+    assert exc.codes == ["S210", "S210"]
+    check(exc, "S210", 4, 119, "'X Team' is not a valid HTTP header name", hint="no spaces or colons")
+    check(exc, "S210", 4, 132, "the value of header 'X-Trace' contains a line break", index=1)
+    assert exc.errors[1].key_path == ("models", "teacher", "extra_headers", "X-Trace")
+
+
+def test_S210_all_problems_of_a_model_entry_at_once(workdir):
+    entry = "{backend: litellm, model: ' openai/gpt-4o', api_base: 'http://:1/v1'}"
+    exc = compile_errors(workdir, with_model(entry))
+    assert [(e.code, e.pos.line, e.pos.col) for e in exc.errors] == [("S210", 4, 38), ("S210", 4, 66)]
+    assert "starts or ends with spaces" in exc.errors[0].message
+
+
+class _EchoBackend:
+    """A third-party backend from before check_options existed: identity, price and generate only."""
+
+    name = "echo"
+    version = "1"
+    options_schema = {"type": "object", "additionalProperties": False,
+                      "properties": {"prefix": {"type": "string"}}}
+
+    def identity(self, options):
+        if options.get("prefix") == "bad":
+            raise ValueError("prefix 'bad' is not allowed")
+        return {"model": options["model"], "prefix": options.get("prefix", "")}
+
+    def price(self, options, input_tokens, output_tokens):
+        return 0.0
+
+    def generate(self, options, requests, on_result):
+        raise AssertionError("not called by the compiler")
+
+
+class _CheckedEchoBackend(_EchoBackend):
+    name = "checked_echo"
+
+    def check_options(self, options):
+        from specdsl.hookspecs import OptionProblem
+
+        if options.get("prefix") == "bad":
+            return [OptionProblem(("prefix",), "prefix 'bad' is not allowed", "pick another prefix")]
+        if options.get("prefix") == "crash":
+            raise KeyError("oops")
+        return []
+
+
+def _echo_registry():
+    from specdsl.hookspecs import hookimpl
+    from specdsl.plugins import build_registry
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(_EchoBackend())
+            register(_CheckedEchoBackend())
+
+    return build_registry(extra_plugins=(Plugin(),))
+
+
+def test_S210_plugin_backends_with_and_without_check_options(workdir, monkeypatch):
+    monkeypatch.setenv("SPECDSL_PLUGINS", "none")
+    registry = _echo_registry()
+    # Without check_options: validate passes, plan reports identity()'s error on the entry, as before.
+    text = with_model("{backend: echo, model: e, prefix: bad}")
+    path = write(workdir, text)
+    api.compile_spec(path, identities=False, registry=registry)
+    exc = compile_errors(workdir, text, identities=True, registry=registry)
+    check(exc, "S210", 4, 12, "model 'teacher': prefix 'bad' is not allowed")
+    # With it: validate already reports it, at the option.
+    exc = compile_errors(workdir, text.replace("echo", "checked_echo"), registry=registry)
+    check(exc, "S210", 4, 54, "model 'teacher': prefix 'bad' is not allowed", hint="pick another prefix")
+    for backend in ("echo", "checked_echo"):  # a good entry compiles fully with either
+        path.write_text(with_model(f"{{backend: {backend}, model: e, prefix: ok}}"))
+        plan = api.compile_spec(path, identities=True, registry=registry)
+        assert plan.node("answers").backend == f"{backend} 1"
+
+
+def test_S210_a_check_options_that_crashes_blames_the_plugin(workdir, monkeypatch):
+    monkeypatch.setenv("SPECDSL_PLUGINS", "none")
+    exc = compile_errors(workdir, with_model("{backend: checked_echo, model: e, prefix: crash}"),
+                         registry=_echo_registry())
+    check(exc, "S210", 4, 12, "backend 'checked_echo' failed to check model 'teacher': KeyError('oops')",
+          hint="a bug in the plugin that provides it")
 
 
 def test_S211_recipe_rejects_its_parameters(workdir):

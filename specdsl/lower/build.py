@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from ..errors import ErrorSink, SourcePos, SpecError, SpecErrors, did_you_mean
 from ..plan import ModelRef, Plan, PlanNode, canonical_json, refingerprint, topo_order, topo_sort
-from ..spec import Spec, StepDecl
+from ..spec import ModelDecl, Spec, StepDecl
 from ..steps.base import CheckContext
 from ..steps.source import peek_columns, source_identity
 from ..steps.tokenize import TOKENIZE_PASSTHROUGH, TOKENIZED_COLUMNS
@@ -55,7 +55,10 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             model = str((spec.dir / model).resolve())
         options = {"model": model, **decl.options}
         identity = {"backend": backend.name, "backend_version": backend.version}
-        if identities:
+        # The backend's own checks run for validate too (identity() may be slow, so validate skips it);
+        # when they find problems, identity() would only fail on the same ones less precisely.
+        rejected = _check_options(spec, name, decl, backend, options, sink)
+        if identities and not rejected:
             try:
                 identity.update(backend.identity(options))
             except Exception as exc:  # noqa: BLE001 - a backend's identity failing is the user's model problem
@@ -224,6 +227,32 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 models=tuple(model_refs.values()), vars_json=canonical_json(dict(spec.vars)), seed=spec.seed,
                 store=spec.store, expansions=tuple(spec.expansions.items()))
     return plan
+
+
+def _check_options(spec: Spec, name: str, decl: ModelDecl, backend: Any, options: Mapping[str, Any],
+                   sink: ErrorSink) -> bool:
+    """Run the backend's optional ``check_options``; each problem is an S210 at its option. True if any."""
+    check = getattr(backend, "check_options", None)
+    if check is None:
+        return False  # a backend written before the method existed: its identity() still checks at plan
+    try:
+        problems = list(check(options) or ())
+        found = [(_option_path(p.path), str(p.message), p.hint) for p in problems]
+    except Exception as exc:  # noqa: BLE001 - a plugin's check must not crash the compiler
+        sink.add("S210", f"backend '{decl.backend}' failed to check model '{name}': {exc!r}", spec.pos(decl.path),
+                 decl.path, hint=f"a bug in the plugin that provides it ({type(backend).__module__}); report it there")
+        return True
+    for path, message, hint in found:
+        where = decl.path + path
+        sink.add("S210", f"model '{name}': {message}", spec.pos(where), where,
+                 hint=str(hint) if hint else None)
+    return bool(found)
+
+
+def _option_path(path: Any) -> tuple[str | int, ...]:
+    if isinstance(path, (str, int)):
+        return (path,)  # one key, not a sequence of one-letter keys
+    return tuple(p if isinstance(p, (str, int)) else str(p) for p in (path or ()))
 
 
 # Codes that only say "this column is not there": meaningless when the input's columns are unknown.
