@@ -137,9 +137,9 @@ class TemplateBackend:
     def identity(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Everything that changes a reply, with defaults filled in; the price is not part of it.
 
-        Also compiles every template and regex, so a mistake is a compile-time error on the model entry
-        (an :class:`OptionError`, which specdsl reports as error[S210] with its hint) instead of a failure
-        per request at run time.
+        Also compiles every template and regex (raising :class:`OptionError`), so a direct caller never
+        gets an identity for options that cannot run; specdsl finds the same mistakes earlier, positioned
+        at the option, through :meth:`check_options`.
         """
         ident = {
             "model": options["model"],
@@ -150,6 +150,29 @@ class TemplateBackend:
         }
         self._compiled(ident)
         return ident
+
+    def check_options(self, options: Mapping[str, Any]) -> list:
+        """Every template and regex that does not compile, each at its own option (``specdsl validate``
+        reports them as error[S210] at that line and column). Cheap: Jinja2 parsing and ``re`` only."""
+        # Imported here: a specdsl old enough to lack OptionProblem never calls this method, and can
+        # still load the plugin.
+        from specdsl.hookspecs import OptionProblem
+
+        checks = [(("template",), lambda: _compile(options.get("template", DEFAULT_TEMPLATE), TEMPLATE_NAMES,
+                                                    "template"))]
+        for i, rule in enumerate(options.get("rules", ())):
+            checks.append((("rules", i, "match"), lambda r=rule, i=i: _regex(r["match"], f"rules[{i}].match")))
+            checks.append((("rules", i, "reply"), lambda r=rule, i=i: _compile(r["reply"], RULE_NAMES,
+                                                                               f"rules[{i}].reply")))
+        if options.get("fail_on"):
+            checks.append((("fail_on",), lambda: _regex(options["fail_on"], "fail_on")))
+        problems = []
+        for path, compile_it in checks:
+            try:
+                compile_it()
+            except OptionError as exc:
+                problems.append(OptionProblem(path, exc.message, exc.hint))
+        return problems
 
     def price(self, options: Mapping[str, Any], input_tokens: int, output_tokens: int) -> float | None:
         return float(options.get("price_per_1k_tokens", 0.0)) * (input_tokens + output_tokens) / 1000.0

@@ -260,7 +260,41 @@ def test_bad_template_in_options_names_the_model(tmp_path, registry):
     assert err.code == "S210"
     assert err.message == "model 'bot': template: template uses unknown name 'row'"
     assert "render them into the step's `user:` template" in err.hint
-    assert err.pos.line == line_col(spec, "bot:")[0]
+    # check_options points at the template itself, and `specdsl validate` (no identities) finds it too.
+    assert (err.pos.line, err.pos.col) == line_col(spec, '"{{ row.question }}"')
+    assert err.key_path == ("models", "bot", "template")
+    with pytest.raises(SpecErrors) as info:
+        api.compile_spec(spec, registry=registry, identities=False)
+    assert info.value.errors == [err]
+
+
+def test_every_bad_template_and_regex_is_reported_at_its_option(tmp_path, registry):
+    spec = write_spec(tmp_path, """
+        specdsl: 1
+        name: badrules
+        models:
+          bot:
+            backend: template
+            model: m
+            rules:
+              - {match: '(\\d+', reply: "{{ match[1] }}"}
+              - {match: 'ok', reply: "{{ nope }}"}
+            fail_on: '[a-'
+        sources:
+          questions: {path: questions.jsonl}
+        steps:
+          - id: answers
+            generate: {from: questions, model: bot, user: "{{ row.question }}"}
+        """)
+    with pytest.raises(SpecErrors) as info:
+        api.compile_spec(spec, registry=registry, identities=False)
+    errors = info.value.errors
+    assert [e.key_path[2:] for e in errors] == [("rules", 0, "match"), ("rules", 1, "reply"), ("fail_on",)]
+    assert [(e.pos.line, e.pos.col) for e in errors] == [
+        line_col(spec, "'(\\d+'"), line_col(spec, '"{{ nope }}"'), line_col(spec, "'[a-'")]
+    assert "rules[0].match: invalid regular expression" in errors[0].message
+    assert "unknown name 'nope'" in errors[1].message
+    assert errors[2].message.startswith("model 'bot': fail_on: invalid regular expression")
 
 
 def test_missing_columns_are_positioned_errors_with_hints(tmp_path, registry):
