@@ -5,6 +5,9 @@ Run on the lent H100 (finishes in < 6 minutes with the defaults):
     python3 bench/bench_gpu_training.py                  # 360M and 135M SmolLM2 shapes, 50 steps each
     python3 bench/bench_gpu_training.py --device cpu --tiny   # smoke run of the same code on a CPU
 
+All GPU checks in one device call (tests/test_gpu.py, then this benchmark): bench/gpu_check.sh, with the
+wheels fetched by bench/gpu_wheels.sh.
+
 The GPU box (python3: torch 2.11 cu130, transformers 5.17, accelerate, peft, pyarrow, pandas, pluggy,
 pyyaml, tokenizers, xxhash) lacks these wheels; carry them (see the device README) and put them on
 PYTHONPATH before running:
