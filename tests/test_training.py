@@ -197,6 +197,99 @@ def test_cuda_plan_chooses_only_what_is_installed():
     assert (cpu["attn_implementation"], cpu["bf16"], cpu["packing"], cpu["padding_free"]) == ("sdpa", False, False, False)
 
 
+SMOLLM2_360M = dict(hidden=960, intermediate=2560, layers=32, vocab=49152, heads=15, kv_heads=5, tied=True)
+SMOLLM2_1_7B = dict(hidden=2048, intermediate=8192, layers=24, vocab=49152, heads=32, kv_heads=32, tied=True)
+
+
+def test_auto_token_budget_follows_the_model_and_the_card():
+    from specdsl.backends.trl_target import ModelShape, auto_token_budget
+
+    small, big = ModelShape(**SMOLLM2_360M), ModelShape(**SMOLLM2_1_7B)
+    assert small.params == 361_820_160 and big.params == 1_711_374_336  # the published models' counts
+    h100, l4 = 80 * 2**30, 24 * 2**30
+    # 1.7B full fine-tune on 80 GiB: 0.85 x 80 GiB - 2 GiB - 18 B x 1.711e9 = 40.31e9 bytes for activations;
+    # 24 layers x (36 x 2048 + 12 x 8192) + 8 x 2048 = 4,145,152 bytes a token -> 9,725 -> 9,216 tokens.
+    assert auto_token_budget(big, h100, lora=False, gradient_checkpointing=False) == 9216
+    # LoRA keeps 6 B a parameter: 60.85e9 / 4,145,152 -> 14,680 -> 14,336.
+    assert auto_token_budget(big, h100, lora=True, gradient_checkpointing=False) == 14336
+    # Gradient checkpointing keeps a layer's input (4 h) per layer, plus one layer: the cap.
+    assert auto_token_budget(big, h100, lora=False, gradient_checkpointing=True) == 16384
+    # The weights and optimizer states alone (30.8e9) overflow a 24 GiB card: the floor (the first steps'
+    # out-of-memory then says so).
+    assert auto_token_budget(big, l4, lora=False, gradient_checkpointing=False) == 1024
+    assert auto_token_budget(small, h100, lora=False, gradient_checkpointing=False) == 16384
+    assert auto_token_budget(small, l4, lora=False, gradient_checkpointing=False) == 6144
+
+
+def test_cuda_plan_sizes_the_budget_from_the_model_shape(tiny_model_dir):
+    from specdsl.backends.trl_target import ModelShape, model_shape
+
+    caps = _caps(memory_bytes=80 * 2**30)
+    s = plan_settings(resolve_params({}), "cuda", caps, ModelShape(**SMOLLM2_1_7B))
+    assert s["max_tokens_per_batch"] == 9216 and s["budget_auto"]
+    assert any("9216 tokens (sized for a 1,711M-parameter model on 80 GiB" in r for r in s["reasons"])
+    assert plan_settings(resolve_params({}), "cuda", caps)["max_tokens_per_batch"] == 16384  # no shape known
+    mine = plan_settings(resolve_params({"max_tokens_per_batch": 2048}), "cuda", caps, ModelShape(**SMOLLM2_1_7B))
+    assert mine["max_tokens_per_batch"] == 2048 and not mine["budget_auto"]  # the user's number stands
+    shape = model_shape(tiny_model_dir)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert (shape.hidden, shape.layers, shape.vocab) == (cfg["hidden_size"], cfg["num_hidden_layers"],
+                                                         cfg["vocab_size"])
+    assert model_shape(tiny_model_dir / "nowhere") is None
+
+
+def test_an_automatic_budget_is_halved_when_the_first_steps_run_out_of_memory(tmp_path, tiny_model_dir,
+                                                                               tiny_tokenizer):
+    """The device is the boundary faked here: a forward pre-hook plays a GPU with room for 1,500 tokens and
+    raises torch's out-of-memory error above that. Training starts over with 2,048, then 1,024 tokens a
+    batch, and finishes; the metrics and the card record both restarts."""
+    import torch
+    from transformers import TrainerCallback
+
+    from specdsl.backends.trl_target import _smaller_budget, train_worker
+
+    class SmallDevice(TrainerCallback):
+        def __init__(self):
+            self.sizes: list[int] = []
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def hook(module, args_, kwargs_):
+                n = kwargs_["input_ids"].numel()
+                self.sizes.append(n)
+                if n > 1500:
+                    raise torch.OutOfMemoryError(f"CUDA out of memory (fake device): {n} tokens")
+
+            model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    rows = [{"input_ids": g + a, "labels": [-100] * len(g) + a}
+            for i in range(120) for g, a in [(garbage_ids(tiny_tokenizer, 10 + i % 30, seed=i), answer_ids(tiny_tokenizer))]]
+    data = write_parquet(tmp_path / "d.parquet", rows)
+    caps = _caps(memory_bytes=80 * 2**30)
+    params = resolve_params({"max_steps": 2, "logging_steps": 1})
+    settings = plan_settings(params, "cuda", caps)
+    assert settings["budget_auto"]
+    settings = {**settings, "device": "cpu", "bf16": False, "attn_implementation": "sdpa",
+                "max_tokens_per_batch": 4096}  # the same choices, on this CPU, from a smaller start
+    device = SmallDevice()
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    metrics = train_worker(base_model=tiny_model_dir, dataset=data, stage=stage, params=params, settings=settings,
+                           stats=inspect_dataset(data), seed=0, progress=lambda e: None, callbacks=[device])
+    # (a batch of the last, partly filled packed rows may fit before a full one fails)
+    assert [r["max_tokens_per_batch"] for r in metrics["oom_retries"]] == [4096, 2048]
+    assert all(r["step"] < 10 for r in metrics["oom_retries"])
+    assert metrics["max_tokens_per_batch"] == 1024 and metrics["global_step"] == 2
+    assert max(device.sizes[-2:]) <= 1024 and math.isfinite(metrics["train_loss"])
+
+    stats = inspect_dataset(data)
+    auto = {"budget_auto": True, "max_tokens_per_batch": 8192}
+    assert _smaller_budget(auto, stats, step=0, processes=1) == 4096
+    assert _smaller_budget(auto, stats, step=10, processes=1) is None  # real training would be thrown away
+    assert _smaller_budget(auto, stats, step=0, processes=2) is None   # a worker cannot restart alone
+    assert _smaller_budget({**auto, "budget_auto": False}, stats, step=0, processes=1) is None  # the user's
+    assert _smaller_budget({**auto, "max_tokens_per_batch": 1024}, stats, step=0, processes=1) is None
+
+
 def test_accelerate_config_strategies():
     base = resolve_params({"processes": 4})
     cfg = accelerate_config(base, "cpu", bf16=False)

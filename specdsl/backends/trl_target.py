@@ -86,7 +86,9 @@ PARAMS_SCHEMA: dict[str, Any] = {
                                         "attention across samples); null = true on cuda, and whenever packing."},
         "max_tokens_per_batch": {"type": ["integer", "null"], "minimum": 1, "default": None,
                                  "description": "Token budget of one micro-batch per device (needs packing); "
-                                                "null = 16384 on cuda, batch_size x longest sample on cpu."},
+                                                "null = on cuda, up to 16384, what the GPU's memory holds "
+                                                "for this model (halved if the first steps run out of "
+                                                "memory); on cpu, batch_size x longest sample."},
         "seed": {"type": ["integer", "null"], "default": None,
                  "description": "null = the request's seed."},
         "lr_scheduler": {"enum": list(LR_SCHEDULERS), "default": "linear"},
@@ -134,7 +136,76 @@ PARAMS_SCHEMA: dict[str, Any] = {
 }
 
 _LORA_DEFAULTS = {"r": 16, "alpha": None, "dropout": 0.05, "target_modules": "all-linear", "merge": False}
-CUDA_DEFAULT_TOKEN_BUDGET = 16384
+CUDA_DEFAULT_TOKEN_BUDGET = 16384   # the most a default budget grows to: past it, small models gain little
+MIN_AUTO_TOKEN_BUDGET = 1024
+OOM_RETRY_STEPS = 10   # an automatic budget is halved after running out of memory within this many steps
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs from a decoder's config.json."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @property
+    def params(self) -> int:
+        head_dim = self.hidden // max(self.heads, 1)
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        mlp = 3 * self.hidden * self.intermediate  # gate, up, down (SwiGLU)
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * (attention + mlp + 2 * self.hidden) + embeddings
+
+    def activation_bytes_per_token(self, gradient_checkpointing: bool) -> int:
+        """Bytes autograd keeps per token in a bf16-autocast step with a kernel that stores no L x L scores.
+
+        A decoder layer keeps its fp32 residual stream and norm inputs, the bf16 inputs of each projection,
+        q/k/v and the attention output, and the MLP's gate, up and activated tensors: about 36 h + 12 i
+        bytes. With gradient checkpointing a layer keeps only its input, plus one layer recomputed at a time.
+        """
+        per_layer = 36 * self.hidden + 12 * self.intermediate
+        if gradient_checkpointing:
+            return self.layers * 4 * self.hidden + per_layer
+        return self.layers * per_layer + 8 * self.hidden
+
+
+def model_shape(base_model: Path) -> ModelShape | None:
+    """The decoder's shape from config.json (None when it does not describe one the estimate knows)."""
+    try:
+        cfg = json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, **cfg["text_config"]}
+    try:
+        heads = int(cfg["num_attention_heads"])
+        return ModelShape(hidden=int(cfg["hidden_size"]), intermediate=int(cfg["intermediate_size"]),
+                          layers=int(cfg["num_hidden_layers"]), vocab=int(cfg["vocab_size"]), heads=heads,
+                          kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                          tied=bool(cfg.get("tie_word_embeddings", True)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def auto_token_budget(shape: ModelShape, memory_bytes: int, *, lora: bool, gradient_checkpointing: bool) -> int:
+    """The tokens one packed micro-batch may hold on a GPU of ``memory_bytes`` (pure; an estimate).
+
+    Static memory: a full fine-tune keeps fp32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter) plus autocast's bf16 weight copies (2); LoRA keeps the fp32 frozen weights and their bf16
+    copies (6). What is left of 85% of the card, less 2 GiB for the CUDA context, workspaces and
+    fragmentation, goes to activations. The result is a multiple of 1024 between MIN_AUTO_TOKEN_BUDGET and
+    CUDA_DEFAULT_TOKEN_BUDGET. If the estimate is off, the first steps' out-of-memory halves it.
+    """
+    static = shape.params * (6 if lora else 18)
+    free = 0.85 * memory_bytes - 2 * 2**30 - static
+    per_token = shape.activation_bytes_per_token(gradient_checkpointing)
+    tokens = int(free // per_token) if free > 0 else 0
+    return max(MIN_AUTO_TOKEN_BUDGET, min(CUDA_DEFAULT_TOKEN_BUDGET, tokens // 1024 * 1024))
 
 
 def default_params() -> dict[str, Any]:
@@ -371,13 +442,14 @@ def detect_capabilities() -> dict[str, Any]:
     caps: dict[str, Any] = {
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
         "cuda": bool(torch.cuda.is_available()), "device_name": None, "capability": None, "bf16": False,
-        "flash_attention_3": False, "flash_attention_2": False, "flex_attention": False,
+        "memory_bytes": None, "flash_attention_3": False, "flash_attention_2": False, "flex_attention": False,
         "liger": importlib.util.find_spec("liger_kernel") is not None,
     }
     if caps["cuda"]:
         caps["device_name"] = torch.cuda.get_device_name(0)
         caps["capability"] = list(torch.cuda.get_device_capability(0))
         caps["bf16"] = bool(torch.cuda.is_bf16_supported())
+        caps["memory_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
     try:
         from transformers.utils import import_utils as iu
 
@@ -391,11 +463,13 @@ def detect_capabilities() -> dict[str, Any]:
     return caps
 
 
-def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any]) -> dict[str, Any]:
+def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any],
+                  shape: ModelShape | None = None) -> dict[str, Any]:
     """The concrete settings a target trains with, and why (pure: tested with any ``caps``).
 
-    ``device`` is "cpu" or "cuda". Returns a dict with attn_implementation, liger, bf16, packing,
-    padding_free, torch_compile, gradient_checkpointing, max_tokens_per_batch and a list of reasons.
+    ``device`` is "cpu" or "cuda"; ``shape`` (the base model's) sizes the cuda token budget against
+    ``caps["memory_bytes"]``. Returns a dict with attn_implementation, liger, bf16, packing, padding_free,
+    torch_compile, gradient_checkpointing, max_tokens_per_batch, budget_auto and a list of reasons.
     """
     why: list[str] = []
     cuda = device == "cuda"
@@ -419,8 +493,18 @@ def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any
     budget = params["max_tokens_per_batch"]
     if budget is not None and not packing:
         raise RunError("max_tokens_per_batch needs packing: true (a token budget fills packed batches)")
-    if packing and budget is None and cuda:
-        budget = CUDA_DEFAULT_TOKEN_BUDGET
+    budget_auto = bool(packing and budget is None and cuda)
+    budget_why = ""
+    if budget_auto:
+        memory = caps.get("memory_bytes")
+        if shape is not None and memory:
+            budget = auto_token_budget(shape, int(memory), lora=params["lora"] is not None,
+                                       gradient_checkpointing=bool(params["gradient_checkpointing"]))
+            budget_why = (f" (sized for a {shape.params / 1e6:,.0f}M-parameter model on "
+                          f"{int(memory) / 2**30:.0f} GiB; halved if the first steps run out of memory)")
+        else:
+            budget = CUDA_DEFAULT_TOKEN_BUDGET
+            budget_why = " (default; halved if the first steps run out of memory)"
     # On cuda every batch is padding-free by default: samples are concatenated with position_ids restarting
     # at 0, and no compute is spent on pad tokens. TRL's bfd packing always implies it.
     padding_free = params["padding_free"]
@@ -431,7 +515,7 @@ def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any
                        hint="drop padding_free: false, or set packing: false")
     if packing:
         why.append("bfd packing into padding-free batches "
-                   + (f"of <= {budget} tokens" if budget else "of batch_size x longest-sample tokens"))
+                   + (f"of <= {budget} tokens{budget_why}" if budget else "of batch_size x longest-sample tokens"))
     elif padding_free:
         why.append(f"padding-free batches of {params['batch_size']} samples")
     else:
@@ -492,7 +576,8 @@ def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any
         why.append("gradient checkpointing on (requested)")
     return {
         "device": device, "bf16": bf16, "packing": bool(packing), "padding_free": padding_free,
-        "max_tokens_per_batch": budget, "attn_implementation": attn, "liger": bool(liger),
+        "max_tokens_per_batch": budget, "budget_auto": budget_auto, "attn_implementation": attn,
+        "liger": bool(liger),
         "torch_compile": bool(params["torch_compile"]),
         "gradient_checkpointing": bool(params["gradient_checkpointing"]),
         "reasons": why,
@@ -790,18 +875,32 @@ def train_worker(*, base_model: Path, dataset: Path, stage: Path, params: Mappin
     state = PartialState(cpu=settings["device"] == "cpu")
     with state.main_process_first():
         ds = _load_training_dataset(dataset, stats, scratch / f"datasets-{state.process_index}")
-    progress_cb = _progress_callback_class()(progress)
-    trainer = _build_trainer(base_model=base_model, dataset=ds, params=params, settings=settings, stats=stats,
-                             seed=seed, scratch=scratch, callbacks=[progress_cb, *callbacks])
     import torch
 
-    t0 = time.time()
-    try:
-        out = trainer.train()
-    except torch.OutOfMemoryError as exc:
-        raise RunError(f"out of memory while training on {settings['device']}: {str(exc).splitlines()[0]}",
-                       hint="lower max_tokens_per_batch (or batch_size), or set gradient_checkpointing: true"
-                       ) from exc
+    settings = dict(settings)
+    oom_retries: list[dict[str, int]] = []
+    while True:
+        progress_cb = _progress_callback_class()(progress)
+        trainer = _build_trainer(base_model=base_model, dataset=ds, params=params, settings=settings, stats=stats,
+                                 seed=seed, scratch=scratch, callbacks=[progress_cb, *callbacks])
+        t0 = time.time()
+        smaller = None
+        try:
+            out = trainer.train()
+            break
+        except torch.OutOfMemoryError as exc:
+            budget, step = settings["max_tokens_per_batch"], trainer.state.global_step
+            smaller = _smaller_budget(settings, stats, step, state.num_processes)
+            if smaller is None:
+                raise RunError(f"out of memory while training on {settings['device']}: {str(exc).splitlines()[0]}",
+                               hint="lower max_tokens_per_batch (or batch_size), or set gradient_checkpointing: true"
+                               ) from exc
+        # Outside the except block, so the traceback's frames no longer hold the failed step's tensors.
+        log.warning("out of memory at step %d with %d-token batches; starting again with %d", step, budget, smaller)
+        oom_retries.append({"step": step, "max_tokens_per_batch": budget})
+        _release(trainer)
+        del trainer
+        settings["max_tokens_per_batch"] = smaller
     runtime = time.time() - t0
     lora = params["lora"]
     save_to = scratch / "adapter" if (lora and lora["merge"]) else stage
@@ -819,12 +918,46 @@ def train_worker(*, base_model: Path, dataset: Path, stage: Path, params: Mappin
         "runtime_s": round(runtime, 3),
         "train_tokens": next((h["num_tokens"] for h in reversed(hist) if "num_tokens" in h), None),
         "world_size": state.num_processes,
+        "max_tokens_per_batch": settings["max_tokens_per_batch"],
+        "oom_retries": oom_retries,
     }
     if trainer.is_world_process_zero():
         (scratch / "metrics.json").write_text(json.dumps(metrics))
     if trainer.is_world_process_zero():
         progress({"step": int(out.global_step), "total": int(trainer.state.max_steps), "loss": metrics["last_loss"]})
     return metrics
+
+
+def _smaller_budget(settings: Mapping[str, Any], stats: DataStats, step: int, processes: int) -> int | None:
+    """The token budget to start again with after running out of memory, or None to give up.
+
+    Only a budget we chose ourselves is halved, only in a single process (a worker of a distributed run
+    cannot restart alone), and only within the first OOM_RETRY_STEPS steps: bfd packing fills every batch
+    to about the budget, so memory peaks at once, and a later failure would throw away real training.
+    """
+    budget = settings.get("max_tokens_per_batch")
+    if not (settings.get("budget_auto") and budget and processes == 1 and step < OOM_RETRY_STEPS):
+        return None
+    smaller = max(budget // 2, MIN_AUTO_TOKEN_BUDGET)
+    # A packed row is never shorter than the longest sample: past that, halving changes nothing.
+    if max(smaller, stats.longest) >= max(budget, stats.longest):
+        return None
+    return smaller
+
+
+def _release(trainer: Any) -> None:
+    """Give the failed attempt's GPU memory back before the next one loads its model."""
+    import gc
+
+    import torch
+
+    free_memory = getattr(trainer.accelerator, "free_memory", None)
+    if callable(free_memory):
+        free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _merge_adapter(base_model: Path, adapter_dir: Path, out_dir: Path) -> None:
@@ -1050,7 +1183,7 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
     max_length = params["max_length"] or ctx
     stats = inspect_dataset(Path(request.dataset), vocab_size=vocab, max_length=max_length)
     caps = detect_capabilities()
-    settings = plan_settings(params, device, caps)
+    settings = plan_settings(params, device, caps, model_shape(Path(request.base_model)))
     settings["capability"] = caps.get("capability")
     settings["device_name"] = caps.get("device_name")
     settings["versions"] = {k: caps[k] for k in ("torch", "transformers", "trl")}
@@ -1080,6 +1213,10 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
                                    params=params, settings=settings, stats=stats, seed=seed, progress=progress,
                                    callbacks=callbacks)
         metrics["seed"] = seed
+        if metrics.get("oom_retries"):
+            settings["max_tokens_per_batch"] = metrics["max_tokens_per_batch"]
+            settings["reasons"].append(f"token budget lowered to {metrics['max_tokens_per_batch']} after running "
+                                       f"out of memory ({len(metrics['oom_retries'])} restart(s))")
         _finalize(request, target_name or device, params, settings, stats, stage, metrics, launch)
         _publish(stage, output_dir)
     except BaseException:
@@ -1105,9 +1242,10 @@ class _TrlTarget(abc.ABC):
         single-process run; they cannot travel to the workers of a multi-process one."""
         return run_training(request, self.device, progress, callbacks=callbacks, target_name=self.name)
 
-    def plan(self, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """What this target would choose for ``params`` on this machine (imports torch)."""
-        return plan_settings(resolve_params(params), self.device, detect_capabilities())
+    def plan(self, params: Mapping[str, Any] | None = None, base_model: Path | None = None) -> dict[str, Any]:
+        """What this target would choose for ``params`` (and ``base_model``) on this machine (imports torch)."""
+        shape = model_shape(Path(base_model)) if base_model is not None else None
+        return plan_settings(resolve_params(params), self.device, detect_capabilities(), shape)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
