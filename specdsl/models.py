@@ -241,7 +241,8 @@ def resolve_model(ref: str | os.PathLike[str], *, fetch: bool = True) -> Path:
         hint = ("this looks like a model hub id; specdsl never downloads from a hub: download the "
                 "model with your own tools and give its local folder, or use a known model: "
                 + ", ".join(sorted(KNOWN_MODELS))) if hub_like else (
-                "check the path (relative paths are resolved from the working directory), or use "
+                "check the path (a relative path is looked up beside the spec file, then in the working "
+                "directory), or use "
                 "a known model: " + ", ".join(sorted(KNOWN_MODELS)))
         raise RunError(f"no model folder at '{text}'", hint=hint)
     raise _unknown_name_error(text)

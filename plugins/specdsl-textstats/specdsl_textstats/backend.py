@@ -15,8 +15,9 @@ answers every request by rendering a Jinja2 template (sandboxed, strict undefine
 
 * ``prompt``   the last user message; ``system`` the first system message (or ``""``);
 * ``messages`` every message (a list of ``{role, content}``); ``model`` the entry's ``model``;
-* ``params``   the decoding parameters (``max_tokens``, ``temperature``, ``seed``, ``sample``...);
-* ``sample``   the sample index (0 unless the step asks for ``n > 1``), so samples can differ;
+* ``params``   the decoding parameters (``max_tokens``, ``temperature``, ``top_p``, ``seed``);
+* ``seed``     the request's seed (sample k of a prompt, when a step asks for ``n > 1``, is sent with
+  seed + k), so samples can differ;
 * ``match``    for a rule's reply, the regex match: ``match[0]`` the whole match, ``match[1]`` the first
   group...; ``named`` its named groups.
 
@@ -35,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 from specdsl.hookspecs import GenRequest, GenResult
 
 DEFAULT_TEMPLATE = "{{ prompt }}"
-TEMPLATE_NAMES = frozenset({"prompt", "system", "messages", "model", "params", "sample"})
+TEMPLATE_NAMES = frozenset({"prompt", "system", "messages", "model", "params", "seed"})
 RULE_NAMES = TEMPLATE_NAMES | {"match", "named"}
 
 OPTIONS_SCHEMA: dict[str, Any] = {
@@ -45,7 +46,7 @@ OPTIONS_SCHEMA: dict[str, Any] = {
         "template": {
             "type": "string",
             "description": "Jinja2 reply template (default: '{{ prompt }}', an echo); sees prompt, system, "
-                           "messages, model, params, sample",
+                           "messages, model, params, seed",
         },
         "rules": {
             "type": "array",
@@ -197,7 +198,7 @@ class TemplateBackend:
                              input_tokens=input_tokens, latency_s=time.perf_counter() - t0)
         params = dict(req.params)
         context = {"prompt": prompt, "system": system, "messages": messages, "model": ident["model"],
-                   "params": params, "sample": params.get("sample", 0)}
+                   "params": params, "seed": params.get("seed")}
         try:
             for pattern, reply in rules:
                 m = pattern.search(prompt)

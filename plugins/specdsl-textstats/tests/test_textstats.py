@@ -175,11 +175,11 @@ def _requests(identity, prompts, **params):
 
 def test_backend_answers_each_request_through_on_result():
     backend = TemplateBackend()
-    options = {"model": "m", "template": "[{{ system }}] {{ prompt | upper }} #{{ sample }}",
+    options = {"model": "m", "template": "[{{ system }}] {{ prompt | upper }} #{{ seed }}",
                "rules": [{"match": r"(?P<a>\d+)\*(?P<b>\d+)", "reply": "{{ named.a | int * named.b | int }}"}],
                "fail_on": "boom"}
     ident = backend.identity(options)
-    reqs = _requests(ident, ["hello there", "6*7", "boom", "one two three four"], max_tokens=4, sample=1)
+    reqs = _requests(ident, ["hello there", "6*7", "boom", "one two three four"], max_tokens=4, seed=1)
     seen = []
     backend.generate(options, reqs, seen.append)
     assert [r.key for r in seen] == [r.key for r in reqs]
