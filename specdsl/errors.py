@@ -117,14 +117,18 @@ def printable(text: str) -> str:
 
 
 # Keys whose values are secrets (``api_key``, ``openai_api_key``, ``hf_token``, ``access_token``,
-# ``client_secret``, ``password``) and the shapes of well-known provider keys. Keys that merely end in
+# ``client_secret``, ``password``, an ``Authorization`` or ``X-Api-Key`` header) and the shapes of well-known
+# provider keys, or of a password written into a URL. Keys that merely end in
 # "token" (``eos_token``, ``max_new_token``) are not secrets. ``${env:NAME}`` values are references.
 _SECRET_NAMES = (r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?token|auth[_-]?token|secret[_-]?key|"
-                 r"client[_-]?secret|password|passwd)|(?:hf|github|gh|bearer|api)[_-]token|token|secret")
+                 r"client[_-]?secret|password|passwd|authorization)|(?:hf|github|gh|bearer|api)[_-]token|token|"
+                 r"secret|cookie")
 SECRET_KEY = re.compile(rf"(?i)^(?:{_SECRET_NAMES})$")
 SECRET_VALUE = re.compile(r"\b(?:sk-(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
                           r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,}|"
-                          r"AIza[0-9A-Za-z_-]{30,})")
+                          r"AIza[0-9A-Za-z_-]{30,})"
+                          # a password inside a URL (http://user:password@host), unless it is a reference
+                          r"|(?<=[A-Za-z0-9+.-]://)[^/\s:@]+:(?!\$\{env:)[^/\s@]+(?=@)")
 _ENV_REF = re.compile(r"^\$\{env:[A-Za-z_][A-Za-z0-9_]*\}$")
 # `key: value` inside a line (block or flow style); the value runs to a comma, brace or comment. Compiled
 # on first use (only printing an error needs it; compiling it costs more than the rest of this module).

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from specdsl import api
-from specdsl.errors import CODES, SpecError, SpecErrors, redact_secrets
+from specdsl.errors import CODES, RunError, SpecError, SpecErrors, redact_secrets
 from specdsl.plugins import Registry, default_registry
 
 PROBLEMS = [
@@ -678,6 +678,40 @@ def test_S404_secret_shaped_value_anywhere(workdir):
     exc = compile_errors(workdir, spec(GEN).replace("greeting: hello", "greeting: " + SECRET))
     check(exc, "S404", 8, 13, "'greeting' holds an inline secret")
     assert SECRET not in exc.render()
+
+
+def test_S404_credentials_in_a_header_or_a_url(workdir):
+    """An Authorization header or a password inside api_base would reach plans and manifests with the options."""
+    header = LITELLM.replace("}", ", extra_headers: {Authorization: 'Bearer abc123def456'}}")
+    exc = compile_errors(workdir, spec(GEN).replace("{model: smollm2-135m-instruct}", header))
+    check(exc, "S404", 4, 124, "'Authorization' holds an inline secret")
+    assert "abc123def456" not in exc.render()
+
+    url = LITELLM.replace("http://10.0.0.5", "http://bob:hunter2pw@10.0.0.5")
+    exc = compile_errors(workdir, spec(GEN).replace("{model: smollm2-135m-instruct}", url))
+    check(exc, "S404", 4, 66, "'api_base' holds an inline secret")
+    assert "hunter2pw" not in exc.render()
+
+
+def test_S404_references_inside_headers_and_urls_are_fine(workdir, monkeypatch):
+    from specdsl import secrets
+
+    header = LITELLM.replace("}", ", extra_headers: {Authorization: '${env:AUTH_HEADER}', X-Team: research}}")
+    url = header.replace("http://10.0.0.5", "http://bob:${env:PW}@10.0.0.5")
+    plan = api.compile_spec(write(workdir, spec(GEN).replace("{model: smollm2-135m-instruct}", url)),
+                            identities=False)
+    assert plan.node("answers").op == "generate"
+    # A reference inside a header map is resolved when the backend runs, and redacted from its errors.
+    monkeypatch.setenv("AUTH_HEADER", "Bearer abc123def456")
+    resolved = secrets.resolve({"model": "m", "extra_headers": {"Authorization": "${env:AUTH_HEADER}",
+                                                                "X-Team": "research"}}, model="teacher")
+    assert resolved["extra_headers"] == {"Authorization": "Bearer abc123def456", "X-Team": "research"}
+    assert resolved["_extra_headers.Authorization_env"] == "AUTH_HEADER"
+    assert secrets.redact("401: bad credentials Bearer abc123def456", resolved) == \
+        "401: bad credentials ${env:AUTH_HEADER}"
+    monkeypatch.delenv("AUTH_HEADER")
+    with pytest.raises(RunError, match="AUTH_HEADER is not set .needed for `extra_headers.Authorization`"):
+        secrets.resolve({"extra_headers": {"Authorization": "${env:AUTH_HEADER}"}}, model="teacher")
 
 
 def test_S404_not_raised_for_ordinary_text(workdir):
