@@ -485,7 +485,8 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     by_ids = {tuple(r["input_ids"]): r["labels"] for r in rows}
     model = trainer.model.eval()
     with torch.no_grad():
-        packed_logits = model(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
+        # The whole batch as the trainer passes it (cu_seq_lens, max_length, ... included), labels aside.
+        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
         model.set_attn_implementation("sdpa")
         for s, e in zip(starts[:4], starts[1:5]):
             seg = tuple(ids[s:e].tolist())
