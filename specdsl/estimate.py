@@ -68,9 +68,13 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
         filters_upstream[n.id] = _filters_upstream(n, filters_upstream)
         if n.op == "source":
             path = spec_dir / p["path"]
-            count = count_rows(path, p["format"])
-            if count is not None and p.get("limit"):
-                count = min(count, p["limit"])
+            # Both read only what the run will (up to the source's limit), and hold little of it: the count
+            # scans without keeping rows (a malformed file is reported when the run reads it), the sample
+            # stops after its rows.
+            try:
+                count = count_rows(path, p["format"], limit=p.get("limit"))
+            except Exception:  # noqa: BLE001 - estimates never fail a plan
+                count = None
             rows[n.id] = count
             try:
                 samples[n.id] = read_rows(path, p["format"], id_column=p.get("id"),

@@ -251,6 +251,36 @@ steps:
     assert "requests: unknown (probe opaque cannot be estimated before it runs)" in text
 
 
+def test_a_json_source_is_estimated_from_what_the_run_reads(tmp_path, registry):
+    """A JSON array whose tail is not JSON: the run of a spec with `limit:` never reads that far, so neither
+    does the estimate (count and sample stop at the limit); without a limit the run fails there, and the
+    count is unknown rather than the plan failing."""
+    records = ",\n".join(json.dumps({"id": f"q{i}", "question": "What is 1+1?"}) for i in range(50))
+    (tmp_path / "questions.json").write_text("[\n" + records + ',\n{"id": "cut off', encoding="utf-8")
+    spec = """\
+specdsl: 1
+name: json
+models:
+  teacher: {backend: metered, model: big}
+sources:
+  questions: {path: questions.json, format: json%s}
+steps:
+  - id: answers
+    generate: {from: questions, model: teacher, user: "{{ row.question }}", max_tokens: 10}
+"""
+    (tmp_path / "spec.yaml").write_text(spec % ", limit: 20", encoding="utf-8")
+    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    assert plan.node("questions").estimate["rows"] == 20
+    # 12 characters / 4 + 8 = 11 tokens a request.
+    assert plan.node("answers").estimate | {"cost": None} == {
+        "rows": 20, "requests": 20, "input_tokens": 220, "output_tokens": 200, "cost": None}
+
+    (tmp_path / "spec.yaml").write_text(spec % "", encoding="utf-8")
+    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    assert plan.node("questions").estimate["rows"] is None
+    assert plan.node("answers").estimate["requests"] is None
+
+
 def rendered(plan, tmp_path) -> str:
     from rich.console import Console
 
