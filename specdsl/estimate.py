@@ -19,7 +19,8 @@ model under ``probes``:
   context of at most ``context_tokens`` plus the IN2 template, the instruction and its quoted query.
 * a probe from a plugin: unknown, and so are the node's totals.
 
-Every probe request carries the node's ``max_tokens`` (default 256), which overrides the model's own cap.
+Every probe request carries the node's ``max_tokens`` (default: specdsl.steps.evaluate.DEFAULT_MAX_TOKENS),
+which overrides the model's own cap.
 """
 
 from __future__ import annotations
@@ -35,13 +36,6 @@ CHAT_TEMPLATE_TOKENS = 8     # role markers and separators a chat template adds 
 DEFAULT_OUTPUT_TOKENS = 256
 SAMPLE_ROWS = 200            # source rows rendered to measure prompts: enough for a stable average
 
-# The defaults steps/evaluate.py applies when a spec leaves them out.
-EVALUATE_MAX_TOKENS = 256
-POSITION_DEFAULTS = {"tasks": ("document", "code", "records"), "context_tokens": 2000, "buckets": 8,
-                     "per_bucket": 4}
-# The longest query a position instruction quotes: a code line of at most 100 characters (document pieces
-# are 8 words, record ids 9 characters).
-POSITION_QUERY_CHARS = 100
 
 # Steps whose output rows are input rows (all or some of them, maybe with columns added), so the input's
 # sample rows still measure the prompts rendered downstream.
@@ -184,8 +178,10 @@ def _generation(plan: Plan, registry: Any, node: Any, sample_rows: list[dict], r
 
 def _evaluation(plan: Plan, registry: Any, node: Any, sample_rows: list[dict], rows: int | None) -> dict[str, Any]:
     """Totals over the node's probes, and one entry per probe and model under ``probes``."""
+    from .steps.evaluate import DEFAULT_MAX_TOKENS
+
     p = node.params
-    cap = p.get("max_tokens", EVALUATE_MAX_TOKENS)
+    cap = p.get("max_tokens", DEFAULT_MAX_TOKENS)
     parts = []
     for probe in p.get("probes") or []:
         for ask in _probe_requests(probe, list(p.get("models") or []), sample_rows, rows, plan.vars):
@@ -225,14 +221,18 @@ def _probe_requests(probe: Mapping[str, Any], models: list[str], sample_rows: li
                                         len(prompt))
         return [{"model": m, "requests": rows, "avg_input_tokens": avg_in} for m in models]
     if name == "position":
-        from .eval.position import IN2_TEMPLATE, INSTRUCTIONS
+        from .eval.position import IN2_TEMPLATE, INSTRUCTIONS, MAX_CODE_QUERY_CHARS
+        from .steps.evaluate import PositionProbe
 
-        settings = {**POSITION_DEFAULTS, **probe}
+        settings = PositionProbe.settings(probe)
         requests = settings["buckets"] * settings["per_bucket"]
         template_chars = len(IN2_TEMPLATE.replace("{context}", "").replace("{instruction}", ""))
+        # Every task's query is counted as the longest any quotes: a code line (document pieces are 8
+        # words, record ids 9 characters).
+        query_chars = MAX_CODE_QUERY_CHARS
         asks = []
         for task in settings["tasks"]:
-            wrapper_chars = template_chars + len(INSTRUCTIONS[task].replace("{query}", "")) + POSITION_QUERY_CHARS
+            wrapper_chars = template_chars + len(INSTRUCTIONS[task].replace("{query}", "")) + query_chars
             avg_in = settings["context_tokens"] + wrapper_chars / CHARS_PER_TOKEN + CHAT_TEMPLATE_TOKENS
             asks += [{"task": task, "model": m, "requests": requests, "avg_input_tokens": avg_in} for m in models]
         return asks

@@ -323,11 +323,14 @@ def test_plan_json_carries_the_evaluate_estimate(estimated):
 class RecordingServices:
     """Stands in for the run's services: records every probe request, answers with nothing."""
 
-    def __init__(self):
+    def __init__(self, registry=None):
         self.sent: dict[str, list[list[dict]]] = {}
+        self.caps: set[int] = set()  # the max_tokens of every request
+        self.registry = registry
 
     def answer(self, node_id, model, prompts, params):
         self.sent.setdefault(model, []).extend([list(p) for p in prompts])
+        self.caps.add(params["max_tokens"])
         return [""] * len(prompts)
 
     def tokenizer(self, model):
@@ -376,3 +379,36 @@ def test_position_probe_sends_as_many_requests_as_estimated_and_no_longer_prompt
         assert len(prompts) == part["requests"] == 6
         longest = max(approx_token_count(p[-1]["content"]) for p in prompts) + 8
         assert longest <= part["input_tokens"] / part["requests"]  # an upper bound per request
+
+
+def test_the_estimate_and_the_run_share_the_evaluate_defaults(tmp_path, registry, monkeypatch):
+    """The answer cap and the position probe's sizes a spec leaves out are defined once, in
+    specdsl.steps.evaluate: changed there, both what the run sends and what the plan estimates follow."""
+    from specdsl.steps import evaluate
+    from specdsl.steps.base import RunContext
+
+    monkeypatch.setattr(evaluate, "DEFAULT_MAX_TOKENS", 7)
+    monkeypatch.setattr(evaluate.PositionProbe, "DEFAULTS", {"context_tokens": 100, "buckets": 3, "per_bucket": 2})
+    write_jsonl(tmp_path / "heldout.jsonl", HELDOUT[:2])
+    (tmp_path / "spec.yaml").write_text("""\
+specdsl: 1
+name: defaults
+models:
+  teacher: {backend: metered, model: big}
+sources:
+  heldout: {path: heldout.jsonl}
+steps:
+  - id: score
+    evaluate: {models: [teacher], on: heldout, probes: [{probe: position, tasks: [records]}]}
+""")
+    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    [part] = plan.node("score").estimate["probes"]
+    assert (part["requests"], part["output_tokens"]) == (3 * 2, 3 * 2 * 7)
+
+    node = plan.node("score")
+    services = RecordingServices(registry)
+    ctx = RunContext(node_id="score", params=node.params, inputs={"on": [dict(r) for r in HELDOUT[:2]]},
+                     vars={}, seed=0, services=services, artifact_dir=tmp_path)
+    evaluate.EvaluateOp().run(ctx)
+    assert len(services.sent["teacher"]) == part["requests"]
+    assert services.caps == {7}

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 POSITION_TASKS: tuple[str, ...] = ("document", "code", "records")
+# The longest code line a ``code`` instruction quotes (the plan's estimate sizes prompts by it).
+MAX_CODE_QUERY_CHARS = 100
 
 # The IN2 training/evaluation template (FACTS.md), without Mistral's [INST] tags: the chat template of
 # whichever model answers adds its own turn markers around the user message.
@@ -294,7 +296,7 @@ def _functions_of(module) -> Iterator[_Function]:
         query_lines = []
         for raw in lines[body_start - 1:node.end_lineno]:
             line = raw.strip()
-            if 20 <= len(line) <= 100 and not line.startswith("#") and node.name not in line:
+            if 20 <= len(line) <= MAX_CODE_QUERY_CHARS and not line.startswith("#") and node.name not in line:
                 query_lines.append(line)  # a line naming its own function would give the answer away
         nested = any(isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
                      for stmt in node.body for sub in ast.walk(stmt))

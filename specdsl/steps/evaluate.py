@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from ..errors import RunError
@@ -26,6 +27,8 @@ from .. import templates
 from .base import COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
 
 RULE = {"enum": ["exact", "contains", "regex", "number"]}
+# An evaluate node's answer cap when the spec sets none; the planner's estimate (specdsl.estimate) uses it too.
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -136,21 +139,34 @@ class SelfCorrectionProbe:
 
 class PositionProbe:
     name = "position"
+    # What a spec may leave out (the tasks default to all of them); the planner's estimate uses these too,
+    # through settings().
+    DEFAULTS: Mapping[str, int] = MappingProxyType({"context_tokens": 2000, "buckets": 8, "per_bucket": 4})
     params_schema = obj_schema({
         "probe": {"const": "position"},
         "tasks": {"type": "array", "items": {"enum": ["document", "code", "records"]}, "minItems": 1,
                   "description": "default: all three"},
-        "context_tokens": {"type": "integer", "minimum": 64, "description": "default: 2000"},
-        "buckets": {"type": "integer", "minimum": 1, "maximum": 64, "description": "default: 8"},
-        "per_bucket": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "default: 4"},
+        "context_tokens": {"type": "integer", "minimum": 64, "description": f"default: {DEFAULTS['context_tokens']}"},
+        "buckets": {"type": "integer", "minimum": 1, "maximum": 64, "description": f"default: {DEFAULTS['buckets']}"},
+        "per_bucket": {"type": "integer", "minimum": 1, "maximum": 1000,
+                       "description": f"default: {DEFAULTS['per_bucket']}"},
         "tokenizer": {**MODEL_REF, "description": "whose tokenizer measures context length (default: first model)"},
         "seed": {"type": "integer", "minimum": 0},
     }, required=["probe"])
+
+    @classmethod
+    def settings(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``tasks``, ``context_tokens``, ``buckets`` and ``per_bucket``: the spec's, or the defaults."""
+        from ..eval.position import POSITION_TASKS  # not at import: validating a spec needs none of it
+
+        return {"tasks": tuple(params.get("tasks", POSITION_TASKS)),
+                **{key: params.get(key, default) for key, default in cls.DEFAULTS.items()}}
 
     def run(self, ctx: ProbeContext) -> dict[str, Any]:
         from ..eval.position import build_position_probe, plot_position_results, results_table, score_position_probe
 
         p = ctx.params
+        settings = self.settings(p)
         tok_model = p.get("tokenizer", ctx.models[0])
         try:
             tok = ctx.services.tokenizer(tok_model)
@@ -158,10 +174,10 @@ class PositionProbe:
         except RunError:
             count = None  # a provider model: the probe's own approximation
         by_model: dict[str, dict[str, Any]] = {}
-        for task in p.get("tasks", ["document", "code", "records"]):
+        for task in settings["tasks"]:
             try:
-                items = build_position_probe(task, context_tokens=p.get("context_tokens", 2000),
-                                             n_buckets=p.get("buckets", 8), per_bucket=p.get("per_bucket", 4),
+                items = build_position_probe(task, context_tokens=settings["context_tokens"],
+                                             n_buckets=settings["buckets"], per_bucket=settings["per_bucket"],
                                              seed=p.get("seed", 0), count_tokens=count)
             except ValueError as exc:
                 raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id) from None
@@ -189,7 +205,8 @@ class EvaluateOp(StepOp):
         "models": {"type": "array", "minItems": 1, "items": MODEL_REF, "description": "models compared side by side"},
         "on": {**STEP_REF, "description": "rows to evaluate on (accuracy, self_correction)"},
         "limit": {"type": "integer", "minimum": 1, "description": "evaluate on the first N rows"},
-        "max_tokens": {"type": "integer", "minimum": 1, "description": "answer length cap (default: 256)"},
+        "max_tokens": {"type": "integer", "minimum": 1,
+                       "description": f"answer length cap (default: {DEFAULT_MAX_TOKENS})"},
         "probes": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["probe"], "properties": {"probe": {"type": "string"}},
             "allOf": [{"if": {"properties": {"probe": {"const": p.name}}, "required": ["probe"]},
@@ -232,7 +249,7 @@ class EvaluateOp(StepOp):
             probe = registry.probes[probe_params["probe"]]
             pctx = ProbeContext(node_id=ctx.node_id, params=probe_params, models=list(p["models"]), rows=rows,
                                 vars=ctx.vars, services=ctx.services, artifact_dir=ctx.artifact_dir,
-                                max_tokens=p.get("max_tokens", 256))
+                                max_tokens=p.get("max_tokens", DEFAULT_MAX_TOKENS))
             result = probe.run(pctx)
             results.append(result)
             summaries.append(f"{probe_params['probe']}:\n{_table(result.get('table', []))}")
