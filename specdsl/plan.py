@@ -34,7 +34,10 @@ class PlanNode:
     inputs: tuple[tuple[str, str], ...]      # (param, upstream node id)
     columns: tuple[str, ...]                 # output columns
     kind: str = "transform"
-    models: tuple[tuple[str, str], ...] = ()  # (param, model name or train node id)
+    models: tuple[tuple[str, str], ...] = ()  # (param, train node id): models that are nodes of the plan
+    # Every model the node asks, declared or trained, in the step's order: what a reader is told. Not part
+    # of the fingerprint, which sees declared models through ``identity`` and trained ones through ``models``.
+    model_names: tuple[str, ...] = ()
     backend: str | None = None               # "name version" of the generation backend or training target
     identity_json: str = "{}"                # backend/model identities, vars used: what else decides outputs
     step: str = ""                           # the spec step this node came from
@@ -60,7 +63,7 @@ class PlanNode:
         return {
             "id": self.id, "op": self.op, "op_version": self.op_version, "kind": self.kind,
             "params": self.params, "inputs": [list(i) for i in self.inputs], "columns": list(self.columns),
-            "models": [list(m) for m in self.models], "backend": self.backend,
+            "models": [list(m) for m in self.models], "model_names": list(self.model_names), "backend": self.backend,
             "identity": json.loads(self.identity_json), "step": self.step, "recipe": self.recipe,
             "pos": [self.pos.file, self.pos.line, self.pos.col] if self.pos else None,
             "fingerprint": self.fingerprint, "estimate": dict(self.estimate) if self.estimate else None,
@@ -73,6 +76,7 @@ class PlanNode:
         return cls(id=d["id"], op=d["op"], op_version=d.get("op_version", "1"), kind=d.get("kind", "transform"),
                    params_json=canonical_json(d["params"]), inputs=tuple(tuple(i) for i in d["inputs"]),
                    columns=tuple(d["columns"]), models=tuple(tuple(m) for m in d.get("models", [])),
+                   model_names=tuple(d.get("model_names", ())),
                    backend=d.get("backend"), identity_json=canonical_json(d.get("identity", {})),
                    step=d.get("step", ""), recipe=d.get("recipe"), pos=pos, fingerprint=d.get("fingerprint", ""),
                    estimate=d.get("estimate"),

@@ -34,8 +34,8 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
         facts = []
         if n.backend:
             facts.append(n.backend)
-        if n.models:
-            facts.append("model " + ", ".join(ref for _, ref in n.models))
+        if n.model_names:
+            facts.append(("models " if len(n.model_names) > 1 else "model ") + escape(", ".join(n.model_names)))
         filters = est.get("filters_assumed_to_keep_every_row") or []
         if n.kind in ("generate", "evaluate"):
             req = est.get("requests")

@@ -17,6 +17,7 @@ import pytest
 
 from specdsl import api
 from specdsl.errors import SpecErrors
+from specdsl.plan import PlanNode
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -152,6 +153,32 @@ def test_train_lowers_to_tokenize_then_train(tmp_path):
     # A later step may generate with the trained model: the train node is its model dependency.
     assert plan.node("again").models == (("model", "sft"),)
     assert plan.ancestors("again") == ["problems", "chat", "sft.tokens", "sft", "again"]
+
+
+def test_plan_names_every_model_a_node_asks(tmp_path):
+    from rich.console import Console
+
+    from specdsl.render import render_plan
+
+    plan = compile_text(tmp_path, HEAD + """\
+  - id: chat
+    format: {from: problems, user: "{{ row.question }}", assistant: "{{ row.answer }}"}
+  - id: sft
+    train: {from: chat, model: m, max_length: 128, loss: assistant, max_steps: 1}
+  - id: score
+    evaluate: {models: [m, sft], on: problems, probes: [{probe: accuracy}]}
+""")
+    # `models` holds only the trained one (a node of the plan, and an edge); `model_names` holds both.
+    assert plan.node("score").models == (("models", "sft"),)
+    assert plan.node("score").model_names == ("m", "sft")
+    assert plan.node("sft").model_names == plan.node("sft.tokens").model_names == ("m",)
+    assert PlanNode.from_dict(plan.node("score").to_dict()) == plan.node("score")
+    console = Console(record=True, width=300, color_system=None)
+    render_plan(plan, store_dir=tmp_path / "no-store", console=console)
+    lines = console.export_text().splitlines()
+    facts = {line.split()[0]: lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith(("score ", "sft "))}
+    assert " · models m, sft · " in facts["score"]
+    assert " · model m · " in facts["sft"]
 
 
 def test_recipe_expansion_is_recorded_and_ids_are_prefixed(tmp_path):

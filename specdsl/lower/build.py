@@ -186,10 +186,12 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         input_deps = tuple((k, r) for k, r in deps.get(sid, []) if k.split("[")[0] in op.input_keys)
         identity: dict[str, Any] = {}
         backend = None
+        model_names: dict[str, None] = {}  # declared and trained, in the step's order (a dict: no repeats)
         for key, value in step.params.items():
             if key not in op.model_keys:
                 continue
             for ref in (value if isinstance(value, list) else [value]):
+                model_names[ref] = None
                 if ref in model_refs:
                     identity[f"model:{ref}"] = canonical_json(model_refs[ref].to_dict()["identity"])
                     backend = backend or f"{model_refs[ref].backend} {registry.backends[model_refs[ref].backend].version}"
@@ -206,8 +208,8 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 id=tok_id, op="tokenize", kind="transform", params_json=canonical_json(tok_params),
                 inputs=input_deps,
                 columns=TOKENIZED_COLUMNS + tuple(c for c in TOKENIZE_PASSTHROUGH if c in inputs.get("from", ())),
-                models=tuple((k, r) for k, r in model_deps), identity_json=canonical_json(identity),
-                step=sid, recipe=step.recipe, pos=pos_of(key=True),
+                models=tuple((k, r) for k, r in model_deps), model_names=tuple(model_names),
+                identity_json=canonical_json(identity), step=sid, recipe=step.recipe, pos=pos_of(key=True),
                 op_version=registry.ops["tokenize"].version if "tokenize" in registry.ops else "1")
             input_deps = (("from", tok_id),)
         reads = None
@@ -215,9 +217,9 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             reads = tuple(sorted(ctx.used_columns))
         nodes[sid] = PlanNode(
             id=sid, op=step.op, kind=op.kind, params_json=canonical_json(dict(step.params)), inputs=input_deps,
-            columns=out_cols, models=model_deps, backend=backend, identity_json=canonical_json(identity),
-            step=step.recipe_step or sid, recipe=step.recipe, pos=pos_of(key=True), op_version=op.version,
-            reads=reads)
+            columns=out_cols, models=model_deps, model_names=tuple(model_names), backend=backend,
+            identity_json=canonical_json(identity), step=step.recipe_step or sid, recipe=step.recipe,
+            pos=pos_of(key=True), op_version=op.version, reads=reads)
 
     if sink:
         errors = [_pinpoint(e, spec.doc.lines) for e in sink.errors]
