@@ -1,9 +1,11 @@
 """Estimates before any call: requests, input/output tokens and cost per generate and evaluate node,
 training tokens.
 
-Row counts flow from the sources (counted exactly) through the DAG. Filters are counted as keeping
-every row, so a figure downstream of a filter is an upper bound: its estimate names those filters under
-``filters_assumed_to_keep_every_row``. Input tokens come from rendering the prompts over the real source
+Row counts flow from the sources (counted exactly) through the DAG. Steps whose op may drop rows (its
+``drops_rows``: a filter without ``into:``, a generation whose failed requests are left out, a plugin's
+dedupe) are counted as keeping every row, so a figure downstream of one is an upper bound: its estimate
+names those steps under ``assumed_to_keep_every_row`` (the node itself among them when its own output
+may be short). Input tokens come from rendering the prompts over the real source
 rows where the node reads a source (directly or through steps that pass rows on), else from the templates'
 length; output tokens assume each answer runs to its token cap. Cost is the backend's price (litellm's
 local cost map; zero for local models; unknown when the backend cannot price the model).
@@ -52,14 +54,14 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
     spec_dir = Path(plan.spec_file).parent
     rows: dict[str, int | None] = {}
     samples: dict[str, list[dict]] = {}
-    filters_upstream: dict[str, list[str]] = {}
+    droppers: dict[str, list[str]] = {}  # node -> the steps its rows went through that may drop rows
     nodes = []
     for n in plan.nodes:
         p = n.params
         est: dict[str, Any] = {}
         src = n.input("from")
         in_rows = rows.get(src) if src else None
-        filters_upstream[n.id] = _filters_upstream(n, filters_upstream)
+        droppers[n.id] = _row_droppers(n, registry.ops.get(n.op), droppers)
         if n.op == "source":
             path = spec_dir / p["path"]
             # Both read only what the run will (up to the source's limit), and hold little of it: the count
@@ -108,20 +110,27 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
             est["rows"] = in_rows
             if n.op in SAME_ROW_OPS and src in samples:
                 samples[n.id] = samples[src]
-        if filters_upstream[n.id]:
-            est["filters_assumed_to_keep_every_row"] = filters_upstream[n.id]
+        if droppers[n.id]:
+            est["assumed_to_keep_every_row"] = droppers[n.id]
         nodes.append(replace(n, estimate=est))
     return replace(plan, nodes=tuple(nodes))
 
 
-def _filters_upstream(node: Any, known: Mapping[str, list[str]]) -> list[str]:
-    """The row-dropping filters whose rows reach ``node`` (itself included), in a stable order. A filter
-    with ``into:`` only writes its verdict, so it keeps every row for certain. Only data inputs count: a
-    model trained downstream of a filter costs an evaluation the same, whatever the filter kept."""
-    found = {f for _, src in node.inputs for f in known.get(src, [])}
-    if node.op == "filter" and not node.params.get("into"):
+def _row_droppers(node: Any, op: Any, known: Mapping[str, list[str]]) -> list[str]:
+    """The steps that may drop rows whose rows reach ``node`` (itself included when ``op`` may), in a
+    stable order. Only data inputs count: a model trained downstream of a filter costs an evaluation the
+    same, whatever the filter kept."""
+    found = {step for _, src in node.inputs for step in known.get(src, [])}
+    if _may_drop_rows(op, node.params):
         found.add(node.id)
     return sorted(found)
+
+
+def _may_drop_rows(op: Any, params: Mapping[str, Any]) -> bool:
+    """An op's ``drops_rows`` (see specdsl.steps.base.StepOp): a bool, or a function of the step's params.
+    An op without it, or not installed, keeps every row."""
+    drops = getattr(op, "drops_rows", False)
+    return bool(drops(params)) if callable(drops) else bool(drops)
 
 
 def _backend_and_options(plan: Plan, registry: Any, model_ref: str) -> tuple[Any, dict[str, Any]]:

@@ -24,7 +24,7 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
     root = Path(store_dir) if store_dir else default_store_dir(plan)
     store = Store(root) if root.exists() else None
     console.print(f"[bold]plan[/bold] {plan.name}: {len(plan.nodes)} nodes")
-    total_cost, unknown_cost, total_requests, bounded_by_filters = 0.0, False, 0, False
+    total_cost, unknown_cost, total_requests, upper_bound = 0.0, False, 0, False
     for n in plan.nodes:
         est = n.estimate or {}
         ins = ", ".join(src for _, src in n.inputs) or n.params.get("path", "-")
@@ -36,14 +36,16 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
             facts.append(n.backend)
         if n.model_names:
             facts.append(("models " if len(n.model_names) > 1 else "model ") + escape(", ".join(n.model_names)))
-        filters = est.get("filters_assumed_to_keep_every_row") or []
+        # What a node sends (requests, tokens, cost) assumes the steps before it keep every row; whatever the
+        # node itself drops, it drops after sending.
+        assumed = [step for step in est.get("assumed_to_keep_every_row") or [] if step != n.id]
         if n.kind in ("generate", "evaluate"):
             req = est.get("requests")
             if req is None:
                 facts.append(f"requests: {_unknown_requests_reason(est)}")
             else:
                 total_requests += req
-                bounded_by_filters = bounded_by_filters or bool(filters)
+                upper_bound = upper_bound or bool(assumed)
                 facts.append(f"{req:,} requests{_requests_by_probe(est)}, ~{_fmt_int(est.get('input_tokens'))} in "
                              f"/ <= {_fmt_int(est.get('output_tokens'))} out tokens")
             cost = est.get("cost")
@@ -53,12 +55,12 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
             else:
                 total_cost += cost
                 facts.append(f"${cost:.4f}")
-            if filters and req is not None:
-                facts.append(_upper_bound(filters))
+            if assumed and req is not None:
+                facts.append(_upper_bound(assumed))
         elif est.get("train_tokens"):
             facts.append(f"~{est['train_tokens']:,} training tokens")
-            if filters:
-                facts.append(_upper_bound(filters))
+            if assumed:
+                facts.append(_upper_bound(assumed))
         elif est.get("rows") is not None and n.kind == "source":
             facts.append(f"{est['rows']:,} rows")
         facts.append("[green]cached[/green]" if cached else "not cached")
@@ -66,7 +68,7 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
         console.print("    " + " · ".join(facts))
     cost_line = f"estimated: {total_requests:,} requests, ${total_cost:.4f}" + \
         (" + models that cannot be priced" if unknown_cost else "") + \
-        (" (upper bound: filters assumed to keep every row)" if bounded_by_filters else "")
+        (" (upper bound: steps that may drop rows assumed to keep every row)" if upper_bound else "")
     console.print(cost_line)
     if expanded and plan.expansions:
         for step, ids in plan.expansions:
@@ -75,8 +77,8 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
         console.print(f"[dim]note: {escape(note)}[/dim]")
 
 
-def _upper_bound(filters: list[str]) -> str:
-    return _escape_markup(f"upper bound: filters assumed to keep every row ({', '.join(filters)})")
+def _upper_bound(steps: list[str]) -> str:
+    return _escape_markup(f"upper bound: {', '.join(steps)} assumed to keep every row")
 
 
 def _requests_by_probe(est: dict[str, Any]) -> str:

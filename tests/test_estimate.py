@@ -156,10 +156,12 @@ def test_generation_downstream_of_a_filter_is_an_upper_bound(estimated):
         "input_tokens": 46,
         "output_tokens": 40,  # max_tokens 10 per request
         "cost": pytest.approx(46e-6 + 40 * 3e-6),
-        "filters_assumed_to_keep_every_row": ["easy"],
+        # Its 4 rows also assume that no request fails (a failed one leaves its row out).
+        "assumed_to_keep_every_row": ["answers", "easy"],
     }
+    assert estimated.node("easy").estimate["assumed_to_keep_every_row"] == ["easy"]
     # A filter with `into:` keeps every row for certain: it is no assumption.
-    assert estimated.node("judged").estimate["filters_assumed_to_keep_every_row"] == ["easy"]
+    assert estimated.node("judged").estimate["assumed_to_keep_every_row"] == ["answers", "easy"]
 
 
 # Position probe prompts: up to context_tokens of context, plus the IN2 template (160 characters), the
@@ -204,7 +206,7 @@ def test_evaluate_estimates_what_each_probe_sends(estimated):
         "output_tokens": 100,
         "cost": pytest.approx((27 + 24 + 1168) * 1e-6 + (10 + 10 + 30) * 3e-6),
     }
-    assert "filters_assumed_to_keep_every_row" not in est  # heldout reaches it unfiltered
+    assert "assumed_to_keep_every_row" not in est  # heldout reaches it unfiltered
 
 
 def test_evaluate_default_conditions_and_answer_cap(tmp_path, registry):
@@ -273,7 +275,8 @@ steps:
     assert plan.node("questions").estimate["rows"] == 20
     # 12 characters / 4 + 8 = 11 tokens a request.
     assert plan.node("answers").estimate | {"cost": None} == {
-        "rows": 20, "requests": 20, "input_tokens": 220, "output_tokens": 200, "cost": None}
+        "rows": 20, "requests": 20, "input_tokens": 220, "output_tokens": 200, "cost": None,
+        "assumed_to_keep_every_row": ["answers"]}
 
     (tmp_path / "spec.yaml").write_text(spec % "", encoding="utf-8")
     plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
@@ -297,12 +300,14 @@ def test_plan_output_shows_evaluations_and_says_where_filters_make_an_upper_boun
     def facts(node_id):
         return lines[next(i for i, line in enumerate(lines) if line.startswith(f"{node_id} ")) + 1]
 
-    assert "4 requests, ~46 in / <= 40 out tokens · $0.0002 · upper bound: filters assumed to keep every " \
-           "row (easy)" in facts("answers")
+    # What the generation sends depends on the filter before it, not on its own failures.
+    assert "4 requests, ~46 in / <= 40 out tokens · $0.0002 · upper bound: easy assumed to keep every row · " \
+           "not cached" in facts("answers")
     assert "20 requests (accuracy 4, self_correction 4, position 12), ~2,433 in / <= 100 out tokens · " \
            "$0.0014 · not cached" in facts("score")
     # Total: 4 + 20 requests; $0.000166 + $0.001369.
-    assert "estimated: 24 requests, $0.0015 (upper bound: filters assumed to keep every row)" in lines
+    assert "estimated: 24 requests, $0.0015 (upper bound: steps that may drop rows assumed to keep every row)" \
+        in lines
 
 
 def test_plan_json_carries_the_evaluate_estimate(estimated):
@@ -312,7 +317,7 @@ def test_plan_json_carries_the_evaluate_estimate(estimated):
     assert [p["probe"] for p in score["estimate"]["probes"]] == ["accuracy"] * 2 + ["self_correction"] * 2 + \
         ["position"] * 2
     answers = next(n for n in data["nodes"] if n["id"] == "answers")
-    assert answers["estimate"]["filters_assumed_to_keep_every_row"] == ["easy"]
+    assert answers["estimate"]["assumed_to_keep_every_row"] == ["answers", "easy"]
 
 
 # --------------------------------------------------------------------------------------------------

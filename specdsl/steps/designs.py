@@ -80,6 +80,7 @@ class PamOp(StepOp):
     row_parallel = True  # stateless per row: an executor may split the rows
     name = "pam"
     description = "self-correction samples with partial answer masking: no loss on a wrong initial answer"
+    drops_rows = True  # a row without a usable correction makes no sample
     params_schema = obj_schema({
         "from": STEP_REF,
         "question": {**COLUMN, "description": "default: question"},
@@ -139,6 +140,7 @@ class SegmentOp(StepOp):
     name = "segment"
     description = "IN2: cut texts into segments of at least min_tokens tokens (leftover merged into the last)"
     model_keys = ("model",)
+    drops_rows = True  # an empty text has no segment (and a long one has several)
     params_schema = obj_schema({
         "from": STEP_REF,
         "text": {**COLUMN, "description": "the column holding the text (default: text)"},
@@ -185,6 +187,7 @@ class InterleaveOp(StepOp):
                   "texts, in a context of a length drawn uniformly from [min_tokens, max_tokens]"
     input_keys = ("from", "pool")
     model_keys = ("model",)
+    drops_rows = True  # a pair without a question, answer or key, or whose keys exceed max_tokens, is left out
     params_schema = obj_schema({
         "from": {**STEP_REF, "description": "QA rows (question, answer, and the key segment(s))"},
         "pool": {**STEP_REF, "description": "segment rows of all texts (a `segment` step, per: segment)"},

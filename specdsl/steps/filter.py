@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from .. import templates
 from ..errors import RunError
 from .base import COLUMN, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
@@ -37,6 +39,11 @@ class FilterOp(StepOp):
         "keep": {"enum": ["matched", "unmatched"], "description": "which rows to keep (default: matched)"},
         "into": {**COLUMN, "description": "instead of dropping rows, write the verdict (true/false) into this column"},
     }, required=["from"])
+
+    @staticmethod
+    def drops_rows(params: Mapping[str, Any]) -> bool:
+        """A filter with `into:` writes its verdict into a column and keeps every row."""
+        return not params.get("into")
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         p = ctx.params

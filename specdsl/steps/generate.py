@@ -51,6 +51,7 @@ class GenerateOp(StepOp):
     model_keys = ("model",)
     template_keys = ("system", "user", "where")
     reads_known = True
+    drops_rows = True  # a failed request leaves its row out
     params_schema = obj_schema({
         "from": STEP_REF,
         "model": MODEL_REF,

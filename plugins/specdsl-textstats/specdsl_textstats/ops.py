@@ -80,6 +80,7 @@ class DedupeOp(StepOp):
     version = "1"
     description = "drop rows whose values in the given columns repeat an earlier row's"
     reads_known = True
+    drops_rows = True     # plan estimates downstream of it are upper bounds
     params_schema = obj_schema({
         "from": STEP_REF,
         "columns": {"type": "array", "minItems": 1, "uniqueItems": True, "items": COLUMN,

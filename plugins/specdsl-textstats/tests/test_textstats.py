@@ -130,6 +130,21 @@ def test_demo_compiles_and_runs(demo, registry, tmp_path):
     assert {n.status for n in again.nodes} == {"cached"}
 
 
+def test_estimates_downstream_of_dedupe_are_upper_bounds(demo, registry):
+    """dedupe declares ``drops_rows``, so `plan` counts it as keeping every row and says the figures after
+    it are upper bounds; stats keeps every row and adds no such assumption."""
+    from specdsl.estimate import estimate_plan
+    from specdsl_textstats.ops import DedupeOp, StatsOp
+
+    assert DedupeOp.drops_rows is True and StatsOp.drops_rows is False
+    plan = estimate_plan(api.compile_spec(demo, registry=registry), registry)
+    # The demo's questions file has 6 rows; dedupe and the recipe's word-count filter are assumed to keep them.
+    assert plan.node("clean.stats").estimate["assumed_to_keep_every_row"] == ["clean.deduped"]
+    answers = plan.node("answers").estimate
+    assert answers["requests"] == 6
+    assert answers["assumed_to_keep_every_row"] == ["answers", "clean", "clean.deduped"]
+
+
 def test_changing_the_template_changes_only_generation_fingerprints(demo, registry):
     before = api.compile_spec(demo, registry=registry)
     demo.write_text(demo.read_text().replace("I don't know", "No idea"))
