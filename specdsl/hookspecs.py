@@ -152,6 +152,41 @@ class GenerationBackend(Protocol):
         """
 
 
+@runtime_checkable
+class Limiter(Protocol):
+    """Admission control for one model's requests (concurrency, request and token rates), used from
+    one event loop. Every attempt a backend sends is bracketed by ``acquire`` and ``release``."""
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one more attempt, estimated to cost ``tokens`` tokens, may be sent."""
+
+    def release(self, reserved: int, used: int) -> None:
+        """The attempt admitted with ``reserved`` tokens is over and cost ``used`` (0 when it was
+        rejected, ``reserved`` when unknown): free its concurrency slot, correct the token count."""
+
+    def pause(self, seconds: float) -> None:
+        """The provider said to wait (``Retry-After``): admit nothing for ``seconds``."""
+
+
+@runtime_checkable
+class LimitedBackend(Protocol):
+    """Optional methods of a :class:`GenerationBackend` whose limits can hold across processes.
+
+    An executor that answers one ``generate`` call from several processes (Ray) calls
+    ``make_limiter(options)`` where the shared limiter lives (one Ray actor per call) and, in each
+    process, sends through ``with_limiter(shared).generate(...)``, so the limits the options set hold
+    for all the processes together rather than for each. The local executor never calls either.
+    A backend without them keeps its limits per process.
+    """
+
+    def make_limiter(self, options: Mapping[str, Any]) -> Limiter | None:
+        """A new limiter enforcing the limits ``options`` set (secrets resolved), or None when they set
+        none: then nothing is shared and nothing extra is paid per request."""
+
+    def with_limiter(self, limiter: Limiter) -> GenerationBackend:
+        """This backend with every attempt admitted by ``limiter`` instead of its own limits."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------

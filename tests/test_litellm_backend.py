@@ -251,6 +251,76 @@ def test_tpm_limit(backend):
         assert time.monotonic() - t >= 1.8
 
 
+# --------------------------------------------------------------------------------------------------
+# Limits an executor shares across processes (make_limiter / with_limiter)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_make_limiter_holds_only_the_limits_the_options_set(backend):
+    from specdsl.backends.litellm_backend import RequestLimiter
+    from specdsl.hookspecs import LimitedBackend, Limiter
+
+    assert isinstance(backend, LimitedBackend)
+    base = {"model": "openai/fake", "api_base": "http://127.0.0.1:9/v1"}
+    assert backend.make_limiter(base) is None  # nothing to share: an executor starts nothing
+    limiter = backend.make_limiter({**base, "rpm": 120})
+    assert isinstance(limiter, RequestLimiter) and isinstance(limiter, Limiter)
+    # the default concurrency (16) stays per process; a concurrency the model sets is shared
+    assert (limiter.concurrency, limiter.rpm, limiter.tpm) == (None, 120, None)
+    limiter = backend.make_limiter({**base, "concurrency": 4, "tpm": 9000})
+    assert (limiter.concurrency, limiter.rpm, limiter.tpm) == (4, None, 9000)
+
+
+class RecordingLimiter:
+    """A Limiter (the plugin contract) that admits through litellm's own RequestLimiter and records
+    what the backend tells it."""
+
+    def __init__(self, concurrency):
+        from specdsl.backends.litellm_backend import RequestLimiter
+
+        self.inner = RequestLimiter(concurrency, None, None)
+        self.acquired: list[int] = []
+        self.released: list[tuple[int, int]] = []
+        self.paused: list[float] = []
+
+    async def acquire(self, tokens):
+        await self.inner.acquire(tokens)
+        self.acquired.append(tokens)
+
+    def release(self, reserved, used):
+        self.released.append((reserved, used))
+        self.inner.release(reserved, used)
+
+    def pause(self, seconds):
+        self.paused.append(seconds)
+        self.inner.pause(seconds)
+
+
+def test_an_injected_limiter_admits_every_attempt(backend):
+    # The backend's own concurrency is 8; the injected limiter (an executor's shared one) allows 2.
+    fault = (lambda p, a: {("prompt 0", 1): "500", ("prompt 1", 1): "400"}.get((p, a)))
+    with FakeServer(latency=0.1, fault_fn=fault) as srv:
+        limiter = RecordingLimiter(2)
+        limited = backend.with_limiter(limiter)
+        assert limited is not backend and backend._limiter is None  # the registered backend is unchanged
+        out = collect(limited, opts(srv, "direct", concurrency=8), [req(i) for i in range(10)])
+        assert srv.max_in_flight == 2
+    assert not out["key-1"].ok and all(out[f"key-{i}"].ok for i in range(10) if i != 1)
+    assert len(limiter.acquired) == len(limiter.released) == srv.request_count == 11
+    reserved = limiter.acquired[0]
+    assert reserved == 4 + 1024  # ceil((len("prompt 0") + 8) / 4) + the default max_tokens
+    released = sorted(limiter.released, key=lambda r: r[1])
+    # a 400 used nothing, a 500 keeps its reservation, an answer uses what the server reported (2 + 3 words)
+    assert released == [(reserved, 0)] + [(reserved, 5)] * 9 + [(reserved, reserved)]
+
+
+def test_an_injected_limiter_hears_retry_after(backend):
+    with FakeServer(faults=["429"], retry_after=0.3) as srv:
+        limiter = RecordingLimiter(4)
+        out = collect(backend.with_limiter(limiter), opts(srv, "direct"), [req(1)])
+    assert out["key-1"].ok and limiter.paused == [0.3]
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_on_result_exception_stops_the_batch(backend, transport):
     with FakeServer(latency=0.05) as srv:

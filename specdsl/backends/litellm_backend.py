@@ -18,12 +18,21 @@ Two transports
              About 0.3-0.4 ms of CPU per request (bare aiohttp: 0.25 ms).
 ``auto``     (default) ``direct`` where the provider speaks the OpenAI wire format, else ``litellm``.
 
+Limits
+------
+``concurrency`` is the size of the worker pool, so in one process it bounds requests in flight with no
+extra work; ``rpm`` and ``tpm`` go through a :class:`RequestLimiter`. An executor that spreads one model's
+requests over several processes (Ray) shares the limits the model sets instead: :meth:`LiteLLMBackend.make_limiter`
+builds the limiter it hosts, and :meth:`LiteLLMBackend.with_limiter` returns a backend whose every attempt
+is admitted by that shared limiter (see ``LimitedBackend`` in :mod:`specdsl.hookspecs`).
+
 Importing this module is cheap: asyncio, litellm and aiohttp are imported inside the methods that run
 (asyncio alone is ~20 ms of ``specdsl validate``, which never generates).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -309,6 +318,57 @@ class _TokenBucket:
         self.level = min(self.capacity, self.level + amount)
 
 
+class RequestLimiter:
+    """Admission for one model's requests: ``concurrency`` in flight, ``rpm`` requests and ``tpm`` tokens
+    a minute (token buckets holding one second's worth), and a pause after a ``Retry-After``.
+
+    Each attempt calls ``await acquire(estimated_tokens)`` before it is sent and ``release(reserved,
+    used)`` once it is over: ``used`` corrects the tpm reservation from the reported usage (0 for a
+    rejected 4xx request, ``reserved`` when nothing better is known). Lives on one event loop. In one
+    process the backend builds it without ``concurrency`` (its worker pool is the bound); an executor
+    hosts one with every limit the model sets and shares it between processes.
+    """
+
+    def __init__(self, concurrency: int | None, rpm: float | None, tpm: float | None):
+        import asyncio
+
+        self.concurrency = concurrency
+        self.rpm = rpm
+        self.tpm = tpm
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._rpm = _TokenBucket(rpm / 60.0, rpm / 60.0) if rpm else None
+        self._tpm = _TokenBucket(tpm / 60.0, tpm / 60.0) if tpm else None
+        self._pause_until = 0.0
+
+    async def acquire(self, tokens: int) -> None:
+        import asyncio
+
+        while (wait := self._pause_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        # The slot first: a request holding a rate token while it waits for a slot would let the
+        # saved-up tokens go out in a burst when slots free up.
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            if self._rpm is not None:
+                await self._rpm.acquire(1)
+            if self._tpm is not None:
+                await self._tpm.acquire(tokens)
+        except BaseException:  # cancelled while waiting for a rate: the slot goes back
+            if self._slots is not None:
+                self._slots.release()
+            raise
+
+    def release(self, reserved: int, used: int) -> None:
+        if self._slots is not None:
+            self._slots.release()
+        if self._tpm is not None and used != reserved:
+            self._tpm.refund(reserved - used)
+
+    def pause(self, seconds: float) -> None:
+        self._pause_until = max(self._pause_until, time.monotonic() + seconds)
+
+
 def _estimate_tokens(messages: Sequence[Mapping[str, Any]], max_tokens: Any) -> int:
     """A cheap upper-ish estimate for the tpm limiter: ~4 characters per token plus the answer budget."""
     chars = sum(len(str(m.get("content", ""))) + 8 for m in messages)
@@ -330,14 +390,16 @@ Send = Callable[[GenRequest, Mapping[str, Any]], Awaitable[tuple[str, int, int]]
 
 class _Engine:
     def __init__(self, s: _Settings, send: Send, on_result: Callable[[GenResult], None],
-                 price: Callable[[int, int], float | None], describe: str):
+                 price: Callable[[int, int], float | None], describe: str, limiter: Any = None):
         self.s = s
         self.send = send
         self.on_result = on_result
         self.price = price
         self.describe = describe  # "model at api_base" for messages
-        self.rpm = _TokenBucket(s.rpm / 60.0, s.rpm / 60.0) if s.rpm else None
-        self.tpm = _TokenBucket(s.tpm / 60.0, s.tpm / 60.0) if s.tpm else None
+        if limiter is None and (s.rpm or s.tpm):
+            # In one process the worker pool already bounds concurrency: only the rates need a limiter.
+            limiter = RequestLimiter(None, s.rpm, s.tpm)
+        self.limiter = limiter       # None: no limit to wait for, nothing to pay per request
         self.pause_until = 0.0       # set by a 429 with Retry-After: the whole key is throttled
         self.fatal: str | None = None
 
@@ -386,8 +448,9 @@ class _Engine:
         import asyncio
 
         s = self.s
+        limiter = self.limiter
         params = {**s.defaults, **req.params}
-        est = _estimate_tokens(req.messages, params.get("max_tokens")) if self.tpm else 0
+        est = _estimate_tokens(req.messages, params.get("max_tokens")) if limiter is not None else 0
         t0 = time.monotonic()
         attempt = 0
         while True:
@@ -396,10 +459,10 @@ class _Engine:
             wait = self.pause_until - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            if self.rpm is not None:
-                await self.rpm.acquire(1)
-            if self.tpm is not None:
-                await self.tpm.acquire(est)
+            if limiter is not None:
+                await limiter.acquire(est)
+            used = est  # what the attempt cost, until the response says better
+            failure: _Failure | None = None
             try:
                 try:
                     # The transport has its own timeout; this one is the backstop for anything that
@@ -413,19 +476,30 @@ class _Engine:
                 except Exception as exc:  # unforeseen (a response litellm cannot parse): fail this one
                     raise _Failure(f"{type(exc).__name__}: {_redact(str(exc), s.api_key)[:300]}",
                                    retryable=False) from None
+                used = in_tok + out_tok
             except _Failure as f:
+                failure = f
+                if f.status is not None and 400 <= f.status < 500:
+                    used = 0  # a rejected request consumed no tokens
+            finally:
+                # Before any backoff sleep: a slot must not sit idle while this request waits to retry.
+                if limiter is not None:
+                    limiter.release(est, used)
+            if failure is not None:
+                f = failure
                 if f.fatal:
                     self.fatal = f.message
-                if self.tpm is not None and f.status is not None and 400 <= f.status < 500:
-                    self.tpm.refund(est)  # a rejected request consumed no tokens
                 if not f.retryable or attempt >= s.max_retries:
                     tries = f" (after {attempt + 1} attempts)" if attempt else ""
                     return GenResult(key=req.key, error=f"{f.message}{tries}",
                                      latency_s=time.monotonic() - t0)
                 if f.retry_after is not None:
                     delay = min(f.retry_after, MAX_RETRY_AFTER_S)
-                    # Everyone on this key is throttled, not just this request: pause all new attempts.
+                    # Everyone on this key is throttled, not just this request: pause all new attempts
+                    # (in every process, when the limiter is shared).
                     self.pause_until = max(self.pause_until, time.monotonic() + delay)
+                    if limiter is not None:
+                        limiter.pause(delay)
                     delay += random.uniform(0, min(1.0, 0.1 * delay))  # don't return in lockstep
                 else:
                     delay = self._backoff(attempt)
@@ -433,8 +507,6 @@ class _Engine:
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
-            if self.tpm is not None:
-                self.tpm.refund(est - (in_tok + out_tok))
             cost = self.price(in_tok, out_tok)
             return GenResult(key=req.key, text=text, input_tokens=in_tok, output_tokens=out_tok,
                              cost=cost or 0.0, latency_s=time.monotonic() - t0)
@@ -623,6 +695,7 @@ class LiteLLMBackend:
     def __init__(self) -> None:
         self._prices: dict[str, tuple[float, float] | None] = {}
         self._prices_lock = threading.Lock()
+        self._limiter: Any = None  # set by with_limiter: an executor's shared limiter replaces ours
 
     # -- contract ---------------------------------------------------------------------------------
 
@@ -739,6 +812,27 @@ class LiteLLMBackend:
         if box:
             raise box[0]
 
+    # -- limits shared across processes (the optional LimitedBackend methods) ----------------------------
+
+    def make_limiter(self, options: Mapping[str, Any]) -> RequestLimiter | None:
+        """A limiter holding the limits these options set, or None when they set none.
+
+        Only what the model sets is shared: left out, ``concurrency`` stays the per-process default
+        (16), so a run that asked for no limit pays nothing for one.
+        """
+        s = _Settings.from_options(options)
+        concurrency = s.concurrency if options.get("concurrency") is not None else None
+        if concurrency is None and not s.rpm and not s.tpm:
+            return None
+        return RequestLimiter(concurrency, s.rpm, s.tpm)
+
+    def with_limiter(self, limiter: Any) -> "LiteLLMBackend":
+        """This backend, with every attempt admitted by ``limiter`` (acquire / release / pause) instead
+        of its own rate limits. The price cache is shared."""
+        twin = copy.copy(self)
+        twin._limiter = limiter
+        return twin
+
     # -- internals --------------------------------------------------------------------------------
 
     def transport_for(self, options: Mapping[str, Any]) -> str:
@@ -792,7 +886,8 @@ class LiteLLMBackend:
             # Skipping `import litellm` (3-4 s of CPU) is most of a short run's overhead.
             prices = _cost_map_prices(s.model)
             engine = _Engine(s, None, on_result,
-                             lambda i, o: None if prices is None else i * prices[0] + o * prices[1], describe)
+                             lambda i, o: None if prices is None else i * prices[0] + o * prices[1], describe,
+                             self._limiter)
             transport = _DirectTransport(engine_ref, s, self_hosted, s.api_base.rstrip("/") + "/chat/completions",
                                          s.api_key, _send_as_is)
             engine.send = transport.send
@@ -815,7 +910,7 @@ class LiteLLMBackend:
             s, transport = self._direct(engine_ref, s, provider, model_name)
         else:
             transport = _LiteLLMTransport(engine_ref, s)
-        engine = _Engine(s, transport.send, on_result, price, describe)
+        engine = _Engine(s, transport.send, on_result, price, describe, self._limiter)
         engine_ref.append(engine)
         async with transport:
             await engine.run(requests)
