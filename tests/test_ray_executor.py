@@ -9,13 +9,17 @@
   already in the journal are never sent to Ray;
 * failed requests are retried on the next run, and only those;
 * the executor API directly: results reach ``on_result`` in the driver thread, a worker that dies
-  turns its unanswered requests into failed results, a backend that raises raises the same RunError.
+  turns its unanswered requests into failed results, a backend that raises raises the same RunError;
+* a model's ``concurrency``, ``rpm`` and ``tpm`` hold for all the Ray tasks of a generate step together
+  (the fake server counts requests in flight and stamps each one), and a task that dies while it holds
+  a concurrency slot gives it back.
 
 Ray starts once for the module (about 10 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -519,3 +523,169 @@ def test_unpicklable_backend_is_looked_up_by_name_on_the_worker(ray_instance):
         backend.generate({}, _requests("a", "b", "c"), lambda r: None)
     assert "generation backend 'locked' is not installed on this Ray worker" in str(info.value)
     assert "specdsl and the plugins" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits shared by all the tasks of a generate step
+# --------------------------------------------------------------------------------------------------
+
+# hosted_vllm/ at an api_base: the workers answer without importing litellm (seconds per worker).
+LIMITED_SPEC = """\
+specdsl: 1
+name: ray-limits
+models:
+  teacher: {{backend: litellm, model: hosted_vllm/fake, api_base: "{api_base}", retry_backoff_s: 0.01,
+            {limits}}}
+sources:
+  problems: {{path: problems.jsonl}}
+steps:
+  - id: answers
+    generate: {{from: problems, model: teacher, user: "{{{{ row.question }}}}", max_tokens: 32}}
+"""
+
+# 4 tasks at once on the 2-CPU instance, each with 5-10 requests: with per-task limits the server
+# would see up to 4 x the limit.
+SPREAD = {"requests_per_task": 5, "task_cpus": 0.5}
+
+
+def limited_run(tmp_path, srv, limits: str, executor: str = "ray", **settings):
+    spec = make_spec(tmp_path / executor, LIMITED_SPEC.format(api_base=srv.api_base, limits=limits))
+    _, result = run(spec, tmp_path / f"{executor}-store", executor, make_registry(**{**SPREAD, **settings}))
+    assert result.ok, result.report("answers").stats
+    return result
+
+
+def test_concurrency_holds_across_tasks(ray_instance, tmp_path):
+    from tests.fakeserver import FakeServer
+
+    with FakeServer(latency=0.1) as srv:
+        local = limited_run(tmp_path, srv, "concurrency: 4", executor="local")
+        srv.reset()
+        remote = limited_run(tmp_path, srv, "concurrency: 4")
+        assert srv.request_count == 40 and set(srv.attempts_by_prompt().values()) == {1}
+        assert srv.max_in_flight == 4  # never more, and the limit was used
+        assert table_bytes(local, "answers") == table_bytes(remote, "answers")
+        srv.reset()
+        again = limited_run(tmp_path, srv, "concurrency: 4")   # the journal and the cache are unchanged
+        assert {n.status for n in again.nodes} == {"cached"} and srv.request_count == 0
+
+
+def test_rpm_holds_across_tasks(ray_instance, tmp_path):
+    from tests.fakeserver import FakeServer
+
+    rate = 10  # rpm 600: 10 a second, at most one second's worth (10) in a burst
+    with FakeServer(latency=0.01) as srv:
+        limited_run(tmp_path, srv, f"rpm: {rate * 60}", requests_per_task=10)
+        starts = sorted(r.t_start for r in srv.requests)
+    assert len(starts) == 40
+    assert starts[-1] - starts[0] >= (40 - rate) / rate * 0.9
+    for i, s in enumerate(starts):  # never more than the burst plus a second's rate in any second
+        in_window = sum(1 for x in starts[i:] if x - s < 1.0)
+        assert in_window <= rate + rate + 1, in_window
+
+
+def test_tpm_holds_across_tasks_and_usage_is_refunded(ray_instance, tmp_path):
+    from tests.fakeserver import FakeServer, count_tokens
+
+    # Each request reserves ceil(chars / 4) + max_tokens = 7 + 32 = 39 tokens and uses 11 (the server
+    # counts words: 5 of prompt, 6 of answer). tpm 7200 = 120 a second, one second's worth in a burst.
+    rate, n = 120, 40
+    with FakeServer(latency=0.01) as srv:
+        limited_run(tmp_path, srv, f"tpm: {rate * 60}", requests_per_task=8)
+        records = sorted(srv.requests, key=lambda r: r.t_start)
+    assert len(records) == n
+    used = [(r.t_start, count_tokens(r.prompt) + count_tokens(f"echo: {r.prompt}")) for r in records]
+    # 440 tokens at 120 a second after a burst of 120: over 2 s for the whole cluster (4 tasks each
+    # with its own limit would take half a second)...
+    span = records[-1].t_start - records[0].t_start
+    assert span >= (sum(u for _, u in used) - rate - 39) / rate * 0.9
+    for i, (s, _) in enumerate(used):
+        in_window = sum(u for x, u in used[i:] if x - s < 1.0)
+        assert in_window <= rate + rate + 39, in_window
+    # ... and far less than the 12 s that 40 reservations of 39 tokens need: the usage was refunded.
+    assert span < 8.0, span
+
+
+class GatedBackend(ScriptedBackend):
+    """A third-party backend with the optional LimitedBackend methods (litellm's RequestLimiter as its
+    limiter). Each request holds a slot for 50 ms and logs when; the prompt 'die' kills the worker
+    while it holds its slot."""
+
+    name = "gated"
+
+    def __init__(self, limiter=None):
+        self.limiter = limiter
+
+    def make_limiter(self, options):
+        from specdsl.backends.litellm_backend import RequestLimiter
+
+        return RequestLimiter(options["concurrency"], None, None) if options.get("concurrency") else None
+
+    def with_limiter(self, limiter):
+        return GatedBackend(limiter)
+
+    def generate(self, options, requests, on_result):
+        async def main():
+            for r in requests:
+                prompt = r.messages[-1]["content"]
+                await self.limiter.acquire(1)
+                start = time.time()
+                if prompt == "die":
+                    os._exit(3)
+                await asyncio.sleep(0.05)
+                with open(options["log"], "a") as f:
+                    f.write(json.dumps([start, time.time(), os.getpid()]) + "\n")
+                self.limiter.release(1, 1)
+                on_result(GenResult(key=r.key, text=f"echo {prompt}"))
+
+        asyncio.run(main())
+
+
+def test_a_dead_task_gives_its_slot_back(ray_instance, tmp_path):
+    from specdsl.execute.ray_executor import RayExecutor
+
+    backend = RayExecutor(requests_per_task=3, task_cpus=0.5).wrap_backend(GatedBackend())
+    log = tmp_path / "held.log"
+    reqs = _requests("a", "b", "c", "d", "die", "f", *[f"p{i}" for i in range(12)])
+    got = {}
+    # In a thread with a deadline: a slot never given back would hang the call (and ray.wait ignores
+    # pytest-timeout's signal).
+    call = threading.Thread(target=backend.generate, daemon=True,
+                            args=({"concurrency": 1, "log": str(log)}, reqs, lambda r: got.setdefault(r.key, r)))
+    call.start()
+    call.join(90)
+    assert not call.is_alive(), "generate hangs: the dead task's slot was never given back"
+    # 'die' took the only slot and its worker died with it: without the slot back nothing after it runs
+    assert set(got) == {r.key for r in reqs}
+    assert {r.key for r in reqs[6:]} <= {k for k, r in got.items() if r.ok}
+    held = sorted(json.loads(line) for line in log.read_text().splitlines())
+    assert len({pid for _, _, pid in held}) >= 2   # several tasks took turns...
+    for (_, end, _), (start, _, _) in zip(held, held[1:]):
+        assert start >= end - 0.005               # ... never two requests at once
+
+
+class LimiterlessWorkerBackend(GatedBackend):
+    """Builds its limiter in the driver only: where the shared limiter lives (a Ray actor) it raises,
+    as a backend missing a dependency on that node would."""
+
+    name = "limiterless"
+    driver_pid = 0
+
+    def make_limiter(self, options):
+        if os.getpid() != self.driver_pid:
+            raise RunError("the limiter needs a library this node lacks", hint="install it on every node")
+        return super().make_limiter(options)
+
+    def with_limiter(self, limiter):
+        return LimiterlessWorkerBackend(limiter)
+
+
+def test_a_limiter_that_fails_on_the_cluster_is_the_same_run_error(ray_instance):
+    from specdsl.execute.ray_executor import RayExecutor
+
+    LimiterlessWorkerBackend.driver_pid = os.getpid()
+    backend = RayExecutor(requests_per_task=2).wrap_backend(LimiterlessWorkerBackend())
+    with pytest.raises(RunError) as info:
+        backend.generate({"concurrency": 2, "log": os.devnull}, _requests("a", "b", "c"), lambda r: None)
+    assert str(info.value) == str(RunError("the limiter needs a library this node lacks",
+                                           hint="install it on every node"))

@@ -11,10 +11,18 @@ local executor; only *where* the work happens changes:
   ``generate`` inside one Ray task, and every result streams back to this process (a Ray streaming
   generator) where ``on_result`` persists it in the journal as it arrives. A killed run loses only the
   answers that were in flight, never a journaled one; a request in the journal is never sent to Ray.
-* Each task runs the backend with the spec's options unchanged, so the backend's own bounds (litellm's
-  ``concurrency``, transformers' ``batch_size``) hold *per task*: the total number of requests in
-  flight is up to ``tasks running at once x per-task concurrency``. Tasks running at once are bounded
-  by the cluster's CPUs divided by ``task_cpus`` and by ``max_in_flight``.
+* **Limits hold for the whole generate call, across the cluster**, for a backend that can share them
+  (the optional ``make_limiter`` / ``with_limiter`` methods, ``LimitedBackend`` in
+  :mod:`specdsl.hookspecs`; litellm has them). When the model's options set a limit (litellm:
+  ``concurrency``, ``rpm``, ``tpm``), the driver starts one async actor (:class:`_SharedLimits`) that
+  hosts the limiter the backend builds; every task's backend is handed a :class:`_SharedLimiterClient`
+  instead of its own limits, and each attempt is admitted by the actor (the requests a task has
+  waiting go in one call; a finished request's slot and token correction ride on the next call). The
+  actor lives as long as the ``generate`` call; a task that dies has its slots given back. Options that
+  set no limit, or requests that fit in one task, start no actor and cost nothing. Other bounds (transformers' ``batch_size``, litellm's
+  default concurrency of 16 when left out) hold *per task*: requests in flight are up to
+  ``tasks running at once x per-task concurrency``. Tasks running at once are bounded by the cluster's
+  CPUs divided by ``task_cpus`` and by ``max_in_flight``.
 
 Connecting: ``RAY_ADDRESS`` set (``auto``, ``host:6379`` or ``ray://host:10001``) connects to that
 cluster; unset, a private local Ray instance starts with ``SPECDSL_RAY_NUM_CPUS`` CPUs (default: the
@@ -59,6 +67,7 @@ import pickle
 import queue
 import threading
 import traceback
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -295,6 +304,8 @@ class RayBackend:
         options_ref = ray.put(dict(options))
         remote = ex._remote(_generate_chunk, num_cpus=ex._cpus_per_task(), num_gpus=ex._gpus_per_task(),
                             max_retries=0)
+        # One chunk is one task: its own limits are already the whole step's.
+        limits = self._start_shared_limits(ray, payload, options_ref, options) if len(chunks) > 1 else None
         window = ex._window(slots)
         todo = deque(enumerate(chunks))
         active: dict[int, _Flight] = {}   # id(ObjectRefGenerator) -> its chunk
@@ -304,7 +315,7 @@ class RayBackend:
                 while todo and len(active) < window:
                     index, chunk = todo.popleft()
                     gen = remote.options(name=f"specdsl-generate-{self.name}-{index}").remote(
-                        payload, options_ref, chunk)
+                        payload, options_ref, chunk, None if limits is None else (limits, index))
                     active[id(gen)] = _Flight(gen, index, chunk)
                 ready, _ = ray.wait([f.gen for f in active.values()], num_returns=1)
                 for gen in ready:
@@ -318,6 +329,8 @@ class RayBackend:
                         kind, value = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - the task died: its unanswered requests fail
                         del active[id(gen)]
+                        if limits is not None:  # what it held would otherwise be held for good
+                            limits.forget.remote(flight.index)
                         reason = f"the Ray task answering it died: {_describe_ray_error(exc)}"
                         for req in flight.unanswered():
                             flight.answered.add(req.key)
@@ -335,6 +348,21 @@ class RayBackend:
             if not done:  # an exception (ours, on_result's, Ctrl-C): stop paying for requests nobody records
                 for flight in active.values():
                     _cancel(ray, flight.gen, force=True)
+            if limits is not None:
+                _kill(ray, limits)
+
+    def _start_shared_limits(self, ray: Any, payload: Any, options_ref: Any, options: Mapping[str, Any]) -> Any:
+        """The actor holding the limits these options set, shared by this call's tasks; None when the
+        backend cannot share limits or the options set none (then nothing is started or paid for)."""
+        make = getattr(self.backend, "make_limiter", None)
+        if not callable(make) or not callable(getattr(self.backend, "with_limiter", None)):
+            return None
+        if make(options) is None:
+            return None
+        actor = self.executor._remote(_SharedLimits, num_cpus=0, max_restarts=0)
+        # num_cpus=0: it must get a place even when the tasks fill every CPU. The name shows in
+        # `ray list actors`; the driver owns it, so it goes when the driver does.
+        return actor.options(name=f"specdsl-limits-{self.name}-{uuid.uuid4().hex[:8]}").remote(payload, options_ref)
 
 
 @dataclass
@@ -358,6 +386,13 @@ def _cancel(ray: Any, ref: Any, *, force: bool) -> None:
     try:
         ray.cancel(ref, force=force)
     except Exception:  # noqa: BLE001 - already finished or gone
+        pass
+
+
+def _kill(ray: Any, actor: Any) -> None:
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - already gone
         pass
 
 
@@ -400,22 +435,30 @@ _DONE = object()
 _MAX_BATCH = 256
 
 
-def _generate_chunk(backend: Any, options: Mapping[str, Any], requests: list[GenRequest]):
+def _generate_chunk(backend: Any, options: Mapping[str, Any], requests: list[GenRequest],
+                    limits: tuple[Any, int] | None = None):
     """Run ``backend.generate`` on a chunk; yield ("results", [GenResult, ...]) as answers arrive.
 
     The backend runs in a thread and hands results over a queue, so each one streams to the driver
     without waiting for the chunk to finish. A raised exception ends the stream with ("error", info).
+    ``limits`` (the shared-limits actor and this task's holder number) replaces the backend's own limits.
     """
     answers: queue.Queue = queue.Queue()
     failure: list[dict] = []
 
     def work() -> None:
+        client = None
         try:
             real = backend.resolve() if isinstance(backend, _ByName) else backend
+            if limits is not None:
+                client = _SharedLimiterClient(*limits)
+                real = real.with_limiter(client)
             real.generate(options, requests, answers.put)
         except BaseException as exc:  # noqa: BLE001
             failure.append(_capture(exc))
         finally:
+            if client is not None:
+                client.close()
             answers.put(_DONE)
 
     thread = threading.Thread(target=work, name="specdsl-generate", daemon=True)
@@ -437,6 +480,219 @@ def _generate_chunk(backend: Any, options: Mapping[str, Any], requests: list[Gen
     thread.join()
     if failure:
         yield "error", failure[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits shared by the tasks of one generate call
+# --------------------------------------------------------------------------------------------------
+
+
+class _SharedLimits:
+    """The limiter of one generate call, in an async Ray actor that every task of the call asks.
+
+    It hosts the limiter the backend builds (``make_limiter(options)``, so the semantics are the
+    backend's own: for litellm a FIFO concurrency semaphore, rpm and tpm token buckets, Retry-After
+    pauses) and keeps, per task ("holder"), the grants it is waiting for and the slots it holds, so a
+    task that dies can have them back (:meth:`forget`).
+    """
+
+    def __init__(self, backend: Any, options: Mapping[str, Any]):
+        # A failure here is kept and reported by acquire(), as itself: an actor whose constructor raises
+        # only tells its callers "the actor died", without the message or the hint.
+        self.failure: dict[str, Any] | None = None
+        self.limiter: Any = None
+        self.holders: dict[int, _Holder] = {}
+        try:
+            real = backend.resolve() if isinstance(backend, _ByName) else backend
+            self.limiter = real.make_limiter(options)
+            if self.limiter is None:  # the driver saw limits in the same options: not the same backend
+                raise RunError(f"backend '{real.name}' built no limiter on this Ray worker for options that set "
+                               "limits", hint=NODE_HINT)
+        except BaseException as exc:  # noqa: BLE001 - travels back and is raised again in the tasks
+            self.failure = _capture(exc)
+
+    async def acquire(self, holder: int, releases: list[tuple[int, int]],
+                      wanted: list[tuple[int, int]]) -> tuple[str, Any]:
+        """Take back ``releases`` ((reserved, used) per finished request), queue ``wanted`` ((grant id,
+        estimated tokens) per request), then wait until at least one of the holder's queued grants is
+        admitted; return ("granted", the ids of all admitted by then), or ("error", info) when there
+        is no limiter."""
+        import asyncio
+
+        if self.failure is not None:
+            return "error", self.failure
+        h = self.holders.setdefault(holder, _Holder())
+        if h.closed:
+            return "granted", []
+        self._give_back(h, releases)
+        for gid, tokens in wanted:
+            h.pending[gid] = asyncio.ensure_future(self.limiter.acquire(tokens))
+        if not h.pending:
+            return "granted", []
+        await asyncio.wait(list(h.pending.values()), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0)  # grants admitted in the same instant go in this answer too
+        if h.closed:  # forgotten while waiting: forget() has given back what was admitted
+            return "granted", []
+        granted = []
+        for gid, grant in list(h.pending.items()):
+            if grant.done():
+                del h.pending[gid]
+                if grant.exception() is not None:
+                    raise grant.exception()
+                granted.append(gid)
+        h.held += len(granted)
+        return "granted", granted
+
+    async def release(self, holder: int, releases: list[tuple[int, int]]) -> None:
+        h = self.holders.get(holder)
+        if h is not None and not h.closed:
+            self._give_back(h, releases)
+
+    async def pause(self, seconds: float) -> None:
+        if self.limiter is not None:
+            self.limiter.pause(seconds)
+
+    async def forget(self, holder: int) -> None:
+        """The task is over (or dead): give back every slot it held or was being admitted to."""
+        h = self.holders.setdefault(holder, _Holder())
+        if h.closed or self.limiter is None:
+            return
+        h.closed = True
+        for grant in h.pending.values():
+            if grant.done() and not grant.cancelled() and grant.exception() is None:
+                h.held += 1
+            else:
+                grant.cancel()
+        h.pending.clear()
+        for _ in range(h.held):
+            self.limiter.release(0, 0)  # the tokens stay spent: the request may have reached the provider
+        h.held = 0
+
+    def _give_back(self, h: "_Holder", releases: list[tuple[int, int]]) -> None:
+        for reserved, used in releases:
+            self.limiter.release(reserved, used)
+        h.held -= len(releases)
+
+
+@dataclass
+class _Holder:
+    pending: dict[int, Any] = field(default_factory=dict)  # grant id -> the asyncio task admitting it
+    held: int = 0       # admitted and not yet released
+    closed: bool = False
+
+
+class _SharedLimiterClient:
+    """The limiter a backend sees inside a generation task: each attempt is admitted by the actor.
+
+    ``acquire`` queues the request locally; one pump coroutine sends everything queued in a single
+    actor call and wakes the requests the actor admits. ``release`` is recorded and given back on the
+    next actor call, or on its own one loop turn later when no call is about to go (or one is already
+    waiting, maybe for that very slot). Lives on the backend's event loop; ``close()`` (from any thread,
+    after ``generate``) returns whatever is still held.
+    """
+
+    def __init__(self, actor: Any, holder: int):
+        self.actor = actor
+        self.holder = holder
+        self._loop: Any = None
+        self._wake: Any = None
+        self._pump_task: Any = None
+        self._next_id = 0
+        self._waiting: dict[int, tuple[int, Any]] = {}   # grant id -> (tokens, future of its acquire)
+        self._unsent: list[tuple[int, int]] = []         # (grant id, tokens) not yet sent to the actor
+        self._outstanding = 0                            # sent and not yet admitted
+        self._releases: list[tuple[int, int]] = []
+        self._calling = False
+        self._flush_scheduled = False
+        self._broken: BaseException | None = None
+
+    async def acquire(self, tokens: int) -> None:
+        import asyncio
+
+        if self._broken is not None:
+            raise self._broken
+        if self._pump_task is None:
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+            self._pump_task = self._loop.create_task(self._pump())
+        gid = self._next_id
+        self._next_id += 1
+        fut = self._loop.create_future()
+        self._waiting[gid] = (tokens, fut)
+        self._unsent.append((gid, tokens))
+        self._wake.set()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(tokens, 0)  # admitted just as we were cancelled: give it straight back
+            raise
+
+    def release(self, reserved: int, used: int) -> None:
+        self._releases.append((reserved, used))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def pause(self, seconds: float) -> None:
+        self.actor.pause.remote(seconds)
+
+    def close(self) -> None:
+        if self._releases:
+            self.actor.release.remote(self.holder, self._releases)
+            self._releases = []
+        self.actor.forget.remote(self.holder)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._releases:
+            return
+        if self._unsent and not self._calling:
+            self._wake.set()  # an acquire call is about to go: the releases ride on it
+            return
+        releases, self._releases = self._releases, []
+        self.actor.release.remote(self.holder, releases)
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._unsent or self._outstanding:
+                wanted, self._unsent = self._unsent, []
+                releases, self._releases = self._releases, []
+                self._outstanding += len(wanted)
+                self._calling = True
+                try:
+                    kind, granted = await self.actor.acquire.remote(self.holder, releases, wanted)
+                except Exception as exc:  # noqa: BLE001 - the actor is gone or its limiter failed
+                    self._fail(RunError(f"the shared rate limiter of this generate step failed: "
+                                        f"{_describe_ray_error(exc)}", hint=NODE_HINT))
+                    return
+                finally:
+                    self._calling = False
+                if kind == "error":  # the actor could not build the limiter: say why, as itself
+                    try:
+                        _reraise(granted)
+                    except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+                        self._fail(exc)
+                    return
+                self._outstanding -= len(granted)
+                for gid in granted:
+                    tokens, fut = self._waiting.pop(gid)
+                    if fut.done():  # its acquire was cancelled meanwhile
+                        self.release(tokens, 0)
+                    else:
+                        fut.set_result(None)
+            if self._releases and not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+
+    def _fail(self, error: BaseException) -> None:
+        self._broken = error
+        for _tokens, fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(self._broken)
+        self._waiting.clear()
 
 
 # --------------------------------------------------------------------------------------------------
