@@ -654,6 +654,17 @@ class _SharedLimiterClient:
         self.actor.release.remote(self.holder, releases)
 
     async def _pump(self) -> None:
+        import asyncio
+
+        try:
+            await self._admit()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a failure here must not leave requests waiting forever
+            self._fail(RunError(f"the shared rate limiter's client failed: {type(exc).__name__}: {exc}",
+                                hint=NODE_HINT))
+
+    async def _admit(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
