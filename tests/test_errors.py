@@ -8,7 +8,6 @@ Every case writes a small spec into a temporary folder (beside a tiny data file)
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -357,7 +357,6 @@ def test_missing_or_unreadable_dataset(tmp_path, tiny_model_dir):
 def test_full_finetune_learns_only_the_labelled_tokens(tmp_path, tiny_model_dir, tiny_tokenizer):
     """A repeated sample: random garbage (-100) then an answer (trained). Loss falls on the answer only,
     the labels the model receives are ours, and the first reported loss is the masked mean by hand."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     garbage = garbage_ids(tiny_tokenizer, 24, seed=1)
@@ -455,7 +454,7 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     computes for each packed sample exactly the logits it has alone, so no sample sees another one."""
     import torch
 
-    from specdsl.backends.trl_target import DataStats, _build_trainer, _load_training_dataset
+    from specdsl.backends.trl_target import _build_trainer, _load_training_dataset
 
     rows = []
     for i, (n_garbage, text) in enumerate([(5, "Paris is the capital of France."), (17, "Answer: 42"),

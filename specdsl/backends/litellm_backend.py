@@ -757,7 +757,7 @@ class LiteLLMBackend:
                     # _DirectTransport posts to api_base + "/chat/completions".
                     base = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/")[: -len("/chat/completions")]))
                     problems.append(OptionProblem(
-                        ("api_base",), f"api_base ends with /chat/completions, which this backend appends itself: "
+                        ("api_base",), "api_base ends with /chat/completions, which this backend appends itself: "
                                        "every request would go to .../chat/completions/chat/completions",
                         f"give the base URL: api_base: {base}"))
 

@@ -1022,7 +1022,7 @@ def _model_card(request: TrainRequest, target: str, params: Mapping[str, Any], s
         f"- base model: `{request.base_model}`",
         f"- target: {target} ({settings['device']}), processes: {params['processes']} x nodes: {params['nodes']}"
         + (f", strategy: {params['strategy']}" if launch else ""),
-        f"- choices: " + "; ".join(settings["reasons"]),
+        "- choices: " + "; ".join(settings["reasons"]),
         f"- epochs: {params['epochs']}, max_steps: {params['max_steps']}, learning rate: "
         f"{params['learning_rate']} ({params['lr_scheduler']}, warmup ratio {params['warmup_ratio']}), "
         f"batch size: {params['batch_size']} x accumulation {params['gradient_accumulation']}, "
