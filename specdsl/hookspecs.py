@@ -204,6 +204,13 @@ class TrainRequest:
 
 @runtime_checkable
 class TrainingTarget(Protocol):
+    """Trains a model on a pre-tokenized Parquet table (``input_ids`` + ``labels``, -100 outside the loss).
+
+    ``train`` returns the published output directory (a model, or a LoRA adapter, with a card). A target
+    that trains across machines raises :class:`specdsl.errors.StopRun` on every machine but the one that
+    writes the model: the run there stops after this node, successfully, and commits nothing.
+    """
+
     name: str                   # cpu, cuda, ...
     version: str
 
@@ -221,7 +228,20 @@ class TrainingTarget(Protocol):
 class OpDef(Protocol):
     """A primitive step. ``check`` runs at compile time, ``run`` at execution time.
 
-    See :mod:`specdsl.ops.base` for the context objects both receive.
+    See :mod:`specdsl.steps.base` for the context objects both receive, and for ``StepOp``, the base class
+    of the built-in ops. Besides the members below, the compiler and the executors read these optional
+    attributes (``StepOp`` gives each a default; an op without them gets the default):
+
+    * ``version`` (``"1"``): part of the node fingerprint; bump it when ``run``'s output changes.
+    * ``input_keys`` (``("from",)``), ``model_keys`` (``()``), ``template_keys`` (``()``): params that name
+      upstream steps, models, and per-row templates, which the compiler resolves and checks.
+    * ``sink_op`` (False): kept by the prune pass even when nothing reads its output.
+    * ``reads_known`` (False): the op reads only the columns it names through ``ctx.column()`` and
+      ``ctx.template()``, so passes may reason about which columns it depends on.
+    * ``row_parallel`` (False): stateless per row; an executor other than the local one may run it on
+      chunks of rows, in other processes or machines.
+    * ``drops_rows`` (False, or a function of the step's params): it may output fewer rows than it reads,
+      so the plan's estimates downstream of it are upper bounds.
     """
 
     name: str
