@@ -270,6 +270,16 @@ def test_S201_unknown_model(workdir):
     check(exc, "S201", 11, 39, "unknown model 'teachr'", hint="did you mean 'teacher'?")
 
 
+def test_S201_a_condition_model_must_be_an_evaluated_model(workdir):
+    """A model only a probe condition names would be outside the node's fingerprint and order."""
+    steps = ("  - id: score\n    evaluate: {models: [teacher], on: problems, probes: [{probe: accuracy, "
+             "conditions: [{name: a, model: teacher}, {name: b, model: other}]}]}\n")
+    head = HEAD.replace("models:\n", "models:\n  other: {model: smollm2-135m-instruct}\n")
+    exc = compile_errors(workdir, spec(steps, head))
+    check(exc, "S201", 12, 133, "model 'other' is not among this step's `models:`",
+          hint="add it: models: [teacher, other]")
+
+
 def test_S202_unknown_source(workdir):
     exc = compile_errors(workdir, spec(GEN.replace("from: problems", "from: problem")))
     check(exc, "S202", 11, 22, "unknown source 'problem'", hint="did you mean 'problems'?")

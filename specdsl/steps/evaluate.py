@@ -236,6 +236,13 @@ class EvaluateOp(StepOp):
                 model = cond.get("model")
                 if isinstance(model, str) and model not in ctx.models:
                     ctx.error("S201", f"unknown model '{model}'", "probes", i, "conditions", j, "model")
+                elif isinstance(model, str) and model not in (ctx.params.get("models") or []):
+                    # `models:` is what the node depends on: its fingerprint (a changed model re-runs the
+                    # evaluation) and its order (a trained model is trained first). A model only a condition
+                    # names would be in neither.
+                    ctx.error("S201", f"model '{model}' is not among this step's `models:`",
+                              "probes", i, "conditions", j, "model",
+                              hint=f"add it: models: [{', '.join([*(ctx.params.get('models') or []), model])}]")
         return ("probe", "summary")
 
     def run(self, ctx: RunContext) -> tuple[Rows, dict[str, Any]]:
