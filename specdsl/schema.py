@@ -63,7 +63,9 @@ def build_schema(registry: Any) -> dict:
         },
         "additionalProperties": False,
     }
-    op_props = {name: op.params_schema for name, op in sorted(registry.ops.items())}
+    # An op whose parameters depend on other plugins (evaluate's probes) builds its fragment from the registry.
+    op_props = {name: op.schema_for(registry) if callable(getattr(op, "schema_for", None)) else op.params_schema
+                for name, op in sorted(registry.ops.items())}
     recipe_rules = [
         {"if": {"properties": {"use": {"const": name}}, "required": ["use"]},
          "then": {"properties": {"with": recipe.params_schema}}}

@@ -127,6 +127,8 @@ class StepOp(abc.ABC):
     model_keys: tuple[str, ...] = ()          # params naming a model (or a train step)
     template_keys: tuple[str, ...] = ()       # string params rendered per row
     sink_op: bool = False                     # kept even when nothing reads its output
+    reads_known: bool = False                 # reads only the columns it names via ctx.column()/ctx.template()
+    row_parallel: bool = False                # stateless per row: an executor may run it on chunks of rows
     # May output fewer rows than it reads (a filter, a dedupe), so plan estimates downstream of it are upper
     # bounds. A function of the step's params where they decide (a filter with `into:` keeps every row).
     drops_rows: bool | Callable[[Mapping[str, Any]], bool] = False

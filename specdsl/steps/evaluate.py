@@ -16,6 +16,7 @@ nothing. Results are a table in the store, in the manifest, and printed at the e
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,14 @@ class EvaluateOp(StepOp):
             "allOf": [{"if": {"properties": {"probe": {"const": p.name}}, "required": ["probe"]},
                        "then": p.params_schema} for p in PROBES]}},
     }, required=["models", "probes"])
+
+    def schema_for(self, registry: Any) -> dict[str, Any]:
+        """params_schema with every installed probe's parameters (a plugin probe's too), not only the built-ins'."""
+        schema = copy.deepcopy(dict(self.params_schema))
+        schema["properties"]["probes"]["items"]["allOf"] = [
+            {"if": {"properties": {"probe": {"const": name}}, "required": ["probe"]}, "then": probe.params_schema}
+            for name, probe in registry.probes.items()]
+        return schema
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         probes = ctx.registry.probes

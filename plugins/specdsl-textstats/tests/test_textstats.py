@@ -408,10 +408,32 @@ def test_cli_reports_the_error_with_a_caret(tmp_path):
 # -- the probe -------------------------------------------------------------------------------------
 
 
+def test_the_probes_parameters_are_checked_by_its_schema(tmp_path, registry):
+    """The evaluate step's schema includes this plugin's probe: a misspelt parameter is a positioned error."""
+    spec = write_spec(tmp_path, """
+        specdsl: 1
+        name: probe
+        models:
+          short: {backend: template, model: s, template: "ok"}
+        sources:
+          questions: {path: questions.jsonl}
+        steps:
+          - id: lengths
+            evaluate:
+              models: [short]
+              on: questions
+              probes: [{probe: answer_length, promt: "{{ row.question }}"}]
+        """)
+    (err,) = spec_errors(spec, registry)
+    assert (err.code, (err.pos.line, err.pos.col)) == ("S104", line_col(spec, "promt")), err.render()
+    assert "promt" in err.message and "prompt" in (err.hint or "")
+    spec.write_text(spec.read_text().replace("promt", "prompt"))
+    assert api.compile_spec(spec, registry=registry).has("lengths")
+
+
 @needs_install
 def test_answer_length_probe(tmp_path, monkeypatch):
-    # EvaluateOp.check looks probes up in specdsl's process-wide default registry (see docs/plugins.md),
-    # so this test uses the installed entry point rather than build_registry(extra_plugins=...).
+    # Run through the installed entry point (the process-wide registry a run uses by default).
     monkeypatch.setenv("SPECDSL_PLUGINS", "textstats")
     import specdsl.plugins as plugins
 
