@@ -27,11 +27,14 @@ which overrides the model's own cap.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .plan import Plan
+
+log = logging.getLogger("specdsl.estimate")
 
 CHARS_PER_TOKEN = 4          # the usual rule of thumb for English text with BPE tokenizers
 CHAT_TEMPLATE_TOKENS = 8     # role markers and separators a chat template adds around each request
@@ -78,7 +81,15 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
             except Exception:  # noqa: BLE001 - estimates never fail a plan
                 samples[n.id] = []
             est["rows"] = count
-        elif n.kind == "generate":
+        elif (own := _op_estimate(registry.ops.get(n.op), plan, registry, n, in_rows,
+                                  samples.get(src or "", []))) is not None:
+            rows[n.id] = own.rows if own.rows is not None else in_rows
+            est["rows"] = in_rows
+            est.update({"requests": own.requests, "input_tokens": own.input_tokens,
+                        "output_tokens": own.output_tokens, "cost": own.cost})
+            if own.train_tokens:
+                est["train_tokens"] = own.train_tokens
+        elif n.op == "generate":
             mult = p.get("n", 1)
             count = None if in_rows is None else in_rows * mult
             rows[n.id] = count
@@ -114,6 +125,37 @@ def estimate_plan(plan: Plan, registry: Any = None) -> Plan:
             est["assumed_to_keep_every_row"] = droppers[n.id]
         nodes.append(replace(n, estimate=est))
     return replace(plan, nodes=tuple(nodes))
+
+
+class PlanPrices:
+    """What a plugin op's ``estimate(params, input_rows, services)`` receives as ``services``: the price of
+    tokens on a model of this plan, and a few of its input's rows (to measure prompts)."""
+
+    def __init__(self, plan: Plan, registry: Any, sample_rows: list[dict]):
+        self._plan, self._registry = plan, registry
+        self.sample_rows = sample_rows
+
+    def price(self, model: str, input_tokens: int, output_tokens: int) -> float | None:
+        """USD for these tokens on ``model`` (a name under ``models:`` or a train step), None if unknown."""
+        backend, options = _backend_and_options(self._plan, self._registry, model)
+        return _usage(backend, options, 1, input_tokens, output_tokens)["cost"]
+
+
+def _op_estimate(op: Any, plan: Plan, registry: Any, node: Any, in_rows: int | None,
+                 sample_rows: list[dict]) -> Any:
+    """A plugin op's own estimate (an ``Estimate``), or None to use the planner's rules for the op.
+
+    The built-in ops are estimated here, from their rendered prompts; their ``estimate`` returns None.
+    An op's estimate failing leaves the node unestimated rather than failing the plan.
+    """
+    estimate = getattr(op, "estimate", None)
+    if not callable(estimate):
+        return None
+    try:
+        return estimate(node.params, in_rows, PlanPrices(plan, registry, sample_rows))
+    except Exception:  # noqa: BLE001 - estimates never fail a plan
+        log.debug("estimate of %s failed", node.id, exc_info=True)
+        return None
 
 
 def _row_droppers(node: Any, op: Any, known: Mapping[str, list[str]]) -> list[str]:

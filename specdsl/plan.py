@@ -47,6 +47,7 @@ class PlanNode:
     estimate: Mapping[str, Any] | None = None
     op_version: str = "1"
     reads: tuple[str, ...] | None = None     # columns read from the main input (None: unknown)
+    sink: bool = False                       # kept by the prune pass though nothing reads it (op.sink_op)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class PlanNode:
             "identity": json.loads(self.identity_json), "step": self.step, "recipe": self.recipe,
             "pos": [self.pos.file, self.pos.line, self.pos.col] if self.pos else None,
             "fingerprint": self.fingerprint, "estimate": dict(self.estimate) if self.estimate else None,
-            "reads": list(self.reads) if self.reads is not None else None,
+            "reads": list(self.reads) if self.reads is not None else None, "sink": self.sink,
         }
 
     @classmethod
@@ -80,7 +81,7 @@ class PlanNode:
                    backend=d.get("backend"), identity_json=canonical_json(d.get("identity", {})),
                    step=d.get("step", ""), recipe=d.get("recipe"), pos=pos, fingerprint=d.get("fingerprint", ""),
                    estimate=d.get("estimate"),
-                   reads=tuple(d["reads"]) if d.get("reads") is not None else None)
+                   reads=tuple(d["reads"]) if d.get("reads") is not None else None, sink=bool(d.get("sink")))
 
 
 @dataclass(frozen=True)

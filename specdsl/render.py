@@ -39,10 +39,10 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
         # What a node sends (requests, tokens, cost) assumes the steps before it keep every row; whatever the
         # node itself drops, it drops after sending.
         assumed = [step for step in est.get("assumed_to_keep_every_row") or [] if step != n.id]
-        if n.kind in ("generate", "evaluate"):
+        if n.kind in ("generate", "evaluate") or "requests" in est:  # built-in, or a plugin op's own estimate
             req = est.get("requests")
             if req is None:
-                facts.append(f"requests: {_unknown_requests_reason(est)}")
+                facts.append(f"requests: {_unknown_requests_reason(n, est)}")
             else:
                 total_requests += req
                 upper_bound = upper_bound or bool(assumed)
@@ -91,10 +91,12 @@ def _requests_by_probe(est: dict[str, Any]) -> str:
     return " (" + ", ".join(f"{_escape_markup(name)} {count:,}" for name, count in per_probe.items()) + ")"
 
 
-def _unknown_requests_reason(est: dict[str, Any]) -> str:
+def _unknown_requests_reason(node: Any, est: dict[str, Any]) -> str:
     opaque = [part["probe"] for part in est.get("probes") or [] if part.get("estimable") is False]
     if opaque:
         return _escape_markup(f"unknown (probe {', '.join(dict.fromkeys(opaque))} cannot be estimated before it runs)")
+    if "requests" not in est:
+        return _escape_markup(f"unknown (op {node.op} gives no estimate)")
     return "unknown until upstream runs"
 
 

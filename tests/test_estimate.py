@@ -20,6 +20,7 @@ from specdsl.errors import RunError
 from specdsl.estimate import estimate_plan
 from specdsl.hookspecs import hookimpl
 from specdsl.plugins import build_registry
+from specdsl.steps.base import MODEL_REF, STEP_REF, Estimate, StepOp, obj_schema
 from specdsl.steps.evaluate import ProbeContext
 
 
@@ -51,8 +52,48 @@ class OpaqueProbe:
         return {"probe": "opaque", "table": []}
 
 
+class TranslateOp(StepOp):
+    """A plugin op that calls a model twice per row (translate, then back-translate) and says so."""
+
+    name = "translate"
+    kind = "generate"
+    sink_op = True  # nothing reads it in these specs: keep it through the prune pass
+    model_keys = ("model",)
+    params_schema = obj_schema({"from": STEP_REF, "model": MODEL_REF}, required=["from", "model"])
+
+    def check(self, ctx):
+        return ctx.columns + ("translation",)
+
+    def estimate(self, params, input_rows, services):
+        if input_rows is None:
+            return None
+        # 50 tokens in and 40 out per call, two calls a row; measured rows would refine the 50
+        chars = [len(r.get("question", "")) for r in services.sample_rows]
+        assert chars, "the planner hands the op its input's sample rows"
+        tin, tout = 2 * input_rows * 50, 2 * input_rows * 40
+        return Estimate(requests=2 * input_rows, input_tokens=tin, output_tokens=tout,
+                        cost=services.price(params["model"], tin, tout), rows=input_rows)
+
+    def run(self, ctx):  # pragma: no cover - estimates run nothing
+        raise AssertionError("an estimate must not run an op")
+
+
+class SilentGenerateOp(TranslateOp):
+    """A plugin op that calls models but gives no estimate."""
+
+    name = "silent"
+
+    def estimate(self, params, input_rows, services):
+        return None
+
+
 def make_plugin() -> types.ModuleType:
     mod = types.ModuleType("estimate_test_plugin")
+
+    @hookimpl
+    def register_ops(register):
+        register(TranslateOp())
+        register(SilentGenerateOp())
 
     @hookimpl
     def register_backends(register):
@@ -62,7 +103,7 @@ def make_plugin() -> types.ModuleType:
     def register_probes(register):
         register(OpaqueProbe())
 
-    mod.register_backends, mod.register_probes = register_backends, register_probes
+    mod.register_backends, mod.register_probes, mod.register_ops = register_backends, register_probes, register_ops
     return mod
 
 
@@ -417,3 +458,37 @@ steps:
     evaluate.EvaluateOp().run(ctx)
     assert len(services.sent["teacher"]) == part["requests"]
     assert services.caps == {7}
+
+
+def test_a_plugin_op_estimates_itself_and_one_that_cannot_is_shown_as_unknown(tmp_path, registry):
+    write_jsonl(tmp_path / "questions.jsonl", QUESTIONS)
+    (tmp_path / "spec.yaml").write_text("""\
+specdsl: 1
+name: plugin-estimates
+models:
+  teacher: {backend: metered, model: big}
+sources:
+  questions: {path: questions.jsonl}
+steps:
+  - id: fr
+    translate: {from: questions, model: teacher}
+  - id: quiet
+    silent: {from: questions, model: teacher}
+""")
+    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    est = plan.node("fr").estimate
+    # 4 rows x 2 calls; 400 tokens in at $1/M + 320 out at $3/M = $0.000400 + $0.000960
+    assert (est["requests"], est["input_tokens"], est["output_tokens"]) == (8, 400, 320)
+    assert est["cost"] == pytest.approx(0.00136)
+    assert "requests" not in plan.node("quiet").estimate
+
+    from rich.console import Console
+
+    from specdsl.render import render_plan
+
+    console = Console(record=True, width=200)
+    render_plan(plan, store_dir=tmp_path / "store", console=console)
+    text = console.export_text()
+    assert "8 requests, ~400 in / <= 320 out tokens · $0.0014" in text
+    assert "requests: unknown (op silent gives no estimate)" in text
+    assert "estimated: 8 requests, $0.0014" in text

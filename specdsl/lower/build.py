@@ -219,7 +219,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             id=sid, op=step.op, kind=op.kind, params_json=canonical_json(dict(step.params)), inputs=input_deps,
             columns=out_cols, models=model_deps, model_names=tuple(model_names), backend=backend,
             identity_json=canonical_json(identity), step=step.recipe_step or sid, recipe=step.recipe,
-            pos=pos_of(key=True), op_version=op.version, reads=reads)
+            pos=pos_of(key=True), op_version=op.version, reads=reads, sink=bool(getattr(op, "sink_op", False)))
 
     if sink:
         errors = [_pinpoint(e, spec.doc.lines) for e in sink.errors]

@@ -1,6 +1,7 @@
 """Drop nodes whose output nothing uses.
 
-Sinks are train, evaluate and export nodes, plus the spec's last step (a spec that only generates data
+Sinks are the nodes of ops that declare ``sink_op`` (train, evaluate, export, and plugin ops that say so),
+nodes of the train, evaluate and export kinds, and the spec's last step (a spec that only generates data
 wants its last table). Everything that does not feed a sink is dropped, so it is never run or billed.
 """
 
@@ -18,8 +19,8 @@ def prune_unused(plan: Plan) -> Plan:
         return plan
     steps = [n for n in plan.nodes if n.kind != "source"]
     last_step = steps[-1].step if steps else None
-    sinks = [n.id for n in plan.nodes if n.kind in SINK_KINDS or (n.kind != "source" and n.step == last_step
-                                                                  and not plan.consumers(n.id))]
+    sinks = [n.id for n in plan.nodes if n.sink or n.kind in SINK_KINDS
+             or (n.kind != "source" and n.step == last_step and not plan.consumers(n.id))]
     keep: set[str] = set()
     for s in sinks:
         keep.update(plan.ancestors(s))

@@ -138,6 +138,12 @@ class StepOp(abc.ABC):
         return ctx.columns
 
     def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate | None:
+        """What ``specdsl plan`` shows for this step: requests, tokens, cost, rows out (None: not known).
+
+        ``input_rows`` is the estimated row count of ``from`` (None when unknown). ``services`` is a
+        ``specdsl.estimate.PlanPrices``: ``price(model, input_tokens, output_tokens)`` and ``sample_rows``.
+        Never call a model here. The built-in ops return None: the planner estimates them itself.
+        """
         return None
 
     @abc.abstractmethod
