@@ -184,6 +184,11 @@ def spec_file(tmp_path) -> Path:
     return path
 
 
+def plan_of(spec: Path, registry):
+    """The compiled, estimated plan of ``spec`` (identities skipped: no model is loaded)."""
+    return estimate_plan(api.compile_spec(spec, registry=registry, identities=False), registry)
+
+
 @pytest.fixture
 def estimated(spec_file, registry):
     return estimate_plan(api.compile_spec(spec_file, registry=registry, identities=False), registry)
@@ -263,7 +268,7 @@ steps:
   - id: score
     evaluate: {models: [teacher], on: heldout, probes: [{probe: accuracy}]}
 """)
-    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    plan = plan_of(tmp_path / "spec.yaml", registry)
     # One condition per model, no system prompt: 13 characters -> 11.25 x 2 = 22. Probe requests carry
     # the evaluate node's cap (default 256), not the model's max_tokens.
     assert plan.node("score").estimate["probes"] == [
@@ -284,7 +289,7 @@ steps:
   - id: score
     evaluate: {models: [teacher], on: heldout, probes: [{probe: opaque}, {probe: position, tasks: [code]}]}
 """)
-    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    plan = plan_of(tmp_path / "spec.yaml", registry)
     est = plan.node("score").estimate
     assert est["probes"][0] == {"probe": "opaque", "model": "teacher", "estimable": False, "requests": None,
                                 "input_tokens": None, "output_tokens": None, "cost": None}
@@ -312,7 +317,7 @@ steps:
     generate: {from: questions, model: teacher, user: "{{ row.question }}", max_tokens: 10}
 """
     (tmp_path / "spec.yaml").write_text(spec % ", limit: 20", encoding="utf-8")
-    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    plan = plan_of(tmp_path / "spec.yaml", registry)
     assert plan.node("questions").estimate["rows"] == 20
     # 12 characters / 4 + 8 = 11 tokens a request.
     assert plan.node("answers").estimate | {"cost": None} == {
@@ -320,7 +325,7 @@ steps:
         "assumed_to_keep_every_row": ["answers"]}
 
     (tmp_path / "spec.yaml").write_text(spec % "", encoding="utf-8")
-    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    plan = plan_of(tmp_path / "spec.yaml", registry)
     assert plan.node("questions").estimate["rows"] is None
     assert plan.node("answers").estimate["requests"] is None
 
@@ -447,7 +452,7 @@ steps:
   - id: score
     evaluate: {models: [teacher], on: heldout, probes: [{probe: position, tasks: [records]}]}
 """)
-    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    plan = plan_of(tmp_path / "spec.yaml", registry)
     [part] = plan.node("score").estimate["probes"]
     assert (part["requests"], part["output_tokens"]) == (3 * 2, 3 * 2 * 7)
 
@@ -475,7 +480,7 @@ steps:
   - id: quiet
     silent: {from: questions, model: teacher}
 """)
-    plan = estimate_plan(api.compile_spec(tmp_path / "spec.yaml", registry=registry, identities=False), registry)
+    plan = plan_of(tmp_path / "spec.yaml", registry)
     est = plan.node("fr").estimate
     # 4 rows x 2 calls; 400 tokens in at $1/M + 320 out at $3/M = $0.000400 + $0.000960
     assert (est["requests"], est["input_tokens"], est["output_tokens"]) == (8, 400, 320)
