@@ -351,6 +351,7 @@ def test_plan_output_shows_evaluations_and_says_where_filters_make_an_upper_boun
            "not cached" in facts("answers")
     assert "20 requests (accuracy 4, self_correction 4, position 12), ~2,433 in / <= 100 out tokens · " \
            "$0.0014 · not cached" in facts("score")
+    assert facts("score").lstrip().startswith("metered 1, transformers 1 · models teacher, local · ")  # both backends
     # Total: 4 + 20 requests; $0.000166 + $0.001369.
     assert "estimated: 24 requests, $0.0015 (upper bound: steps that may drop rows assumed to keep every row)" \
         in lines

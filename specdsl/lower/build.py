@@ -185,7 +185,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         model_deps = tuple((k, r) for k, r in deps.get(sid, []) if k in op.model_keys)
         input_deps = tuple((k, r) for k, r in deps.get(sid, []) if k.split("[")[0] in op.input_keys)
         identity: dict[str, Any] = {}
-        backend = None
+        backends: dict[str, None] = {}     # "name version" of each backend the step's models use, in order
         model_names: dict[str, None] = {}  # declared and trained, in the step's order (a dict: no repeats)
         for key, value in step.params.items():
             if key not in op.model_keys:
@@ -194,7 +194,9 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 model_names[ref] = None
                 if ref in model_refs:
                     identity[f"model:{ref}"] = canonical_json(model_refs[ref].to_dict()["identity"])
-                    backend = backend or f"{model_refs[ref].backend} {registry.backends[model_refs[ref].backend].version}"
+                    name = model_refs[ref].backend
+                    backends[f"{name} {registry.backends[name].version}"] = None
+        backend = ", ".join(backends) or None
         used_vars = sorted(ctx.used_vars & var_names)
         if used_vars:
             identity["vars"] = {v: spec.vars[v] for v in used_vars}
