@@ -366,3 +366,13 @@ def test_prompt_erasure_comparison_table():
     assert "base+detailed" in format_table(rows)
     with pytest.raises(ValueError, match="unique"):
         compare_conditions(ACC_ROWS, [Condition("a", student), Condition("a", base)], exact_match)
+
+
+def test_the_library_and_the_evaluate_step_default_to_the_same_buckets():
+    import inspect
+
+    from specdsl.steps.evaluate import PositionProbe
+
+    defaults = inspect.signature(build_position_probe).parameters
+    assert defaults["n_buckets"].default == PositionProbe.DEFAULTS["buckets"]
+    assert defaults["per_bucket"].default == PositionProbe.DEFAULTS["per_bucket"]

@@ -561,8 +561,8 @@ def build_position_probe(
     task: str,
     *,
     context_tokens: int,
-    n_buckets: int = 10,
-    per_bucket: int = 5,
+    n_buckets: int = 8,    # the evaluate step's defaults (PositionProbe.DEFAULTS; a test keeps them equal)
+    per_bucket: int = 4,
     seed: int = 0,
     count_tokens: CountTokens | None = None,
     system: str | None = None,
