@@ -27,6 +27,9 @@ same synthetic pre-tokenized samples of 200-2,000 tokens whose first 10-50% carr
   the max abs difference over the first 50 steps is the correctness check of the fast path.
 * ``specdsl-fast``: ``CudaTarget`` with its defaults: bfd packing into padding-free batches of
   ``max_tokens_per_batch`` (16,384) tokens.
+* ``specdsl-fast-compile``: the same with ``torch_compile: true`` (its compilation falls in the warm-up
+  steps; on a short run it may not pay for itself, which is what this measures). Last, so the deadline
+  skips it first.
 
 tokens/s counts real (non-pad) tokens and excludes the first ``--warmup`` steps (compilation, autotuning).
 MFU = 6 * N * tokens/s / peak, N = all parameters (embeddings included, tied once), peak = 989e12 FLOP/s
@@ -52,6 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 H100_SXM_BF16_DENSE = 989e12
+RUNS = ("trl-default", "specdsl-same-batches", "specdsl-fast", "specdsl-fast-compile")
 
 SHAPES = {
     # SmolLM2-360M and -135M shapes (their config.json), random init.
@@ -198,7 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=None,
                     help="max_tokens_per_batch of specdsl-fast (default 16384; 2048 with --tiny)")
     ap.add_argument("--attn", default="auto", help="attn_implementation for the specdsl runs")
-    ap.add_argument("--runs", default="trl-default,specdsl-same-batches,specdsl-fast")
+    ap.add_argument("--runs", default=None,
+                    help="comma list of: " + ", ".join(RUNS) + " (default: all on cuda; on cpu, all but "
+                         "specdsl-fast-compile, whose CPU compilation takes minutes)")
     ap.add_argument("--peak", type=float, default=H100_SXM_BF16_DENSE, help="peak FLOP/s for MFU")
     ap.add_argument("--deadline", type=float, default=330.0, help="seconds; later runs are skipped")
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
@@ -221,7 +227,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("specdsl.train").setLevel(logging.INFO)
     shapes = ["tiny"] if args.tiny else [s.strip() for s in args.shapes.split(",") if s.strip()]
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    runs = ([r.strip() for r in args.runs.split(",") if r.strip()] if args.runs
+            else [r for r in RUNS if args.device == "cuda" or r != "specdsl-fast-compile"])
     lo, hi = (20, 200) if args.tiny else (200, 2000)
     steps = min(args.steps, 10) if args.tiny and args.steps == 50 else args.steps
     budget = args.budget or (2048 if args.tiny else 16384)
@@ -256,13 +263,14 @@ def main(argv=None) -> int:
                 try:
                     if run == "trl-default":
                         run_trl_default(model_dir, parquet, work, steps=steps, device=args.device, meter=meter)
-                    elif run in ("specdsl-same-batches", "specdsl-fast"):
+                    elif run in RUNS[1:]:
                         params = {"max_steps": steps,
                                   "attn_implementation": args.attn if args.device == "cuda" else "auto"}
                         if run == "specdsl-same-batches":
                             params.update(batch_size=16, packing=False, padding_free=True)
                         else:
-                            params.update(packing=True, max_tokens_per_batch=budget)
+                            params.update(packing=True, max_tokens_per_batch=budget,
+                                          torch_compile=run == "specdsl-fast-compile")
                         try:
                             settings = run_specdsl(model_dir, parquet, work, run, params, device=args.device,
                                                    meter=meter)
@@ -314,7 +322,7 @@ def main(argv=None) -> int:
                 shape_res["loss_max_abs_diff_same_batches"] = diff
                 print(f"   max |loss(trl-default) - loss(specdsl-same-batches)| over {k} steps: {diff:.5f}")
             if a.get("tokens_per_s"):
-                for r in ("specdsl-same-batches", "specdsl-fast"):
+                for r in RUNS[1:]:
                     if shape_res.get(r, {}).get("tokens_per_s"):
                         print(f"   speed-up {r} vs trl-default: {shape_res[r]['tokens_per_s'] / a['tokens_per_s']:.2f}x")
             results.append({"shape": shape, "params": n_params, "runs": shape_res})
