@@ -249,9 +249,10 @@ def _probe_requests(probe: Mapping[str, Any], models: list[str], sample_rows: li
     """What a probe's ``run`` sends (specdsl.steps.evaluate), one entry per model it asks (and condition
     or task, where the probe has them): ``requests`` and ``avg_input_tokens`` per request."""
     from . import templates
+    from .steps.evaluate import DEFAULT_COLUMNS
 
     name = probe.get("probe")
-    question = probe.get("question", "question")
+    question = probe.get("question", DEFAULT_COLUMNS["question"])
     if name == "accuracy":
         conditions = probe.get("conditions") or [{"name": m, "model": m} for m in models]
         asks = []

@@ -30,6 +30,8 @@ from .base import COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Rows, Run
 RULE = {"enum": ["exact", "contains", "regex", "number"]}
 # An evaluate node's answer cap when the spec sets none; the planner's estimate (specdsl.estimate) uses it too.
 DEFAULT_MAX_TOKENS = 256
+# The row columns the accuracy and self_correction probes read unless told otherwise.
+DEFAULT_COLUMNS: Mapping[str, str] = MappingProxyType({"question": "question", "gold": "answer"})
 
 
 @dataclass
@@ -84,7 +86,7 @@ class AccuracyProbe:
         from ..eval.accuracy import score_accuracy
 
         p = ctx.params
-        q, gold = p.get("question", "question"), p.get("gold", "answer")
+        q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
         conditions = p.get("conditions") or [{"name": m, "model": m} for m in ctx.models]
         results, table = {}, []
         match = ctx.matcher()
@@ -124,7 +126,7 @@ class SelfCorrectionProbe:
         from ..eval.self_correction import score_self_correction
 
         p = ctx.params
-        q, gold = p.get("question", "question"), p.get("gold", "answer")
+        q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
         prompt = p.get("prompt", self.DEFAULT_PROMPT.replace("QUESTION", q))
         match = ctx.matcher()
         results, table = {}, []
@@ -236,7 +238,7 @@ class EvaluateOp(StepOp):
                 if "on" not in ctx.params:
                     ctx.error("S101", f"probe '{name}' needs rows: add `on:` (a step or source)", "probes", i)
                 else:
-                    for key, default in (("question", "question"), ("gold", "answer")):
+                    for key, default in DEFAULT_COLUMNS.items():
                         ctx.column(probe.get(key, default), "probes", i, key if key in probe else "probe",
                                    input_key="on")
             for j, cond in enumerate(probe.get("conditions") or []):
