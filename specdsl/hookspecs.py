@@ -266,6 +266,15 @@ class RecipeDef(Protocol):
 
 @runtime_checkable
 class ProbeDef(Protocol):
+    """An evaluation probe: ``run(ctx)`` (a ``specdsl.steps.evaluate.ProbeContext``) returns its results.
+
+    Its ``params_schema`` checks the probe's mapping in an ``evaluate`` step. An optional
+    ``check(ctx)`` (a ``specdsl.steps.evaluate.ProbeCheckContext``) adds compile-time rules, positioned
+    at the probe's keys: ``ctx.template(text, *keys)`` checks a row template against the ``on:`` columns,
+    ``ctx.column(name, *keys)`` requires a column, ``ctx.error(code, message, *keys, hint=...)`` reports
+    anything else.
+    """
+
     name: str
     params_schema: Mapping[str, Any]
 

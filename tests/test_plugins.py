@@ -473,7 +473,7 @@ def test_plugin_import_and_registry_load_are_cheap(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Known gap: probes registered through extra_plugins
+# Probes registered through extra_plugins
 # --------------------------------------------------------------------------------------------------
 
 
@@ -502,6 +502,35 @@ def test_probe_from_extra_plugins_is_known_at_compile_time(spec_dir):
         """))
     plan = api.compile_spec(spec_dir / "spec.yaml", registry=reg)
     assert plan.node("counted").op == "evaluate"
+
+
+class BrokenCheckProbe(CountProbe):
+    name = "broken_check"
+    params_schema = obj_schema({"probe": {"const": "broken_check"}}, required=["probe"])
+
+    def check(self, ctx):
+        raise ZeroDivisionError("oops")
+
+
+def test_a_probe_check_that_crashes_blames_its_plugin(spec_dir):
+    mod = make_inline_plugin()
+
+    @hookimpl
+    def register_probes(register):
+        register(BrokenCheckProbe())
+
+    mod.register_probes = register_probes
+    reg, _ = quiet_registry(mod)
+    (spec_dir / "spec.yaml").write_text(SPEC.split("steps:")[0] + textwrap.dedent("""\
+        steps:
+          - id: counted
+            evaluate: {models: [rev], on: questions, probes: [{probe: broken_check}]}
+        """))
+    with pytest.raises(SpecErrors) as info:
+        api.compile_spec(spec_dir / "spec.yaml", registry=reg)
+    (err,) = info.value.errors
+    assert err.code == "S401" and "probe 'broken_check' failed to check its parameters" in err.message
+    assert "ZeroDivisionError" in err.message and "report it there" in err.hint
 
 
 # --------------------------------------------------------------------------------------------------

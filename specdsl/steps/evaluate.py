@@ -55,6 +55,36 @@ class ProbeContext:
         return lambda pred, gold: pred is not None and match_answer(rule, pred, gold, pattern=pattern)
 
 
+@dataclass
+class ProbeCheckContext:
+    """What a probe's optional ``check(ctx)`` sees at compile time: its own params, and checks positioned
+    under ``probes[index]`` of its evaluate step, against the columns of the step's ``on:`` input."""
+
+    step: CheckContext
+    index: int
+    params: Mapping[str, Any]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.step.inputs.get("on", ()))
+
+    @property
+    def models(self) -> list[str]:
+        """The step's evaluated models (``models:``)."""
+        return list(self.step.params.get("models") or [])
+
+    def template(self, text: Any, *keys: str | int) -> None:
+        """Check a row template in the probe's params (``keys`` locate it inside the probe's mapping)."""
+        self.step.template(text, "probes", self.index, *keys, columns=self.columns)
+
+    def column(self, name: Any, *keys: str | int) -> None:
+        """Require a column of the ``on:`` rows."""
+        self.step.column(name, "probes", self.index, *keys, input_key="on")
+
+    def error(self, code: str, message: str, *keys: str | int, hint: str | None = None) -> None:
+        self.step.error(code, message, "probes", self.index, *keys, hint=hint)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table (the run summary prints it; the manifest keeps the rows)."""
     if not rows:
@@ -234,6 +264,14 @@ class EvaluateOp(StepOp):
                 ctx.error("S213", f"unknown probe '{name}'", "probes", i, "probe",
                           hint=did_you_mean(str(name), probes) or "")
                 continue
+            own_check = getattr(probes[name], "check", None)
+            if callable(own_check):  # a plugin probe's own compile-time rules (templates, columns)
+                try:
+                    own_check(ProbeCheckContext(ctx, i, probe))
+                except Exception as exc:  # noqa: BLE001 - a plugin's check must not crash the compiler
+                    ctx.error("S401", f"probe '{name}' failed to check its parameters: {exc!r}", "probes", i,
+                              hint=f"a bug in the plugin that provides '{name}' "
+                                   f"({type(probes[name]).__module__}); report it there")
             if name in ("accuracy", "self_correction"):
                 if "on" not in ctx.params:
                     ctx.error("S101", f"probe '{name}' needs rows: add `on:` (a step or source)", "probes", i)

@@ -23,6 +23,10 @@ class AnswerLengthProbe:
         "prompt": {**TEMPLATE, "description": "the user message per row (default: '{{ row.question }}')"},
     }, required=["probe"])
 
+    def check(self, ctx: Any) -> None:
+        """Compile time: the prompt template must render against the evaluated rows' columns."""
+        ctx.template(ctx.params.get("prompt", "{{ row.question }}"), "prompt" if "prompt" in ctx.params else "probe")
+
     def run(self, ctx: Any) -> dict[str, Any]:
         from specdsl import templates
 

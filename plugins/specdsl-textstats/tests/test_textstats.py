@@ -430,6 +430,12 @@ def test_the_probes_parameters_are_checked_by_its_schema(tmp_path, registry):
     spec.write_text(spec.read_text().replace("promt", "prompt"))
     assert api.compile_spec(spec, registry=registry).has("lengths")
 
+    # The probe's own check: its template must fit the rows it is asked about.
+    spec.write_text(spec.read_text().replace("row.question", "row.qestion"))
+    (err,) = spec_errors(spec, registry)
+    assert (err.code, (err.pos.line, err.pos.col)) == ("S302", line_col(spec, "row.qestion")), err.render()
+    assert "did you mean 'question'" in err.hint
+
 
 @needs_install
 def test_answer_length_probe(tmp_path, monkeypatch):
