@@ -13,6 +13,7 @@ pyyaml, tokenizers, xxhash) lacks these wheels; carry them (see the device READM
 PYTHONPATH before running:
 
     trl==1.16.0  datasets==5.2.0  dill==0.4.1  multiprocess==0.70.19
+    jsonschema==4.26.0 (+ referencing, jsonschema-specifications, rpds-py: for tests/test_gpu.py and specdsl)
     optional: liger-kernel==0.8.5 (pure Python + Triton: the fast path then uses Liger's layer kernels)
     optional: xxhash (only if `python3 -m pip show xxhash` finds none there)
     flash-attn has no prebuilt wheel for torch 2.11/cu130 on PyPI; without it the fast path uses flex attention.
