@@ -27,3 +27,26 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with weights redrawn at a larger scale.
+
+    At its initial scale (std 0.02) the tiny model's logits are nearly flat and greedy decoding
+    answers every prompt with the same newline; larger weights make the answer depend on the prompt,
+    so batch invariance is tested on text that differs from row to row.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lively-tiny-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.2, generator=gen)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -9,7 +9,6 @@ import math
 import pytest
 
 from tests.test_training import answer_ids, batch_spy, garbage_ids, request, write_parquet
-from tests.test_transformers_backend import model_dir  # noqa: F401  (a fixture: the tiny model, livelier)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -71,15 +70,15 @@ def test_cuda_first_loss_matches_the_cpu_path(tmp_path, tiny_model_dir, tiny_tok
     assert first["cuda"] == pytest.approx(first["cpu"], rel=tol)
 
 
-def test_local_generation_on_the_gpu_matches_the_cpu(model_dir):
+def test_local_generation_on_the_gpu_matches_the_cpu(lively_model_dir):
     """The transformers backend with device: auto generates on the GPU; in fp32, greedy answers equal the
-    CPU's (batched, so left padding and per-row stopping are exercised on the GPU too). ``model_dir`` is
+    CPU's (batched, so left padding and per-row stopping are exercised on the GPU too). ``lively_model_dir`` is
     the tiny model with larger weights, whose answers differ by prompt (no near-ties to flip)."""
     from specdsl.backends.transformers_backend import TransformersBackend
     from tests.test_transformers_backend import PROMPTS, _requests, _run
 
     backend, reqs = TransformersBackend(), _requests(system="You are a helpful assistant.")
-    base = {"model": str(model_dir), "max_new_tokens": 12, "dtype": "float32", "batch_size": 4}
+    base = {"model": str(lively_model_dir), "max_new_tokens": 12, "dtype": "float32", "batch_size": 4}
     cpu = _run(backend, {**base, "device": "cpu"}, reqs)
     gpu = _run(backend, {**base, "device": "auto"}, reqs)
     assert len(reqs) == len(PROMPTS)
