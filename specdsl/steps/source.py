@@ -52,7 +52,7 @@ def peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
 # huge record is still parsed in linear time overall.
 _READ_CHARS = 1 << 16
 # A parse error this close to the end of what was read may just be a value cut off by the read (a
-# literal such as "Infinity", a \uXXXX surrogate pair), and a number ending this close may go on past
+# literal such as "Infinity", or an escaped surrogate pair), and a number ending this close may go on past
 # it: read on before calling the file malformed or the value complete.
 _CUT_OFF_MARGIN = 16
 _JSON_VALUE_STARTS = frozenset('{"-0123456789tfnNI')
