@@ -174,14 +174,15 @@ class ModelShape:
         return self.layers * per_layer + 8 * self.hidden
 
 
-def model_shape(base_model: Path) -> ModelShape | None:
-    """The decoder's shape from config.json (None when it does not describe one the estimate knows)."""
-    try:
-        cfg = json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if isinstance(cfg.get("text_config"), dict):
-        cfg = {**cfg, **cfg["text_config"]}
+def model_shape(base_model: Path | Mapping[str, Any]) -> ModelShape | None:
+    """The decoder's shape from its config.json (a model folder, or the config already read); None when
+    the file cannot be read or does not describe a decoder the memory estimate knows."""
+    if not isinstance(base_model, Mapping):
+        try:
+            base_model = _model_config(Path(base_model))
+        except RunError:
+            return None
+    cfg = base_model
     try:
         heads = int(cfg["num_attention_heads"])
         return ModelShape(hidden=int(cfg["hidden_size"]), intermediate=int(cfg["intermediate_size"]),
@@ -307,8 +308,9 @@ class DataStats:
         return asdict(self)
 
 
-def _model_vocab_and_context(base_model: Path) -> tuple[int | None, int | None]:
-    """vocab_size and max_position_embeddings from config.json, without importing transformers."""
+def _model_config(base_model: Path) -> dict[str, Any]:
+    """config.json of a model folder, without importing transformers. A composite model's language-model
+    settings (``text_config``) fill in what the top level does not say."""
     cfg_path = Path(base_model) / "config.json"
     if not Path(base_model).is_dir() or not cfg_path.is_file():
         raise RunError(f"base model {base_model} is not a Hugging Face model directory (no config.json)")
@@ -316,9 +318,14 @@ def _model_vocab_and_context(base_model: Path) -> tuple[int | None, int | None]:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot read {cfg_path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise RunError(f"cannot read {cfg_path}: not a JSON object")
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    vocab = cfg.get("vocab_size") or text.get("vocab_size")
-    ctx = cfg.get("max_position_embeddings") or text.get("max_position_embeddings")
+    return {**text, **{k: v for k, v in cfg.items() if v is not None}}
+
+
+def _vocab_and_context(config: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    vocab, ctx = config.get("vocab_size"), config.get("max_position_embeddings")
     return (int(vocab) if vocab else None, int(ctx) if ctx else None)
 
 
@@ -1179,11 +1186,12 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
     progress = progress or (lambda _event: None)
     params = resolve_params(request.params)
     seed = int(params["seed"] if params["seed"] is not None else request.seed)
-    vocab, ctx = _model_vocab_and_context(Path(request.base_model))
+    config = _model_config(Path(request.base_model))
+    vocab, ctx = _vocab_and_context(config)
     max_length = params["max_length"] or ctx
     stats = inspect_dataset(Path(request.dataset), vocab_size=vocab, max_length=max_length)
     caps = detect_capabilities()
-    settings = plan_settings(params, device, caps, model_shape(Path(request.base_model)))
+    settings = plan_settings(params, device, caps, model_shape(config))
     settings["capability"] = caps.get("capability")
     settings["device_name"] = caps.get("device_name")
     settings["versions"] = {k: caps[k] for k in ("torch", "transformers", "trl")}
