@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from specdsl.backends.transformers_backend import TransformersBackend  # noqa: E402
-from specdsl.hookspecs import GenRequest  # noqa: E402
-from specdsl.models import resolve_model  # noqa: E402
+from specdsl.backends.transformers.backend import TransformersBackend  # noqa: E402
+from specdsl.contract.hookspecs import GenRequest  # noqa: E402
+from specdsl.modelcache.models import resolve_model  # noqa: E402
 
 TOPICS = [
     "the ocean", "a lighthouse keeper", "the history of bread", "how bicycles work", "a city at night",

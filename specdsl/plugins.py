@@ -14,7 +14,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from specdsl.contract import hookspecs
 
 ENV_ALLOW = "SPECDSL_PLUGINS"
 
@@ -64,7 +64,7 @@ def _allowed() -> set[str] | None:
 
 def build_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
     """Load the built-ins, the allowed entry points and ``extra_plugins`` (objects or modules, for tests)."""
-    from . import builtin
+    from specdsl import builtin
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.SpecdslHooks)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .steps.train import TrainOp
+from specdsl.ops.train import TrainOp
 
 _TRAIN_KEYS = {k: v for k, v in TrainOp.params_schema["properties"].items() if k not in ("from", "model", "meta")}
 TRAIN = {"type": "object", "properties": _TRAIN_KEYS, "additionalProperties": False,

@@ -9,7 +9,7 @@ import os
 import re
 from typing import Any, Mapping
 
-from .errors import RunError
+from specdsl.errors import RunError
 
 REF = re.compile(r"^\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}$")
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from specdsl.cli import main
-from specdsl.plan import Plan
+from specdsl.ir.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "specs"

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from specdsl.ops.erase import (
+from specdsl.designs.erase import (
     DEFAULT_GENERIC_SYSTEM,
     ErasureLeakError,
     UnknownStrategyError,
@@ -16,9 +16,9 @@ from specdsl.ops.erase import (
     strategy_for,
     teacher_messages,
 )
-from specdsl.ops.in2 import build_long_context, film_prompt, in2_messages
-from specdsl.ops.masking import IGNORE_INDEX, render_chat, render_prompt_completion, tokenize_with_mask, trained_text
-from specdsl.ops.pam import (
+from specdsl.designs.in2 import build_long_context, film_prompt, in2_messages
+from specdsl.designs.masking import IGNORE_INDEX, render_chat, render_prompt_completion, tokenize_with_mask, trained_text
+from specdsl.designs.pam import (
     DEFAULT_FORMAT,
     SelfCorrectionFormat,
     self_correction_messages,

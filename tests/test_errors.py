@@ -491,7 +491,7 @@ class _CheckedEchoBackend(_EchoBackend):
     name = "checked_echo"
 
     def check_options(self, options):
-        from specdsl.hookspecs import OptionProblem
+        from specdsl.contract.hookspecs import OptionProblem
 
         if options.get("prefix") == "bad":
             return [OptionProblem(("prefix",), "prefix 'bad' is not allowed", "pick another prefix")]
@@ -501,7 +501,7 @@ class _CheckedEchoBackend(_EchoBackend):
 
 
 def _echo_registry():
-    from specdsl.hookspecs import hookimpl
+    from specdsl.contract.hookspecs import hookimpl
     from specdsl.plugins import build_registry
 
     class Plugin:

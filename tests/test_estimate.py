@@ -17,11 +17,11 @@ import pytest
 
 from specdsl import api
 from specdsl.errors import RunError
-from specdsl.estimate import estimate_plan
-from specdsl.hookspecs import hookimpl
+from specdsl.passes.estimate import estimate_plan
+from specdsl.contract.hookspecs import hookimpl
 from specdsl.plugins import build_registry
-from specdsl.steps.base import MODEL_REF, STEP_REF, Estimate, StepOp, obj_schema
-from specdsl.steps.evaluate import ProbeContext
+from specdsl.contract.ops import MODEL_REF, STEP_REF, Estimate, StepOp, obj_schema
+from specdsl.ops.evaluate import ProbeContext
 
 
 class MeteredBackend:
@@ -216,7 +216,7 @@ POSITION_REQUEST_TOKENS = 100 + 94.75
 
 
 def test_position_prompt_overhead_is_what_the_expected_numbers_assume():
-    from specdsl.eval.position import IN2_TEMPLATE, INSTRUCTIONS
+    from specdsl.probes.position import IN2_TEMPLATE, INSTRUCTIONS
 
     assert len(IN2_TEMPLATE.replace("{context}", "").replace("{instruction}", "")) == 160
     assert len(INSTRUCTIONS["records"].replace("{query}", "")) == 87
@@ -333,7 +333,7 @@ steps:
 def rendered(plan, tmp_path) -> str:
     from rich.console import Console
 
-    from specdsl.render import render_plan
+    from specdsl.views.plan import render_plan
 
     console = Console(record=True, width=400, color_system=None)
     render_plan(plan, store_dir=tmp_path / "no-store", console=console)
@@ -422,7 +422,7 @@ def test_row_probes_estimate_exactly_what_they_send(estimated, probe_index, tmp_
 
 
 def test_position_probe_sends_as_many_requests_as_estimated_and_no_longer_prompts(estimated, tmp_path):
-    from specdsl.eval.position import approx_token_count
+    from specdsl.probes.position import approx_token_count
 
     parts = [part for part in estimated.node("score").estimate["probes"] if part["probe"] == "position"]
     sent = probe_traffic(estimated, 2, tmp_path).sent
@@ -435,9 +435,9 @@ def test_position_probe_sends_as_many_requests_as_estimated_and_no_longer_prompt
 
 def test_the_estimate_and_the_run_share_the_evaluate_defaults(tmp_path, registry, monkeypatch):
     """The answer cap and the position probe's sizes a spec leaves out are defined once, in
-    specdsl.steps.evaluate: changed there, both what the run sends and what the plan estimates follow."""
-    from specdsl.steps import evaluate
-    from specdsl.steps.base import RunContext
+    specdsl.ops.evaluate: changed there, both what the run sends and what the plan estimates follow."""
+    from specdsl.ops import evaluate
+    from specdsl.contract.ops import RunContext
 
     monkeypatch.setattr(evaluate, "DEFAULT_MAX_TOKENS", 7)
     monkeypatch.setattr(evaluate.PositionProbe, "DEFAULTS", {"context_tokens": 100, "buckets": 3, "per_bucket": 2})
@@ -490,7 +490,7 @@ steps:
 
     from rich.console import Console
 
-    from specdsl.render import render_plan
+    from specdsl.views.plan import render_plan
 
     console = Console(record=True, width=200)
     render_plan(plan, store_dir=tmp_path / "store", console=console)

@@ -14,16 +14,16 @@ import re
 
 import pytest
 
-from specdsl.eval.accuracy import (
+from specdsl.probes.accuracy import (
     Condition, accuracy_table, build_accuracy_prompts, compare_conditions, prompt_erasure_conditions,
     score_accuracy,
 )
-from specdsl.eval.position import (
+from specdsl.probes.position import (
     POSITION_TASKS, PositionResult, approx_token_count, bucket_of, build_position_probe,
     combine_position_results, format_table, plot_position_results, results_table, run_position_probe,
     score_answer, score_position_probe, source_fingerprint,
 )
-from specdsl.eval.self_correction import (
+from specdsl.probes.self_correction import (
     FORMAT_INSTRUCTION, build_self_correction_prompts, parse_self_correction, score_self_correction,
 )
 
@@ -371,7 +371,7 @@ def test_prompt_erasure_comparison_table():
 def test_the_library_and_the_evaluate_step_default_to_the_same_buckets():
     import inspect
 
-    from specdsl.steps.evaluate import PositionProbe
+    from specdsl.ops.evaluate import PositionProbe
 
     defaults = inspect.signature(build_position_probe).parameters
     assert defaults["n_buckets"].default == PositionProbe.DEFAULTS["buckets"]

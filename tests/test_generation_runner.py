@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from specdsl.backends.litellm_backend import LiteLLMBackend
+from specdsl.backends.litellm.backend import LiteLLMBackend
 from specdsl.errors import RunError
 from specdsl.execute.generation import NO_RESULT, GenerationProgress, run_requests
 from specdsl.execute.journal import RequestJournal
-from specdsl.hookspecs import GenRequest, GenResult, request_key
+from specdsl.contract.hookspecs import GenRequest, GenResult, request_key
 from tests.conftest import ROOT
 from tests.fakeserver import FakeServer
 
@@ -165,10 +165,10 @@ def test_fail_fast_even_when_the_backend_swallows_the_error(journal):
 
 _CHILD = textwrap.dedent("""
     import sys
-    from specdsl.backends.litellm_backend import LiteLLMBackend
+    from specdsl.backends.litellm.backend import LiteLLMBackend
     from specdsl.execute.generation import run_requests
     from specdsl.execute.journal import RequestJournal
-    from specdsl.hookspecs import GenRequest, request_key
+    from specdsl.contract.hookspecs import GenRequest, request_key
     api_base, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     b = LiteLLMBackend()
     opts = {"model": "openai/fake", "api_base": api_base, "api_key": "sk-runner", "concurrency": 4}

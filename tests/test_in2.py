@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from specdsl.ops.in2 import (
+from specdsl.designs.in2 import (
     FILM_PROMPT_TEMPLATE,
     build_long_context,
     chi_square_uniform,
@@ -227,7 +227,7 @@ def test_mix_short_context():
 
 def test_design_modules_import_nothing_heavy():
     code = ("import sys\n"
-            "import specdsl.ops.in2, specdsl.ops.masking, specdsl.ops.pam, specdsl.ops.erase, specdsl.ops.matchers\n"
+            "import specdsl.designs.in2, specdsl.designs.masking, specdsl.designs.pam, specdsl.designs.erase, specdsl.designs.matchers\n"
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'tokenizers') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -191,7 +191,7 @@ def assert_self_contained(html: str) -> None:
 
 def test_unknown_node_lists_the_nodes(built):
     from specdsl.errors import RunError
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     plan, store = built
     with pytest.raises(RunError) as e:
@@ -204,7 +204,7 @@ def test_unknown_node_lists_the_nodes(built):
 
 def test_node_not_in_the_store_hints_the_run_command(built, tmp_path):
     from specdsl.errors import RunError
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     plan, store = built
     with pytest.raises(RunError) as e:  # no store at all
@@ -232,7 +232,7 @@ def test_cli_errors_are_one_clean_message(built):
 
 
 def test_ordinary_node_shows_a_table_with_long_values_cut(built):
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     plan, store = built
     console = recording_console(width=400)
@@ -251,8 +251,8 @@ def test_ordinary_node_shows_a_table_with_long_values_cut(built):
 
 
 def test_terminal_highlights_exactly_the_trained_text(built, tiny_tokenizer):
-    from specdsl.inspect import STYLE_MASKED_ANSWER, STYLE_TRAINED, inspect_node
-    from specdsl.ops.masking import trained_text
+    from specdsl.views.inspect import STYLE_MASKED_ANSWER, STYLE_TRAINED, inspect_node
+    from specdsl.designs.masking import trained_text
 
     plan, store = built
     trained_prefix = style_prefix(STYLE_TRAINED)
@@ -288,7 +288,7 @@ def test_terminal_highlights_exactly_the_trained_text(built, tiny_tokenizer):
 
 
 def test_terminal_shows_the_erased_instruction_apart(built):
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     plan, store = built
     console = recording_console()
@@ -301,7 +301,7 @@ def test_terminal_shows_the_erased_instruction_apart(built):
 
 
 def test_terminal_marks_in2_key_segments(built):
-    from specdsl.inspect import STYLE_KEY, inspect_node
+    from specdsl.views.inspect import STYLE_KEY, inspect_node
 
     plan, store = built
     console = recording_console()
@@ -317,8 +317,8 @@ def test_terminal_marks_in2_key_segments(built):
 
 
 def test_html_tokens_match_the_labels(built, tiny_tokenizer, tmp_path):
-    from specdsl.inspect import inspect_node
-    from specdsl.ops.masking import trained_text
+    from specdsl.views.inspect import inspect_node
+    from specdsl.designs.masking import trained_text
 
     plan, store = built
     for node in TOKENIZED:
@@ -345,7 +345,7 @@ def test_html_tokens_match_the_labels(built, tiny_tokenizer, tmp_path):
 
 
 def test_html_names_the_spans_behind_each_mask(built, tmp_path):
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     plan, store = built
     # PAM: tokens of the wrong first answer are masked answers, labelled initial_answer.
@@ -394,7 +394,7 @@ def test_without_a_tokenizer_the_html_falls_back_to_spans(tiny_model_dir, tmp_pa
     """The model folder is gone after tokenizing: the view shows the character spans, counts from labels."""
     from specdsl import api
     from specdsl.execute.runner import run
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -424,7 +424,7 @@ def test_long_untrained_stretches_can_be_elided_without_touching_loss_or_keys(bu
     """The report hides the middle of long masked runs (IN2 contexts); trained tokens and keys stay."""
     import re
 
-    from specdsl.inspect import render_examples_html
+    from specdsl.views.inspect import render_examples_html
 
     plan, store = built
     rows = store.load(plan.node("film.tokens").fingerprint)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from specdsl.execute.journal import RequestJournal
-from specdsl.hookspecs import GenResult
+from specdsl.contract.hookspecs import GenResult
 from tests.conftest import ROOT
 
 
@@ -98,7 +98,7 @@ def test_thread_safe(tmp_path):
 _WRITER = textwrap.dedent("""
     import sys
     from specdsl.execute.journal import RequestJournal
-    from specdsl.hookspecs import GenResult
+    from specdsl.contract.hookspecs import GenResult
     j = RequestJournal(sys.argv[1])
     start, stop = int(sys.argv[2]), int(sys.argv[3])
     for i in range(start, stop):

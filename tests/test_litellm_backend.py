@@ -15,8 +15,8 @@ import time
 import jsonschema
 import pytest
 
-from specdsl.backends.litellm_backend import LiteLLMBackend
-from specdsl.hookspecs import GenerationBackend, GenRequest, GenResult
+from specdsl.backends.litellm.backend import LiteLLMBackend
+from specdsl.contract.hookspecs import GenerationBackend, GenRequest, GenResult
 from tests.conftest import ROOT
 from tests.fakeserver import FakeServer
 
@@ -62,7 +62,7 @@ def backend() -> LiteLLMBackend:
 
 
 def test_import_is_cheap():
-    code = ("import sys, specdsl.backends.litellm_backend as m; "
+    code = ("import sys, specdsl.backends.litellm.backend as m; "
             "heavy = [n for n in ('litellm', 'aiohttp', 'openai', 'httpx') if n in sys.modules]; "
             "assert not heavy, heavy; assert m.LiteLLMBackend.name == 'litellm'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
@@ -257,8 +257,8 @@ def test_tpm_limit(backend):
 
 
 def test_make_limiter_holds_only_the_limits_the_options_set(backend):
-    from specdsl.backends.litellm_backend import RequestLimiter
-    from specdsl.hookspecs import LimitedBackend, Limiter
+    from specdsl.backends.litellm.backend import RequestLimiter
+    from specdsl.contract.hookspecs import LimitedBackend, Limiter
 
     assert isinstance(backend, LimitedBackend)
     base = {"model": "openai/fake", "api_base": "http://127.0.0.1:9/v1"}
@@ -276,7 +276,7 @@ class RecordingLimiter:
     what the backend tells it."""
 
     def __init__(self, concurrency):
-        from specdsl.backends.litellm_backend import RequestLimiter
+        from specdsl.backends.litellm.backend import RequestLimiter
 
         self.inner = RequestLimiter(concurrency, None, None)
         self.acquired: list[int] = []
@@ -384,8 +384,8 @@ def test_self_hosted_server_answers_without_importing_litellm(tmp_path):
     script.write_text(
         "import sys, json\n"
         "from tests.fakeserver import FakeServer\n"
-        "from specdsl.backends.litellm_backend import LiteLLMBackend\n"
-        "from specdsl.hookspecs import GenRequest\n"
+        "from specdsl.backends.litellm.backend import LiteLLMBackend\n"
+        "from specdsl.contract.hookspecs import GenRequest\n"
         "out = {}\n"
         "with FakeServer(faults=['429', 'ok'], retry_after=0.05) as srv:\n"
         "    reqs = [GenRequest(key=f'k{i}', messages=({'role': 'user', 'content': f'p{i}'},),\n"
@@ -413,7 +413,7 @@ def test_self_hosted_server_answers_without_importing_litellm(tmp_path):
 
 def test_openai_models_behind_a_gateway_still_get_litellm_parameter_mapping():
     """A custom api_base in front of OpenAI's own models keeps litellm's per-model parameter rules."""
-    from specdsl.backends.litellm_backend import _Settings, _self_hosted
+    from specdsl.backends.litellm.backend import _Settings, _self_hosted
 
     gateway = _Settings.from_options({"model": "openai/o3-mini", "api_base": "http://gateway/v1"})
     assert _self_hosted(gateway) is None

@@ -1,4 +1,4 @@
-"""Positioned, safe YAML loading (specdsl.load): values, positions, and hostile input."""
+"""Positioned, safe YAML loading (specdsl.frontend.load): values, positions, and hostile input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import pytest
 
 from specdsl.errors import SourcePos, SpecErrors
-from specdsl.load import MAX_FILE_BYTES, load_yaml_file, load_yaml_text, read_text
+from specdsl.frontend.load import MAX_FILE_BYTES, load_yaml_file, load_yaml_text, read_text
 
 
 def load(text: str):

@@ -17,7 +17,7 @@ import pytest
 
 from specdsl import api
 from specdsl.errors import SpecErrors
-from specdsl.plan import PlanNode
+from specdsl.ir.plan import PlanNode
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -158,7 +158,7 @@ def test_train_lowers_to_tokenize_then_train(tmp_path):
 def test_plan_names_every_model_a_node_asks(tmp_path):
     from rich.console import Console
 
-    from specdsl.render import render_plan
+    from specdsl.views.plan import render_plan
 
     plan = compile_text(tmp_path, HEAD + """\
   - id: chat
@@ -331,7 +331,7 @@ class BuggyPlugin:
         def run(self, ctx):  # pragma: no cover
             raise AssertionError
 
-    from specdsl.hookspecs import hookimpl
+    from specdsl.contract.hookspecs import hookimpl
 
     @hookimpl
     def register_recipes(self, register):

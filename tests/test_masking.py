@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from specdsl.ops.masking import (
+from specdsl.designs.masking import (
     IGNORE_INDEX,
     RenderedSample,
     Span,

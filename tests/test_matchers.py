@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdsl.ops.matchers import RULES, extract_number, match_answer, normalize_text
+from specdsl.designs.matchers import RULES, extract_number, match_answer, normalize_text
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from specdsl import models
+from specdsl.modelcache import models
 from specdsl.errors import RunError
 
 NAME = "smollm2-135m-instruct"
@@ -183,8 +183,8 @@ def test_real_fetch_and_conversion():
     assert "<|im_start|>" in (path / "chat_template.jinja").read_text()
 
     # After the pull it works offline, and greedy decoding speaks sensible English.
-    from specdsl.backends.transformers_backend import TransformersBackend
-    from specdsl.hookspecs import GenRequest
+    from specdsl.backends.transformers.backend import TransformersBackend
+    from specdsl.contract.hookspecs import GenRequest
 
     questions = {"paris": "What is the capital of France?", "colors": "Name three colors."}
     reqs = [GenRequest(key=k, messages=({"role": "user", "content": q},)) for k, q in questions.items()]

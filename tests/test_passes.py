@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from specdsl import api, hookspecs
-from specdsl.plan import Plan
+from specdsl import api
+
+from specdsl.contract import hookspecs
+from specdsl.ir.plan import Plan
 from specdsl.plugins import build_registry
-from specdsl.schema import SECRET_PATTERN
+from specdsl.frontend.schema import SECRET_PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "specs"
@@ -201,7 +203,7 @@ def test_inline_secret_for_a_provider_backend_is_S404(full):
 
 
 def test_plan_json_round_trips(full):
-    from specdsl.estimate import estimate_plan
+    from specdsl.passes.estimate import estimate_plan
 
     for plan in (api.compile_spec(full), api.compile_spec(full, passes=False),
                  api.compile_spec(FIXTURES / "recipe.yaml", identities=False)):

@@ -25,10 +25,10 @@ import pytest
 
 from specdsl import api
 from specdsl.errors import SpecErrors
-from specdsl.hookspecs import GenResult, hookimpl
+from specdsl.contract.hookspecs import GenResult, hookimpl
 from specdsl.plugins import build_registry
-from specdsl.schema import SECRET_PATTERN, build_schema
-from specdsl.steps.base import COLUMN, STEP_REF, StepOp, obj_schema
+from specdsl.frontend.schema import SECRET_PATTERN, build_schema
+from specdsl.contract.ops import COLUMN, STEP_REF, StepOp, obj_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTSTATS = ROOT / "plugins" / "specdsl-textstats"
@@ -342,8 +342,8 @@ def site(tmp_path, monkeypatch):
     root = tmp_path / "site"
     root.mkdir()
     (root / "tp_good_plugin.py").write_text(textwrap.dedent("""
-        from specdsl.hookspecs import hookimpl
-        from specdsl.steps.base import StepOp, obj_schema
+        from specdsl.contract.hookspecs import hookimpl
+        from specdsl.contract.ops import StepOp, obj_schema
 
         class Noop(StepOp):
             name = "tp_noop"
@@ -454,7 +454,7 @@ def test_plugin_import_and_registry_load_are_cheap(tmp_path):
         import specdsl_textstats
         from specdsl import api
         from specdsl.plugins import build_registry
-        from specdsl.schema import build_schema
+        from specdsl.frontend.schema import build_schema
         reg = build_registry(extra_plugins=(specdsl_textstats,))
         build_schema(reg)
         errors = api.validate_paths([{str(TEXTSTATS / "examples" / "demo.yaml")!r}], registry=reg)

@@ -36,9 +36,9 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'spec
 from specdsl import api  # noqa: E402
 from specdsl.errors import RunError  # noqa: E402
 from specdsl.execute.journal import RequestJournal  # noqa: E402
-from specdsl.hookspecs import GenRequest, GenResult, hookimpl  # noqa: E402
+from specdsl.contract.hookspecs import GenRequest, GenResult, hookimpl  # noqa: E402
 from specdsl.plugins import build_registry  # noqa: E402
-from specdsl.steps.base import COLUMN, STEP_REF, StepOp, obj_schema  # noqa: E402
+from specdsl.contract.ops import COLUMN, STEP_REF, StepOp, obj_schema  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def make_registry(**settings):
 def ray_instance():
     # Workers must unpickle the plugin classes above whatever the working directory of pytest is.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    from specdsl.execute.ray_executor import ensure_ray
+    from specdsl.executors.ray import ensure_ray
 
     started_here = not ray.is_initialized()
     ensure_ray(num_cpus=2)  # the executor's own start-up path: a private local instance
@@ -309,7 +309,7 @@ def test_op_error_in_a_task_is_the_local_run_error(ray_instance, tmp_path):
 
 
 def test_map_rows_directly(ray_instance):
-    from specdsl.execute.ray_executor import RayExecutor
+    from specdsl.executors.ray import RayExecutor
 
     rows = [{"i": i} for i in range(23)]
     ex = RayExecutor(rows_per_task=5)
@@ -469,7 +469,7 @@ def _requests(*prompts):
 
 
 def test_wrapped_backend_streams_results_to_the_driver(ray_instance):
-    from specdsl.execute.ray_executor import RayExecutor
+    from specdsl.executors.ray import RayExecutor
 
     backend = RayExecutor(requests_per_task=2).wrap_backend(ScriptedBackend())
     assert (backend.name, backend.version, backend.identity({})) == ("scripted", "1", {})
@@ -482,7 +482,7 @@ def test_wrapped_backend_streams_results_to_the_driver(ray_instance):
 
 
 def test_dead_worker_fails_only_its_unanswered_requests(ray_instance):
-    from specdsl.execute.ray_executor import RayExecutor
+    from specdsl.executors.ray import RayExecutor
 
     backend = RayExecutor(requests_per_task=3).wrap_backend(ScriptedBackend())
     reqs = _requests("a", "b", "c", "d", "die", "f", "g", "h")   # chunks: abc | d,die,f | gh
@@ -496,7 +496,7 @@ def test_dead_worker_fails_only_its_unanswered_requests(ray_instance):
 
 
 def test_backend_error_is_the_same_run_error(ray_instance):
-    from specdsl.execute.ray_executor import RayExecutor
+    from specdsl.executors.ray import RayExecutor
 
     backend = RayExecutor(requests_per_task=2).wrap_backend(ScriptedBackend())
     got = []
@@ -516,7 +516,7 @@ class LockedBackend(ScriptedBackend):
 
 
 def test_unpicklable_backend_is_looked_up_by_name_on_the_worker(ray_instance):
-    from specdsl.execute.ray_executor import RayExecutor
+    from specdsl.executors.ray import RayExecutor
 
     backend = RayExecutor(requests_per_task=2).wrap_backend(LockedBackend())
     with pytest.raises(RunError) as info:
@@ -617,7 +617,7 @@ class GatedBackend(ScriptedBackend):
         self.limiter = limiter
 
     def make_limiter(self, options):
-        from specdsl.backends.litellm_backend import RequestLimiter
+        from specdsl.backends.litellm.backend import RequestLimiter
 
         return RequestLimiter(options["concurrency"], None, None) if options.get("concurrency") else None
 
@@ -642,7 +642,7 @@ class GatedBackend(ScriptedBackend):
 
 
 def test_a_dead_task_gives_its_slot_back(ray_instance, tmp_path):
-    from specdsl.execute.ray_executor import RayExecutor
+    from specdsl.executors.ray import RayExecutor
 
     backend = RayExecutor(requests_per_task=3, task_cpus=0.5).wrap_backend(GatedBackend())
     log = tmp_path / "held.log"
@@ -681,7 +681,7 @@ class LimiterlessWorkerBackend(GatedBackend):
 
 
 def test_a_limiter_that_fails_on_the_cluster_is_the_same_run_error(ray_instance):
-    from specdsl.execute.ray_executor import RayExecutor
+    from specdsl.executors.ray import RayExecutor
 
     LimiterlessWorkerBackend.driver_pid = os.getpid()
     backend = RayExecutor(requests_per_task=2).wrap_backend(LimiterlessWorkerBackend())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from specdsl.hookspecs import hookimpl
+from specdsl.contract.hookspecs import hookimpl
 from tests.test_inspect import PROBLEMS, assert_self_contained, parse_examples, recording_console, write_spec
 
 TOKENIZE_STEPS = """
@@ -56,8 +56,8 @@ TOKENIZE_STEPS = """
         - {probe: records_search, context_tokens: 320, buckets: 4, per_bucket: 3}
 """
 TOKENIZED = ("erased_tokens", "pam_tokens", "in2_tokens")
-TRAINED_RGB = (0xB7, 0xEB, 0xC0)     # --trained in specdsl.inspect.CSS
-RAN_FILL_RGB = (0xDC, 0xF5, 0xE1)    # STATUS_COLOURS["ran"] fill in specdsl.report
+TRAINED_RGB = (0xB7, 0xEB, 0xC0)     # --trained in specdsl.views.inspect.CSS
+RAN_FILL_RGB = (0xDC, 0xF5, 0xE1)    # STATUS_COLOURS["ran"] fill in specdsl.views.report
 
 
 # -- the test plugin: a probe that needs no model ------------------------------------------------------
@@ -76,7 +76,7 @@ class RecordsSearchProbe:
         "buckets": {"type": "integer"}, "per_bucket": {"type": "integer"}}}
 
     def run(self, ctx):
-        from specdsl.eval.position import build_position_probe, plot_position_results, results_table, \
+        from specdsl.probes.position import build_position_probe, plot_position_results, results_table, \
             score_position_probe
 
         p = ctx.params
@@ -197,7 +197,7 @@ def test_report_examples_count_trained_tokens(report_run):
 
 def test_report_of_a_cached_rerun_and_every_input_form(report_run, registry, tmp_path):
     from specdsl.execute.runner import run
-    from specdsl.report import write_report
+    from specdsl.views.report import write_report
 
     plan, first = report_run
     again = run(plan, store_dir=first.store.root, progress=False, registry=registry)
@@ -221,7 +221,7 @@ def test_report_of_a_cached_rerun_and_every_input_form(report_run, registry, tmp
 
 
 def test_inspecting_an_evaluate_node_shows_its_results(report_run, tmp_path):
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     plan, result = report_run
     console = recording_console()
@@ -236,7 +236,7 @@ def test_inspecting_an_evaluate_node_shows_its_results(report_run, tmp_path):
 
 
 def test_graph_layout_by_topological_level(report_run):
-    from specdsl.report import layout
+    from specdsl.views.report import layout
 
     plan, _ = report_run
     pos = layout([n.to_dict() for n in plan.nodes])
@@ -351,7 +351,7 @@ def assert_readable_screenshot(path: Path, must_show: tuple[int, int, int]) -> N
 
 @needs_chromium
 def test_inspect_page_in_chromium(report_run, tmp_path):
-    from specdsl.inspect import inspect_node
+    from specdsl.views.inspect import inspect_node
 
     plan, result = report_run
     page = tmp_path / "pam.html"

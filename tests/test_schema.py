@@ -1,14 +1,14 @@
-"""The spec schema (specdsl.schema): strictness, plugin fragments, and how violations are reported."""
+"""The spec schema (specdsl.frontend.schema): strictness, plugin fragments, and how violations are reported."""
 
 from __future__ import annotations
 
 import pytest
 
-from specdsl import hookspecs
+from specdsl.contract import hookspecs
 from specdsl.errors import ErrorSink
-from specdsl.load import load_yaml_text
+from specdsl.frontend.load import load_yaml_text
 from specdsl.plugins import build_registry, default_registry
-from specdsl.schema import build_schema, validate, validator
+from specdsl.frontend.schema import build_schema, validate, validator
 
 # Objects whose keys are the user's own names or values: everything else is closed.
 OPEN = {("properties", "meta"), ("properties", "vars"), ("properties", "with")}

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from specdsl.load import load_yaml_text
+from specdsl.frontend.load import load_yaml_text
 from specdsl.plugins import build_registry
-from specdsl.schema import build_schema
+from specdsl.frontend.schema import build_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "schemas" / "spec.v1.json"
@@ -51,7 +51,7 @@ SHIPPED = sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "tests" / "sp
 
 @pytest.mark.parametrize("spec", SHIPPED, ids=lambda p: p.name)
 def test_shipped_specs_validate_against_the_schema_file(spec):
-    # Loaded as editors do (YAML 1.2: `on:` is the key "on"), which is also what specdsl.load does.
+    # Loaded as editors do (YAML 1.2: `on:` is the key "on"), which is also what specdsl.frontend.load does.
     data = load_yaml_text(spec.read_text(encoding="utf-8"), spec.name).data
     errors = [e.message for e in editor_validator().iter_errors(data)]
     assert errors == []

@@ -12,8 +12,8 @@ import pytest
 
 from specdsl import api
 from specdsl.errors import RunError
-from specdsl.steps import source
-from specdsl.steps.source import (JsonSyntaxError, NotAListOfObjects, first_json_record_columns, iter_json_records,
+from specdsl.sources import files as source
+from specdsl.sources.files import (JsonSyntaxError, NotAListOfObjects, first_json_record_columns, iter_json_records,
                                   peek_columns)
 
 

@@ -1,4 +1,4 @@
-"""Training targets on TRL (specdsl.backends.trl_target) on the tiny random-init model.
+"""Training targets on TRL (specdsl.training.trl.target) on the tiny random-init model.
 
 What matters most is that the loss sees exactly the labels the spec designed: the batches are captured at
 the model's boundary (a forward pre-hook) and compared with the dataset, and the reported loss is
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from specdsl.backends.trl_target import (
+from specdsl.training.trl.target import (
     CpuTarget,
     CudaTarget,
     PARAMS_SCHEMA,
@@ -28,7 +28,7 @@ from specdsl.backends.trl_target import (
     resolve_params,
 )
 from specdsl.errors import RunError
-from specdsl.hookspecs import TrainingTarget, TrainRequest
+from specdsl.contract.hookspecs import TrainingTarget, TrainRequest
 
 CARD = {"spec": "orca-erasure", "data_fingerprint": "fp-1234abcd", "mask_policy": "assistant answer only"}
 
@@ -119,7 +119,7 @@ def leftovers(parent: Path) -> list[str]:
 
 
 def test_import_is_cheap():
-    code = ("import sys, specdsl.backends.trl_target, specdsl.backends.trl_worker; "
+    code = ("import sys, specdsl.training.trl.target, specdsl.training.worker; "
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft', 'accelerate', 'pyarrow') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -202,7 +202,7 @@ SMOLLM2_1_7B = dict(hidden=2048, intermediate=8192, layers=24, vocab=49152, head
 
 
 def test_auto_token_budget_follows_the_model_and_the_card():
-    from specdsl.backends.trl_target import ModelShape, auto_token_budget
+    from specdsl.training.trl.target import ModelShape, auto_token_budget
 
     small, big = ModelShape(**SMOLLM2_360M), ModelShape(**SMOLLM2_1_7B)
     assert small.params == 361_820_160 and big.params == 1_711_374_336  # the published models' counts
@@ -222,7 +222,7 @@ def test_auto_token_budget_follows_the_model_and_the_card():
 
 
 def test_cuda_plan_sizes_the_budget_from_the_model_shape(tiny_model_dir):
-    from specdsl.backends.trl_target import ModelShape, model_shape
+    from specdsl.training.trl.target import ModelShape, model_shape
 
     caps = _caps(memory_bytes=80 * 2**30)
     s = plan_settings(resolve_params({}), "cuda", caps, ModelShape(**SMOLLM2_1_7B))
@@ -246,7 +246,7 @@ def test_an_automatic_budget_is_halved_when_the_first_steps_run_out_of_memory(tm
     import torch
     from transformers import TrainerCallback
 
-    from specdsl.backends.trl_target import _smaller_budget, train_worker
+    from specdsl.training.trl.target import _smaller_budget, train_worker
 
     class SmallDevice(TrainerCallback):
         def __init__(self):
@@ -454,7 +454,7 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     computes for each packed sample exactly the logits it has alone, so no sample sees another one."""
     import torch
 
-    from specdsl.backends.trl_target import _build_trainer, _load_training_dataset
+    from specdsl.training.trl.target import _build_trainer, _load_training_dataset
 
     rows = []
     for i, (n_garbage, text) in enumerate([(5, "Paris is the capital of France."), (17, "Answer: 42"),

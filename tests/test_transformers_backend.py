@@ -15,10 +15,10 @@ import sys
 import jsonschema
 import pytest
 
-from specdsl.backends.transformers_backend import (DEFAULTS, OPTIONS_SCHEMA, TransformersBackend,
+from specdsl.backends.transformers.backend import (DEFAULTS, OPTIONS_SCHEMA, TransformersBackend,
                                                    clear_model_cache, model_fingerprint)
 from specdsl.errors import RunError
-from specdsl.hookspecs import GenerationBackend, GenRequest, GenResult
+from specdsl.contract.hookspecs import GenerationBackend, GenRequest, GenResult
 
 PROMPTS = [
     "What is 7 times 8?",
@@ -95,7 +95,7 @@ def test_schema_rejects_typos_and_bad_values():
 
 def test_import_is_cheap():
     # specdsl validate imports the plugins; torch must not come with them.
-    code = ("import sys, specdsl.backends.transformers_backend, specdsl.models; "
+    code = ("import sys, specdsl.backends.transformers.backend, specdsl.modelcache.models; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -355,7 +355,7 @@ def test_check_options_reads_no_weights_and_imports_no_torch(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    code = ("import sys, json; from specdsl.backends.transformers_backend import TransformersBackend; "
+    code = ("import sys, json; from specdsl.backends.transformers.backend import TransformersBackend; "
             f"p = TransformersBackend().check_options({{'model': {str(folder)!r}, 'max_new_tokens': 16}}); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert p == [] and not bad, (p, bad)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from specdsl.errors import RunError
-from specdsl.hookspecs import GenerationBackend, GenRequest, GenResult
+from specdsl.contract.hookspecs import GenerationBackend, GenRequest, GenResult
 
 NO_RESULT = "the backend returned no result for this request"
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from specdsl.hookspecs import GenResult
+from specdsl.contract.hookspecs import GenResult
 
 SCHEMA_VERSION = 1
 _CHUNK = 500  # keys per SELECT ... IN (...): well under SQLite's variable limit on every build

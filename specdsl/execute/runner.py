@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import RunError, StopRun
-from ..plan import Plan, PlanNode
-from ..steps.base import RunContext
-from .services import Services
-from .store import Store
+from specdsl.errors import RunError, StopRun
+from specdsl.ir.plan import Plan, PlanNode
+from specdsl.contract.ops import RunContext
+from specdsl.execute.services import Services
+from specdsl.execute.store import Store
 
 
 @dataclass
@@ -90,14 +90,14 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
         console: Any = None, executor: str = "local") -> RunResult:
     """Execute ``plan``. See the module docstring for the guarantees."""
     if registry is None:
-        from ..plugins import default_registry
+        from specdsl.plugins import default_registry
 
         registry = default_registry()
     store = Store(Path(store_dir) if store_dir else default_store_dir(plan))
     store.clean_tmp(older_than_s=3600)
     selected = select_nodes(plan, only=only, until=until)
     reports: list[NodeReport] = []
-    from .progress import Display
+    from specdsl.execute.progress import Display
 
     display = Display(console=console, enabled=progress)
     if executor not in registry.executors:
@@ -165,7 +165,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
 
 
 def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, registry: Any, load, outputs) -> NodeReport:
-    from ..steps.source import read_rows
+    from specdsl.sources.files import read_rows
 
     staging = store.staging(node.fingerprint)
     stats = services.stats.setdefault(node.id, _new_stats())
@@ -223,7 +223,7 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
 
 def _pull_known_models(plan: Plan) -> None:
     """Fetch named local models before the live display starts: a first pull draws its own progress."""
-    from ..models import is_cached, is_known, pull
+    from specdsl.modelcache.models import is_cached, is_known, pull
 
     for m in plan.models:
         if m.backend == "transformers" and is_known(m.model) and not is_cached(m.model):
@@ -239,7 +239,7 @@ def run_row_chunk(op: Any, node_id: str, params: Mapping[str, Any], variables: M
 
 
 def _new_stats():
-    from .services import NodeStats
+    from specdsl.execute.services import NodeStats
 
     return NodeStats()
 
@@ -292,7 +292,7 @@ def _write_manifest(store: Store, manifest: Mapping[str, Any]) -> Path:
     tmp = store.root / "run.json.tmp"
     tmp.write_text(text)
     os.replace(tmp, store.root / "run.json")
-    from ..report import write_run_reports
+    from specdsl.views.report import write_run_reports
 
     write_run_reports(manifest, store.root, run_dir)  # report.html beside run.json (never raises)
     return path

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import RunError
-from ..hookspecs import GenRequest, GenResult
-from ..plan import Plan
-from .. import secrets
-from .store import Store
+from specdsl.errors import RunError
+from specdsl.contract.hookspecs import GenRequest, GenResult
+from specdsl.ir.plan import Plan
+from specdsl import secrets
+from specdsl.execute.store import Store
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Services:
         self.fail_fast = fail_fast
         self._journal = journal
         if executor is None:
-            from .local import LocalExecutor
+            from specdsl.executors.local import LocalExecutor
 
             executor = LocalExecutor()
         self.executor = executor
@@ -63,7 +63,7 @@ class Services:
     @property
     def journal(self):
         if self._journal is None:
-            from .journal import RequestJournal
+            from specdsl.execute.journal import RequestJournal
 
             self._journal = RequestJournal(self.store.journal_path)
         return self._journal
@@ -111,7 +111,7 @@ class Services:
         if m.backend != "transformers":
             raise RunError(f"model '{ref}' is served by '{m.backend}'; this step needs a local model",
                            hint="use a `backend: transformers` model (a known name or a local directory)")
-        from ..models import resolve_model
+        from specdsl.modelcache.models import resolve_model
 
         return Path(resolve_model(m.model))
 
@@ -130,7 +130,7 @@ class Services:
 
     def generate(self, node_id: str, model_ref: str, requests: Sequence[GenRequest]) -> dict[str, GenResult]:
         """Answer requests through the journal: completed ones are never re-issued, new ones persist at once."""
-        from .generation import run_requests
+        from specdsl.execute.generation import run_requests
 
         backend, options = self.backend_and_options(model_ref)
         resolved = secrets.resolve(options, model=model_ref)
@@ -170,7 +170,7 @@ class Services:
     def answer(self, node_id: str, model_ref: str, prompts: Sequence[Sequence[Mapping[str, str]]],
                params: Mapping[str, Any] | None = None) -> list[str]:
         """Plain chat completions for evaluation probes (journaled like any other request)."""
-        from ..hookspecs import request_key
+        from specdsl.contract.hookspecs import request_key
 
         params = dict(params or {"temperature": 0})
         identity = self.model_identity(model_ref)
@@ -190,7 +190,7 @@ class Services:
     def training_target(self, name: str):
         targets = self.registry.targets
         if name == "auto":
-            from ..backends.trl_target import choose_target
+            from specdsl.training.trl.target import choose_target
 
             return choose_target("auto", targets)
         if name not in targets:

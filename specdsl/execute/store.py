@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import RunError
+from specdsl.errors import RunError
 
 Rows = list[dict[str, Any]]
 DATA = "data.parquet"

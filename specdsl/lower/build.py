@@ -12,13 +12,13 @@ import re
 from dataclasses import replace
 from typing import Any, Mapping
 
-from ..errors import ErrorSink, SourcePos, SpecError, SpecErrors, did_you_mean
-from ..plan import ModelRef, Plan, PlanNode, canonical_json, refingerprint, topo_order, topo_sort
-from ..spec import ModelDecl, Spec, StepDecl
-from ..steps.base import CheckContext
-from ..steps.source import peek_columns, source_identity
-from ..steps.tokenize import TOKENIZE_PASSTHROUGH, TOKENIZED_COLUMNS
-from .. import templates
+from specdsl.errors import ErrorSink, SourcePos, SpecError, SpecErrors, did_you_mean
+from specdsl.ir.plan import ModelRef, Plan, PlanNode, canonical_json, refingerprint, topo_order, topo_sort
+from specdsl.frontend.spec import ModelDecl, Spec, StepDecl
+from specdsl.contract.ops import CheckContext
+from specdsl.sources.files import peek_columns, source_identity
+from specdsl.ops.tokenize import TOKENIZE_PASSTHROUGH, TOKENIZED_COLUMNS
+from specdsl import templates
 
 # Train steps lower to a tokenize node (exact masks, inspectable) feeding the train node.
 TOKENIZE_SUFFIX = ".tokens"

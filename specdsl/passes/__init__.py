@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..plan import Plan
-from .prune import prune_unused
-from .push_filters import push_filters_before_generation
+from specdsl.ir.plan import Plan
+from specdsl.passes.prune import prune_unused
+from specdsl.passes.push_filters import push_filters_before_generation
 
 PASSES = (push_filters_before_generation, prune_unused)
 

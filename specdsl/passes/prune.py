@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..plan import Plan
+from specdsl.ir.plan import Plan
 
 SINK_KINDS = ("train", "evaluate", "export")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..plan import Plan, refingerprint, topo_sort
+from specdsl.ir.plan import Plan, refingerprint, topo_sort
 
 
 def push_filters_before_generation(plan: Plan) -> Plan:

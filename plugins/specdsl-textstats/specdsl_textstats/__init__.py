@@ -13,7 +13,7 @@ those import nothing heavier than jinja2 (and only when a method runs).
 
 from __future__ import annotations
 
-from specdsl.hookspecs import hookimpl
+from specdsl.contract.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 

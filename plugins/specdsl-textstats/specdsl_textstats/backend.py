@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from specdsl.hookspecs import GenRequest, GenResult
+from specdsl.contract.hookspecs import GenRequest, GenResult
 
 DEFAULT_TEMPLATE = "{{ prompt }}"
 TEMPLATE_NAMES = frozenset({"prompt", "system", "messages", "model", "params", "seed"})
@@ -157,7 +157,7 @@ class TemplateBackend:
         reports them as error[S210] at that line and column). Cheap: Jinja2 parsing and ``re`` only."""
         # Imported here: a specdsl old enough to lack OptionProblem never calls this method, and can
         # still load the plugin.
-        from specdsl.hookspecs import OptionProblem
+        from specdsl.contract.hookspecs import OptionProblem
 
         checks = [(("template",), lambda: _compile(options.get("template", DEFAULT_TEMPLATE), TEMPLATE_NAMES,
                                                     "template"))]

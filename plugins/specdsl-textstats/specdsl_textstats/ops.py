@@ -1,6 +1,6 @@
 """Two transform ops: ``stats`` (add length columns) and ``dedupe`` (drop repeated rows).
 
-Both follow :class:`specdsl.steps.base.StepOp`: a strict ``params_schema`` (so a typo is a positioned
+Both follow :class:`specdsl.contract.ops.StepOp`: a strict ``params_schema`` (so a typo is a positioned
 S104 error), a ``check`` that runs at compile time and returns the output columns (so later templates
 are checked against them), and a ``run`` that maps input rows to output rows.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specdsl.steps.base import COLUMN, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
+from specdsl.contract.ops import COLUMN, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
 
 MEASURES = ("chars", "words", "lines")
 

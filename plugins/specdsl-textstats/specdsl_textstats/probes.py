@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from specdsl.steps.base import TEMPLATE, obj_schema
+from specdsl.contract.ops import TEMPLATE, obj_schema
 
 
 class AnswerLengthProbe:

@@ -21,7 +21,7 @@ import pytest
 import specdsl_textstats
 from specdsl import api
 from specdsl.errors import SpecErrors
-from specdsl.hookspecs import GenRequest, request_key
+from specdsl.contract.hookspecs import GenRequest, request_key
 from specdsl.plugins import build_registry
 from specdsl_textstats.backend import OptionError, TemplateBackend
 
@@ -133,7 +133,7 @@ def test_demo_compiles_and_runs(demo, registry, tmp_path):
 def test_estimates_downstream_of_dedupe_are_upper_bounds(demo, registry):
     """dedupe declares ``drops_rows``, so `plan` counts it as keeping every row and says the figures after
     it are upper bounds; stats keeps every row and adds no such assumption."""
-    from specdsl.estimate import estimate_plan
+    from specdsl.passes.estimate import estimate_plan
     from specdsl_textstats.ops import DedupeOp, StatsOp
 
     assert DedupeOp.drops_rows is True and StatsOp.drops_rows is False

@@ -1,0 +1,326 @@
+"""The whole plugin contract of specdsl, in one module.
+
+A plugin is any module (usually exposed through the ``specdsl`` entry-point group) with functions
+decorated by :data:`hookimpl`. Each hook receives a ``register`` callable; the plugin calls it once per
+thing it provides. Built-in backends, ops, recipes and probes register through exactly these hooks.
+
+Rules every registered object follows:
+
+* Importing the plugin module must be cheap: no torch, transformers, trl, litellm or datasets at module
+  level. Import them inside the methods that run (``specdsl validate`` must stay fast).
+* Options are validated by the JSON Schema fragment the object carries (``options_schema`` /
+  ``params_schema``), so user mistakes in backend options become positioned spec errors.
+* What a schema cannot express, a backend checks in its optional ``check_options(options)``: it returns
+  :class:`OptionProblem` s (option path, message, hint), which ``specdsl validate``, ``plan`` and ``run``
+  report as error[S210] at that option's line and column. It runs on every validate, so it stays cheap
+  and offline: no network, no heavy imports, no loading or hashing of model weights (``identity()``
+  may do those; ``validate`` never calls it). Backends without the method keep working.
+* Secrets only arrive resolved at run time; ``identity()`` must never include them (it feeds the
+  fingerprint, which is stored in plans, caches and manifests).
+
+Example, a complete third-party backend::
+
+    from specdsl.contract.hookspecs import hookimpl, GenResult, OptionProblem
+
+    class EchoBackend:
+        name = "echo"
+        version = "1"
+        options_schema = {"type": "object", "properties": {}, "additionalProperties": False}
+        def identity(self, options): return {"model": options["model"]}
+        def check_options(self, options):  # optional
+            if options["model"] != options["model"].strip():
+                return [OptionProblem(("model",), "the model name has surrounding spaces", "remove them")]
+            return []
+        def price(self, options, input_tokens, output_tokens): return 0.0
+        def generate(self, options, requests, on_result):
+            for r in requests:
+                on_result(GenResult(key=r.key, text=r.messages[-1]["content"]))
+
+    @hookimpl
+    def register_backends(register):
+        register(EchoBackend())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import pluggy
+
+PROJECT = "specdsl"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One chat completion to make.
+
+    ``key`` is the content hash of everything that determines the answer (backend identity, messages,
+    sampling parameters, sample index): the request journal and cross-node deduplication use it.
+    ``row_id`` is only for messages to the user.
+    """
+
+    key: str
+    messages: tuple[Mapping[str, str], ...]
+    params: Mapping[str, Any] = field(default_factory=dict)  # max_tokens, temperature, top_p, seed
+    row_id: str = ""
+
+
+@dataclass(frozen=True)
+class GenResult:
+    key: str
+    text: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    error: str | None = None  # set when the request failed after all retries
+    latency_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def request_key(identity: Mapping[str, Any], messages: Sequence[Mapping[str, str]],
+                params: Mapping[str, Any]) -> str:
+    """Content hash of a generation request; equal requests share one answer across nodes and runs."""
+    blob = json.dumps({"identity": identity, "messages": list(messages), "params": params},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class OptionProblem:
+    """One thing wrong with a model entry's options, as found by a backend's ``check_options``.
+
+    ``path`` is where the problem is inside the model entry: ``("api_base",)``, ``("model",)`` for the
+    model itself, ``("rules", 0, "match")`` inside a nested option, ``()`` for the entry as a whole.
+    The error is positioned at that value in the YAML (the nearest written parent when the option is
+    not written out, e.g. a default). ``message`` names the option and says what is wrong; ``hint``
+    says how to fix it.
+    """
+
+    path: tuple[str | int, ...]
+    message: str
+    hint: str | None = None
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """A generation backend.
+
+    Optional method (not a protocol member, so backends written before it still satisfy
+    ``isinstance`` checks)::
+
+        def check_options(self, options: Mapping[str, Any]) -> Sequence[OptionProblem]:
+            "Every problem with these options that would make plan or run fail; [] when none."
+
+    ``options`` is what ``identity()`` receives: the schema-valid model entry including ``model``
+    (a local path already resolved the way the plan resolves it), secrets still as ``${env:NAME}``
+    references. It runs in ``specdsl validate`` for every spec: cheap and offline only (no network, no
+    torch/transformers/litellm imports, no loading or hashing of weights), and it must not depend on
+    the machine that will run the spec (which GPU, which environment variables are set). Report all
+    problems, not just the first. When it returns problems, ``identity()`` is not called for the entry.
+    """
+
+    name: str
+    version: str
+    options_schema: Mapping[str, Any]  # JSON Schema for a model entry's options (minus backend/model)
+
+    def identity(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
+        """What determines outputs (model name, revision, decoding defaults). Never secrets."""
+
+    def price(self, options: Mapping[str, Any], input_tokens: int, output_tokens: int) -> float | None:
+        """Estimated cost in USD, or None when the backend cannot price the model."""
+
+    def generate(self, options: Mapping[str, Any], requests: Sequence[GenRequest],
+                 on_result: Callable[[GenResult], None]) -> None:
+        """Answer every request, calling ``on_result`` as soon as each one completes (or finally fails).
+
+        ``options`` has secrets resolved. The caller persists each result inside ``on_result``, so a
+        backend must call it promptly, from any thread, one result at a time.
+        """
+
+
+@runtime_checkable
+class Limiter(Protocol):
+    """Admission control for one model's requests (concurrency, request and token rates), used from
+    one event loop. Every attempt a backend sends is bracketed by ``acquire`` and ``release``."""
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one more attempt, estimated to cost ``tokens`` tokens, may be sent."""
+
+    def release(self, reserved: int, used: int) -> None:
+        """The attempt admitted with ``reserved`` tokens is over and cost ``used`` (0 when it was
+        rejected, ``reserved`` when unknown): free its concurrency slot, correct the token count."""
+
+    def pause(self, seconds: float) -> None:
+        """The provider said to wait (``Retry-After``): admit nothing for ``seconds``."""
+
+
+@runtime_checkable
+class LimitedBackend(Protocol):
+    """Optional methods of a :class:`GenerationBackend` whose limits can hold across processes.
+
+    An executor that answers one ``generate`` call from several processes (Ray) calls
+    ``make_limiter(options)`` where the shared limiter lives (one Ray actor per call) and, in each
+    process, sends through ``with_limiter(shared).generate(...)``, so the limits the options set hold
+    for all the processes together rather than for each. The local executor never calls either.
+    A backend without them keeps its limits per process.
+    """
+
+    def make_limiter(self, options: Mapping[str, Any]) -> Limiter | None:
+        """A new limiter enforcing the limits ``options`` set (secrets resolved), or None when they set
+        none: then nothing is shared and nothing extra is paid per request."""
+
+    def with_limiter(self, limiter: Limiter) -> GenerationBackend:
+        """This backend with every attempt admitted by ``limiter`` instead of its own limits."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    base_model: Path            # a Hugging Face model directory (config, weights, tokenizer)
+    dataset: Path               # a Parquet file with input_ids and labels (-100 = no loss)
+    output_dir: Path            # where the trained model or adapter is written (atomically)
+    params: Mapping[str, Any]   # the train step's parameters as validated by the schema
+    seed: int = 0
+    card: Mapping[str, Any] = field(default_factory=dict)  # spec name, data fingerprint, mask policy
+
+
+@runtime_checkable
+class TrainingTarget(Protocol):
+    """Trains a model on a pre-tokenized Parquet table (``input_ids`` + ``labels``, -100 outside the loss).
+
+    ``train`` returns the published output directory (a model, or a LoRA adapter, with a card). A target
+    that trains across machines raises :class:`specdsl.errors.StopRun` on every machine but the one that
+    writes the model: the run there stops after this node, successfully, and commits nothing.
+    """
+
+    name: str                   # cpu, cuda, ...
+    version: str
+
+    def available(self) -> bool: ...
+
+    def train(self, request: TrainRequest, progress: Callable[[Mapping[str, Any]], None]) -> Path: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Ops, recipes, probes, executors
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class OpDef(Protocol):
+    """A primitive step. ``check`` runs at compile time, ``run`` at execution time.
+
+    See :mod:`specdsl.contract.ops` for the context objects both receive, and for ``StepOp``, the base class
+    of the built-in ops. Besides the members below, the compiler and the executors read these optional
+    attributes (``StepOp`` gives each a default; an op without them gets the default):
+
+    * ``version`` (``"1"``): part of the node fingerprint; bump it when ``run``'s output changes.
+    * ``input_keys`` (``("from",)``), ``model_keys`` (``()``), ``template_keys`` (``()``): params that name
+      upstream steps, models, and per-row templates, which the compiler resolves and checks.
+    * ``sink_op`` (False): kept by the prune pass even when nothing reads its output.
+    * ``reads_known`` (False): the op reads only the columns it names through ``ctx.column()`` and
+      ``ctx.template()``, so passes may reason about which columns it depends on.
+    * ``row_parallel`` (False): stateless per row; an executor other than the local one may run it on
+      chunks of rows, in other processes or machines.
+    * ``drops_rows`` (False, or a function of the step's params): it may output fewer rows than it reads,
+      so the plan's estimates downstream of it are upper bounds.
+    """
+
+    name: str
+    kind: str                        # "generate" | "transform" | "train" | "evaluate" | "export"
+    params_schema: Mapping[str, Any]
+
+    def check(self, ctx: Any) -> Any: ...
+
+    def run(self, ctx: Any) -> Any: ...
+
+
+@runtime_checkable
+class RecipeDef(Protocol):
+    """A macro: parameters in, a list of primitive step mappings out (ids prefixed by the caller)."""
+
+    name: str
+    params_schema: Mapping[str, Any]
+    description: str
+
+    def expand(self, step_id: str, params: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ProbeDef(Protocol):
+    """An evaluation probe: ``run(ctx)`` (a ``specdsl.ops.evaluate.ProbeContext``) returns its results.
+
+    Its ``params_schema`` checks the probe's mapping in an ``evaluate`` step. An optional
+    ``check(ctx)`` (a ``specdsl.ops.evaluate.ProbeCheckContext``) adds compile-time rules, positioned
+    at the probe's keys: ``ctx.template(text, *keys)`` checks a row template against the ``on:`` columns,
+    ``ctx.column(name, *keys)`` requires a column, ``ctx.error(code, message, *keys, hint=...)`` reports
+    anything else.
+    """
+
+    name: str
+    params_schema: Mapping[str, Any]
+
+    def run(self, ctx: Any) -> Any: ...
+
+
+@runtime_checkable
+class ExecutorDef(Protocol):
+    """Where row-parallel work runs. The local executor runs it in-process; others fan it out (Ray).
+
+    ``map_rows(fn, rows)`` returns ``fn`` applied to consecutive chunks of ``rows``, concatenated in
+    order (``fn`` is picklable: a module-level function bound with ``functools.partial``).
+    ``wrap_backend(backend)`` returns a backend whose ``generate`` may spread requests out, still calling
+    ``on_result`` in this process as each result arrives (so the request journal stays exact).
+    """
+
+    name: str
+
+    def map_rows(self, fn: Callable[[list[dict]], list[dict]], rows: list[dict]) -> list[dict]: ...
+
+    def wrap_backend(self, backend: GenerationBackend) -> GenerationBackend: ...
+
+
+class SpecdslHooks:
+    """The hooks. Each receives ``register``; call it once per object provided."""
+
+    @hookspec
+    def register_backends(self, register: Callable[[GenerationBackend], None]) -> None:
+        """Generation backends (LLM providers, local models)."""
+
+    @hookspec
+    def register_training_targets(self, register: Callable[[TrainingTarget], None]) -> None:
+        """Training targets (cpu, cuda, ...)."""
+
+    @hookspec
+    def register_ops(self, register: Callable[[OpDef], None]) -> None:
+        """Primitive ops usable as steps."""
+
+    @hookspec
+    def register_recipes(self, register: Callable[[RecipeDef], None]) -> None:
+        """Recipes (``use: NAME``) that expand into primitive steps."""
+
+    @hookspec
+    def register_probes(self, register: Callable[[ProbeDef], None]) -> None:
+        """Evaluation probes usable in ``evaluate`` steps."""
+
+    @hookspec
+    def register_executors(self, register: Callable[[ExecutorDef], None]) -> None:
+        """Executors that run row-parallel work (local threads, Ray, ...)."""

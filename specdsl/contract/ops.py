@@ -1,0 +1,169 @@
+"""What a step op is: a schema for its parameters, a compile-time check and a run function.
+
+Ops are registered through the ``register_ops`` hook. The compiler resolves everything generic (which
+params name upstream steps, which name models, which are row templates) from the class attributes below,
+then calls :meth:`StepOp.check` for the op's own rules and its output columns. At run time
+:meth:`StepOp.run` receives the upstream rows and the services of the executor, and returns rows.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from specdsl.errors import ErrorSink, SourcePos, did_you_mean
+from specdsl import templates
+
+Rows = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a node is expected to cost before it runs."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = 0.0       # USD; None when the backend cannot price it
+    train_tokens: int = 0
+    rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cost": self.cost, "train_tokens": self.train_tokens, "rows": self.rows}
+
+
+@dataclass
+class CheckContext:
+    """What an op sees at compile time."""
+
+    step_id: str
+    params: Mapping[str, Any]
+    inputs: Mapping[str, tuple[str, ...]]          # input param -> columns available from it
+    var_names: frozenset[str]
+    sink: ErrorSink
+    pos_of: Callable[..., SourcePos]                # pos_of(*keys, key=False)
+    models: Mapping[str, str] = field(default_factory=dict)  # model name -> backend; train step id -> "trained"
+    used_columns: set[str] = field(default_factory=set)
+    used_vars: set[str] = field(default_factory=set)
+    registry: Any = None  # the plugins this spec is compiled with (probes, targets, ...)
+
+    def error(self, code: str, message: str, *keys: str | int, hint: str | None = None, key: bool = False) -> None:
+        self.sink.add(code, message, self.pos_of(*keys, key=key), (self.step_id,) + tuple(keys), hint)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.inputs.get("from", ())
+
+    def template(self, text: Any, *keys: str | int, columns: Iterable[str] | None = None) -> None:
+        """Check one row template (a string param) against the columns available to it."""
+        if not isinstance(text, str):
+            return
+        cols = tuple(self.columns if columns is None else columns)
+        try:
+            info = templates.analyze(text)
+            self.used_columns |= info.columns
+            self.used_vars |= info.var_names | (info.names & self.var_names)
+        except templates.TemplateError:
+            pass
+        for err in templates.check(text, columns=cols, var_names=self.var_names):
+            hint = getattr(err, "hint", None)
+            if err.code == "S302":
+                missing = err.message.split("'row.", 1)[1].split("'", 1)[0]
+                hint = f"columns here: {', '.join(cols) or '(none)'}"
+                close = did_you_mean(missing, cols)
+                if close and close.startswith("did you mean"):
+                    hint = f"{close} (columns here: {', '.join(cols)})"
+            elif err.code == "S303":
+                hint = "templates see `row`, `vars` and the names under `vars:`"
+            elif err.code == "S304":
+                hint = "templates may not reach private attributes"
+            pos = self.pos_of(*keys)
+            if err.lineno and err.lineno > 1 and "\n" in text:
+                pos = SourcePos(pos.file, pos.line + err.lineno, pos.col)
+            self.sink.add(err.code, err.message, pos, (self.step_id,) + tuple(keys), hint)
+
+    def column(self, name: Any, *keys: str | int, input_key: str = "from", code: str = "S403") -> None:
+        """Require that column ``name`` exists in input ``input_key``."""
+        if not isinstance(name, str):
+            return
+        cols = self.inputs.get(input_key, ())
+        self.used_columns.add(name)
+        if name not in cols:
+            close = did_you_mean(name, cols)
+            hint = f"{close} (columns here: {', '.join(cols)})" if close and close.startswith("did") else \
+                f"columns here: {', '.join(cols) or '(none)'}"
+            self.error(code, f"column '{name}' does not exist at this step", *keys, hint=hint)
+
+
+@dataclass
+class RunContext:
+    """What an op sees when it runs: upstream rows and the executor's services."""
+
+    node_id: str
+    params: Mapping[str, Any]
+    inputs: Mapping[str, Rows]
+    vars: Mapping[str, Any]
+    seed: int
+    services: Any   # specdsl.execute.services.Services (kept loose to avoid an import cycle)
+    artifact_dir: Path  # a private folder for this node's artifacts (models, plots); kept in the store
+
+    @property
+    def rows(self) -> Rows:
+        return self.inputs.get("from", [])
+
+
+class StepOp(abc.ABC):
+    """Base class for built-in ops; third-party ops may subclass it or follow the same shape."""
+
+    name: str = ""
+    kind: str = "transform"           # generate | transform | train | evaluate | export
+    version: str = "1"
+    description: str = ""
+    params_schema: Mapping[str, Any] = {}
+    input_keys: tuple[str, ...] = ("from",)   # params naming an upstream step or source
+    model_keys: tuple[str, ...] = ()          # params naming a model (or a train step)
+    template_keys: tuple[str, ...] = ()       # string params rendered per row
+    sink_op: bool = False                     # kept even when nothing reads its output
+    reads_known: bool = False                 # reads only the columns it names via ctx.column()/ctx.template()
+    row_parallel: bool = False                # stateless per row: an executor may run it on chunks of rows
+    # May output fewer rows than it reads (a filter, a dedupe), so plan estimates downstream of it are upper
+    # bounds. A function of the step's params where they decide (a filter with `into:` keeps every row).
+    drops_rows: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def check(self, ctx: CheckContext) -> tuple[str, ...]:
+        """Op-specific compile-time rules; returns the output columns."""
+        return ctx.columns
+
+    def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate | None:
+        """What ``specdsl plan`` shows for this step: requests, tokens, cost, rows out (None: not known).
+
+        ``input_rows`` is the estimated row count of ``from`` (None when unknown). ``services`` is a
+        ``specdsl.passes.estimate.PlanPrices``: ``price(model, input_tokens, output_tokens)`` and ``sample_rows``.
+        Never call a model here. The built-in ops return None: the planner estimates them itself.
+        """
+        return None
+
+    @abc.abstractmethod
+    def run(self, ctx: RunContext) -> Rows:
+        """Compute the node's rows (or ``(rows, meta)`` for ops that produce artifacts)."""
+
+
+def obj_schema(properties: Mapping[str, Any], required: Sequence[str] = (), description: str = "") -> dict:
+    """A strict object schema (``additionalProperties: false``) with the ``meta`` escape hatch."""
+    props = dict(properties)
+    props.setdefault("meta", {"type": "object", "description": "free-form metadata, never interpreted"})
+    schema: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+STEP_REF = {"type": "string", "minLength": 1, "description": "the id of an earlier step, or a source name"}
+MODEL_REF = {"type": "string", "minLength": 1, "description": "a name under `models:`, or the id of a train step"}
+TEMPLATE = {"type": "string", "description": "a Jinja2 template rendered per row (`row.COLUMN`, `vars`)"}
+COLUMN = {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "description": "a column name"}

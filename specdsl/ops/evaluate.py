@@ -1,0 +1,315 @@
+"""``evaluate``: run probes against models side by side (base vs trained) and keep the results.
+
+Probes are plugins (``register_probes``). Built in:
+
+* ``accuracy`` — task accuracy with an answer matcher under named conditions (model + system prompt);
+  for prompt erasure: the student with the generic prompt vs the base model with the generic prompt vs
+  the base model with the detailed prompt.
+* ``self_correction`` — initial vs final accuracy, wrong->right and right->wrong rates and verification
+  accuracy of a model's self-correcting answers.
+* ``position`` — IN2-style position probing (document sentence, code function and record retrieval);
+  per-bucket accuracy, average and max-min gap, and a PNG plot of accuracy against position.
+
+Model answers go through the request journal like any generation, so re-running an evaluation costs
+nothing. Results are a table in the store, in the manifest, and printed at the end of a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+from specdsl.errors import RunError
+from specdsl import templates
+from specdsl.contract.ops import COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+
+RULE = {"enum": ["exact", "contains", "regex", "number"]}
+# An evaluate node's answer cap when the spec sets none; the planner's estimate (specdsl.passes.estimate) uses it too.
+DEFAULT_MAX_TOKENS = 256
+# The row columns the accuracy and self_correction probes read unless told otherwise.
+DEFAULT_COLUMNS: Mapping[str, str] = MappingProxyType({"question": "question", "gold": "answer"})
+
+
+@dataclass
+class ProbeContext:
+    node_id: str
+    params: Mapping[str, Any]
+    models: list[str]
+    rows: Rows
+    vars: Mapping[str, Any]
+    services: Any
+    artifact_dir: Path
+    max_tokens: int
+
+    def answer(self, model: str, prompts: Sequence[Sequence[Mapping[str, str]]]) -> list[str]:
+        return self.services.answer(self.node_id, model, prompts, {"temperature": 0, "max_tokens": self.max_tokens})
+
+    def matcher(self):
+        from specdsl.designs.matchers import match_answer
+
+        rule, pattern = self.params.get("rule", "number"), self.params.get("pattern")
+        return lambda pred, gold: pred is not None and match_answer(rule, pred, gold, pattern=pattern)
+
+
+@dataclass
+class ProbeCheckContext:
+    """What a probe's optional ``check(ctx)`` sees at compile time: its own params, and checks positioned
+    under ``probes[index]`` of its evaluate step, against the columns of the step's ``on:`` input."""
+
+    step: CheckContext
+    index: int
+    params: Mapping[str, Any]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.step.inputs.get("on", ()))
+
+    @property
+    def models(self) -> list[str]:
+        """The step's evaluated models (``models:``)."""
+        return list(self.step.params.get("models") or [])
+
+    def template(self, text: Any, *keys: str | int) -> None:
+        """Check a row template in the probe's params (``keys`` locate it inside the probe's mapping)."""
+        self.step.template(text, "probes", self.index, *keys, columns=self.columns)
+
+    def column(self, name: Any, *keys: str | int) -> None:
+        """Require a column of the ``on:`` rows."""
+        self.step.column(name, "probes", self.index, *keys, input_key="on")
+
+    def error(self, code: str, message: str, *keys: str | int, hint: str | None = None) -> None:
+        self.step.error(code, message, "probes", self.index, *keys, hint=hint)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table (the run summary prints it; the manifest keeps the rows)."""
+    if not rows:
+        return "(no results)"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[("" if r.get(c) is None else (f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]))) for c in cols]
+             for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+class AccuracyProbe:
+    name = "accuracy"
+    params_schema = obj_schema({
+        "probe": {"const": "accuracy"},
+        "question": {**COLUMN, "description": "default: question"},
+        "gold": {**COLUMN, "description": "default: answer"},
+        "rule": RULE, "pattern": {"type": "string"},
+        "conditions": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "model"], "additionalProperties": False,
+            "properties": {"name": {"type": "string"}, "model": MODEL_REF,
+                           "system": {**TEMPLATE, "description": "system prompt (a template over the row); omit for none"}}},
+            "description": "default: each evaluated model without a system prompt"},
+        "baseline": {"type": "string", "description": "the condition deltas are measured against"},
+    }, required=["probe"])
+
+    def run(self, ctx: ProbeContext) -> dict[str, Any]:
+        from specdsl.probes.accuracy import score_accuracy
+
+        p = ctx.params
+        q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
+        conditions = p.get("conditions") or [{"name": m, "model": m} for m in ctx.models]
+        results, table = {}, []
+        match = ctx.matcher()
+        for cond in conditions:
+            prompts = []
+            for row in ctx.rows:
+                messages = []
+                if cond.get("system"):
+                    messages.append({"role": "system", "content": templates.render(cond["system"], row, ctx.vars)})
+                messages.append({"role": "user", "content": str(row[q])})
+                prompts.append(messages)
+            answers = ctx.answer(cond["model"], prompts)
+            res = score_accuracy(ctx.rows, answers, match, gold)
+            results[cond["name"]] = res.to_dict()
+            table.append({"condition": cond["name"], "model": cond["model"], "n": res.n, "accuracy": res.accuracy})
+        base = p.get("baseline", conditions[-1]["name"] if len(conditions) > 1 else None)
+        if base:
+            ref = next(r["accuracy"] for r in table if r["condition"] == base)
+            for r in table:
+                r["delta"] = None if r["accuracy"] is None or ref is None else r["accuracy"] - ref
+        return {"probe": "accuracy", "results": results, "table": table}
+
+
+class SelfCorrectionProbe:
+    name = "self_correction"
+    params_schema = obj_schema({
+        "probe": {"const": "self_correction"},
+        "question": COLUMN, "gold": COLUMN, "rule": RULE, "pattern": {"type": "string"},
+        "prompt": {**TEMPLATE, "description": "the user prompt (default: the question plus an instruction to "
+                                              "answer, verify, and correct if needed)"},
+    }, required=["probe"])
+
+    DEFAULT_PROMPT = ("{{ row.QUESTION }}\n\nSolve the problem step by step and end with 'Answer: <number>'. Then verify "
+                      "your answer; if it is wrong, solve it again.")
+
+    def run(self, ctx: ProbeContext) -> dict[str, Any]:
+        from specdsl.probes.self_correction import score_self_correction
+
+        p = ctx.params
+        q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
+        prompt = p.get("prompt", self.DEFAULT_PROMPT.replace("QUESTION", q))
+        match = ctx.matcher()
+        results, table = {}, []
+        for model in ctx.models:
+            prompts = [[{"role": "user", "content": templates.render(prompt, row, ctx.vars)}] for row in ctx.rows]
+            outputs = ctx.answer(model, prompts)
+            res = score_self_correction([{**r, "answer": r[gold]} for r in ctx.rows], outputs, match)
+            d = res.to_dict()
+            results[model] = d
+            table.append({"model": model, **{k: v for k, v in d.items() if not isinstance(v, (list, dict))}})
+        return {"probe": "self_correction", "results": results, "table": table}
+
+
+class PositionProbe:
+    name = "position"
+    # What a spec may leave out (the tasks default to all of them); the planner's estimate uses these too,
+    # through settings().
+    DEFAULTS: Mapping[str, int] = MappingProxyType({"context_tokens": 2000, "buckets": 8, "per_bucket": 4})
+    params_schema = obj_schema({
+        "probe": {"const": "position"},
+        "tasks": {"type": "array", "items": {"enum": ["document", "code", "records"]}, "minItems": 1,
+                  "description": "default: all three"},
+        "context_tokens": {"type": "integer", "minimum": 64, "description": f"default: {DEFAULTS['context_tokens']}"},
+        "buckets": {"type": "integer", "minimum": 1, "maximum": 64, "description": f"default: {DEFAULTS['buckets']}"},
+        "per_bucket": {"type": "integer", "minimum": 1, "maximum": 1000,
+                       "description": f"default: {DEFAULTS['per_bucket']}"},
+        "tokenizer": {**MODEL_REF, "description": "whose tokenizer measures context length (default: first model)"},
+        "seed": {"type": "integer", "minimum": 0},
+    }, required=["probe"])
+
+    @classmethod
+    def settings(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``tasks``, ``context_tokens``, ``buckets`` and ``per_bucket``: the spec's, or the defaults."""
+        from specdsl.probes.position import POSITION_TASKS  # not at import: validating a spec needs none of it
+
+        return {"tasks": tuple(params.get("tasks", POSITION_TASKS)),
+                **{key: params.get(key, default) for key, default in cls.DEFAULTS.items()}}
+
+    def run(self, ctx: ProbeContext) -> dict[str, Any]:
+        from specdsl.probes.position import build_position_probe, plot_position_results, results_table, score_position_probe
+
+        p = ctx.params
+        settings = self.settings(p)
+        tok_model = p.get("tokenizer", ctx.models[0])
+        try:
+            tok = ctx.services.tokenizer(tok_model)
+            count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        except RunError:
+            count = None  # a provider model: the probe's own approximation
+        by_model: dict[str, dict[str, Any]] = {}
+        for task in settings["tasks"]:
+            try:
+                items = build_position_probe(task, context_tokens=settings["context_tokens"],
+                                             n_buckets=settings["buckets"], per_bucket=settings["per_bucket"],
+                                             seed=p.get("seed", 0), count_tokens=count)
+            except ValueError as exc:
+                raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id) from None
+            for model in ctx.models:
+                answers = ctx.answer(model, [it.prompt() for it in items])
+                by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
+        plot = ctx.artifact_dir / "position.png"
+        plot_position_results(by_model, plot)
+        table = results_table(by_model)
+        results = {m: {t: r.to_dict() for t, r in tasks.items()} for m, tasks in by_model.items()}
+        return {"probe": "position", "results": results, "table": table, "plot": plot.name}
+
+
+PROBES = (AccuracyProbe(), SelfCorrectionProbe(), PositionProbe())
+
+
+class EvaluateOp(StepOp):
+    name = "evaluate"
+    kind = "evaluate"
+    description = "run probes on models side by side; results go to the store, the manifest and the run summary"
+    input_keys = ("on",)
+    model_keys = ("models",)
+    sink_op = True
+    params_schema = obj_schema({
+        "models": {"type": "array", "minItems": 1, "items": MODEL_REF, "description": "models compared side by side"},
+        "on": {**STEP_REF, "description": "rows to evaluate on (accuracy, self_correction)"},
+        "limit": {"type": "integer", "minimum": 1, "description": "evaluate on the first N rows"},
+        "max_tokens": {"type": "integer", "minimum": 1,
+                       "description": f"answer length cap (default: {DEFAULT_MAX_TOKENS})"},
+        "probes": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["probe"], "properties": {"probe": {"type": "string"}},
+            "allOf": [{"if": {"properties": {"probe": {"const": p.name}}, "required": ["probe"]},
+                       "then": p.params_schema} for p in PROBES]}},
+    }, required=["models", "probes"])
+
+    def schema_for(self, registry: Any) -> dict[str, Any]:
+        """params_schema with every installed probe's parameters (a plugin probe's too), not only the built-ins'."""
+        schema = copy.deepcopy(dict(self.params_schema))
+        schema["properties"]["probes"]["items"]["allOf"] = [
+            {"if": {"properties": {"probe": {"const": name}}, "required": ["probe"]}, "then": probe.params_schema}
+            for name, probe in registry.probes.items()]
+        return schema
+
+    def check(self, ctx: CheckContext) -> tuple[str, ...]:
+        probes = ctx.registry.probes
+        for i, probe in enumerate(ctx.params.get("probes") or []):
+            name = probe.get("probe")
+            if name not in probes:
+                from specdsl.errors import did_you_mean
+
+                ctx.error("S213", f"unknown probe '{name}'", "probes", i, "probe",
+                          hint=did_you_mean(str(name), probes) or "")
+                continue
+            own_check = getattr(probes[name], "check", None)
+            if callable(own_check):  # a plugin probe's own compile-time rules (templates, columns)
+                try:
+                    own_check(ProbeCheckContext(ctx, i, probe))
+                except Exception as exc:  # noqa: BLE001 - a plugin's check must not crash the compiler
+                    ctx.error("S401", f"probe '{name}' failed to check its parameters: {exc!r}", "probes", i,
+                              hint=f"a bug in the plugin that provides '{name}' "
+                                   f"({type(probes[name]).__module__}); report it there")
+            if name in ("accuracy", "self_correction"):
+                if "on" not in ctx.params:
+                    ctx.error("S101", f"probe '{name}' needs rows: add `on:` (a step or source)", "probes", i)
+                else:
+                    for key, default in DEFAULT_COLUMNS.items():
+                        ctx.column(probe.get(key, default), "probes", i, key if key in probe else "probe",
+                                   input_key="on")
+            for j, cond in enumerate(probe.get("conditions") or []):
+                ctx.template(cond.get("system"), "probes", i, "conditions", j, "system",
+                             columns=ctx.inputs.get("on", ()))
+                model = cond.get("model")
+                if isinstance(model, str) and model not in ctx.models:
+                    ctx.error("S201", f"unknown model '{model}'", "probes", i, "conditions", j, "model")
+                elif isinstance(model, str) and model not in (ctx.params.get("models") or []):
+                    # `models:` is what the node depends on: its fingerprint (a changed model re-runs the
+                    # evaluation) and its order (a trained model is trained first). A model only a condition
+                    # names would be in neither.
+                    ctx.error("S201", f"model '{model}' is not among this step's `models:`",
+                              "probes", i, "conditions", j, "model",
+                              hint=f"add it: models: [{', '.join([*(ctx.params.get('models') or []), model])}]")
+        return ("probe", "summary")
+
+    def run(self, ctx: RunContext) -> tuple[Rows, dict[str, Any]]:
+        p = ctx.params
+        rows = ctx.inputs.get("on", [])
+        if p.get("limit"):
+            rows = rows[: p["limit"]]
+        registry = ctx.services.registry
+        results, summaries = [], []
+        for probe_params in p["probes"]:
+            probe = registry.probes[probe_params["probe"]]
+            pctx = ProbeContext(node_id=ctx.node_id, params=probe_params, models=list(p["models"]), rows=rows,
+                                vars=ctx.vars, services=ctx.services, artifact_dir=ctx.artifact_dir,
+                                max_tokens=p.get("max_tokens", DEFAULT_MAX_TOKENS))
+            result = probe.run(pctx)
+            results.append(result)
+            summaries.append(f"{probe_params['probe']}:\n{_table(result.get('table', []))}")
+        summary = "\n\n".join(summaries)
+        (ctx.artifact_dir / "evaluation.json").write_text(json.dumps(results, indent=2, default=str))
+        out = [{"probe": r["probe"], "summary": _table(r.get("table", []))} for r in results]
+        return out, {"evaluation": {"results": results, "summary": summary}}

@@ -1,0 +1,91 @@
+"""``filter``: keep rows whose answer matches the gold answer, or whose `where` template renders truthy."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from specdsl import templates
+from specdsl.errors import RunError
+from specdsl.contract.ops import COLUMN, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+
+MATCH_SCHEMA = {
+    "type": "object",
+    "required": ["field", "gold"],
+    "additionalProperties": False,
+    "properties": {
+        "field": {**COLUMN, "description": "the column holding the model's answer"},
+        "gold": {**COLUMN, "description": "the column holding the gold answer"},
+        "rule": {"enum": ["exact", "contains", "regex", "number"], "description": "how to compare (default: exact)"},
+        "pattern": {"type": "string", "description": "for rule: regex, a pattern whose first group is the answer"},
+    },
+}
+FALSY = ("", "false", "0", "none", "no")
+
+
+def is_truthy(text: str) -> bool:
+    return text.strip().lower() not in FALSY
+
+
+class FilterOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
+    name = "filter"
+    description = "keep the rows that match (answer matchers or a template condition)"
+    template_keys = ("where",)
+    reads_known = True
+    params_schema = obj_schema({
+        "from": STEP_REF,
+        "match": MATCH_SCHEMA,
+        "where": {**TEMPLATE, "description": "keep rows where this renders truthy"},
+        "keep": {"enum": ["matched", "unmatched"], "description": "which rows to keep (default: matched)"},
+        "into": {**COLUMN, "description": "instead of dropping rows, write the verdict (true/false) into this column"},
+    }, required=["from"])
+
+    @staticmethod
+    def drops_rows(params: Mapping[str, Any]) -> bool:
+        """A filter with `into:` writes its verdict into a column and keeps every row."""
+        return not params.get("into")
+
+    def check(self, ctx: CheckContext) -> tuple[str, ...]:
+        p = ctx.params
+        if not p.get("match") and not p.get("where"):
+            ctx.error("S101", "filter needs `match:` or `where:`")
+        m = p.get("match") or {}
+        if m:
+            ctx.column(m.get("field"), "match", "field")
+            ctx.column(m.get("gold"), "match", "gold")
+            if m.get("rule") == "regex":
+                import re
+
+                if not m.get("pattern"):
+                    ctx.error("S101", "rule: regex needs `pattern:`", "match")
+                else:
+                    try:
+                        re.compile(m["pattern"])
+                    except re.error as exc:
+                        ctx.error("S105", f"invalid regular expression: {exc}", "match", "pattern")
+        if p.get("into"):
+            return tuple(ctx.columns) + (p["into"],)
+        return ctx.columns
+
+    def run(self, ctx: RunContext) -> Rows:
+        from specdsl.designs.matchers import match_answer
+
+        p = ctx.params
+        m = p.get("match")
+        want = p.get("keep", "matched") == "matched"
+        out = []
+        for row in ctx.rows:
+            verdict = True
+            try:
+                if m:
+                    verdict = row.get(m["field"]) is not None and match_answer(
+                        m.get("rule", "exact"), row.get(m["field"]), row.get(m["gold"]), pattern=m.get("pattern"))
+                if verdict and p.get("where"):
+                    verdict = is_truthy(templates.render(p["where"], row, ctx.vars))
+            except Exception as exc:  # noqa: BLE001
+                raise RunError(f"filter failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+            if p.get("into"):
+                out.append({**row, p["into"]: verdict})
+            elif verdict == want:
+                out.append(row)
+        return out

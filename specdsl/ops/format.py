@@ -1,0 +1,59 @@
+"""``format``: shape rows into what a trainer reads: chat ``messages`` or ``prompt``/``completion``."""
+
+from __future__ import annotations
+
+from specdsl import templates
+from specdsl.errors import RunError
+from specdsl.contract.ops import STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+
+
+class FormatOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
+    name = "format"
+    description = "build chat messages (loss on the assistant) or prompt/completion pairs (loss on the completion)"
+    template_keys = ("system", "user", "assistant", "prompt", "completion")
+    params_schema = obj_schema({
+        "from": STEP_REF,
+        "to": {"enum": ["chat", "prompt_completion"], "description": "default: chat"},
+        "system": {**TEMPLATE, "description": "chat: the system message (omit for none)"},
+        "user": {**TEMPLATE, "description": "chat: the user message"},
+        "assistant": {**TEMPLATE, "description": "chat: the assistant message (carries the loss)"},
+        "prompt": {**TEMPLATE, "description": "prompt_completion: the prompt text (no loss)"},
+        "completion": {**TEMPLATE, "description": "prompt_completion: the completion text (carries the loss)"},
+    }, required=["from"])
+
+    def check(self, ctx: CheckContext) -> tuple[str, ...]:
+        p = ctx.params
+        to = p.get("to", "chat")
+        need = ("user", "assistant") if to == "chat" else ("prompt", "completion")
+        wrong = ("prompt", "completion") if to == "chat" else ("system", "user", "assistant")
+        for key in need:
+            if key not in p:
+                ctx.error("S101", f"format to {to} needs `{key}:`")
+        for key in wrong:
+            if key in p:
+                ctx.error("S401", f"`{key}:` does not apply to format to {to}", key, key=True)
+        cols = [c for c in ctx.columns if c not in ("messages", "prompt", "completion")]
+        return tuple(cols) + (("messages",) if to == "chat" else ("prompt", "completion"))
+
+    def run(self, ctx: RunContext) -> Rows:
+        p = ctx.params
+        to = p.get("to", "chat")
+        out = []
+        for row in ctx.rows:
+            try:
+                new = dict(row)
+                if to == "chat":
+                    messages = []
+                    if p.get("system"):
+                        messages.append({"role": "system", "content": templates.render(p["system"], row, ctx.vars)})
+                    messages.append({"role": "user", "content": templates.render(p["user"], row, ctx.vars)})
+                    messages.append({"role": "assistant", "content": templates.render(p["assistant"], row, ctx.vars)})
+                    new["messages"] = messages
+                else:
+                    new["prompt"] = templates.render(p["prompt"], row, ctx.vars)
+                    new["completion"] = templates.render(p["completion"], row, ctx.vars)
+            except Exception as exc:  # noqa: BLE001
+                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+            out.append(new)
+        return out

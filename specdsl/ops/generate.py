@@ -1,0 +1,135 @@
+"""``generate``: one model call per row (or ``n`` per row), answers into a new column.
+
+Requests are content-addressed: the same prompt to the same model with the same decoding parameters is
+made once, whichever node or run asks for it, and every answer is journaled the moment it arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from specdsl import templates
+from specdsl.errors import RunError
+from specdsl.contract.hookspecs import GenRequest, request_key
+from specdsl.contract.ops import COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Estimate, Rows, RunContext, StepOp, obj_schema
+
+DECODING = {
+    "max_tokens": {"type": "integer", "minimum": 1, "maximum": 131072,
+                   "description": "cap on generated tokens (overrides the model's default)"},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 5, "description": "0 = greedy"},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "seed": {"type": "integer", "minimum": 0, "description": "sampling seed (default: the spec's seed)"},
+}
+
+
+def prompt_messages(params: Mapping[str, Any], row: Mapping[str, Any], variables: Mapping[str, Any]) -> list[dict]:
+    """Render the chat messages of one request from the step's templates."""
+    if params.get("messages"):
+        return [{"role": m["role"], "content": templates.render(m["content"], row, variables)}
+                for m in params["messages"]]
+    messages = []
+    if params.get("system"):
+        messages.append({"role": "system", "content": templates.render(params["system"], row, variables)})
+    messages.append({"role": "user", "content": templates.render(params["user"], row, variables)})
+    return messages
+
+
+def decoding_params(params: Mapping[str, Any], seed: int, sample: int) -> dict[str, Any]:
+    """What is sent with the request. Sample k of a prompt gets seed + k: a distinct request (its own
+    key, its own journal entry) that a seeded provider answers differently."""
+    out = {k: params[k] for k in ("max_tokens", "temperature", "top_p") if k in params}
+    out["seed"] = params.get("seed", seed) + sample
+    return out
+
+
+class GenerateOp(StepOp):
+    name = "generate"
+    kind = "generate"
+    version = "3"  # 2: failed rows left out (no `<into>_error`); 3: sample k is sent with seed + k
+    description = "ask a model once per row (or n times); the answer becomes a column"
+    input_keys = ("from",)
+    model_keys = ("model",)
+    template_keys = ("system", "user", "where")
+    reads_known = True
+    drops_rows = True  # a failed request leaves its row out
+    params_schema = obj_schema({
+        "from": STEP_REF,
+        "model": MODEL_REF,
+        "system": TEMPLATE,
+        "user": TEMPLATE,
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"], "additionalProperties": False,
+            "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": TEMPLATE}}},
+        "into": {**COLUMN, "description": "the answer's column (default: response)"},
+        "n": {"type": "integer", "minimum": 1, "maximum": 64, "description": "samples per row (adds `sample`)"},
+        "where": {**TEMPLATE, "description": "generate only for rows where this renders truthy; others get null"},
+        **DECODING,
+    }, required=["from", "model"])
+
+    def check(self, ctx: CheckContext) -> tuple[str, ...]:
+        p = ctx.params
+        if not p.get("user") and not p.get("messages"):
+            ctx.error("S101", "generate needs `user:` (a template) or `messages:`", hint="e.g. user: \"{{ row.question }}\"")
+        if p.get("messages") and (p.get("user") or p.get("system")):
+            ctx.error("S401", "give either `messages:` or `system:`/`user:`, not both", "messages")
+        for i, m in enumerate(p.get("messages") or []):
+            ctx.template(m.get("content"), "messages", i, "content")
+        into = p.get("into", "response")
+        cols = list(ctx.columns)
+        if into in cols:
+            ctx.error("S401", f"column '{into}' already exists; generating into it would overwrite it", "into",
+                      hint="choose another `into:` name")
+        cols += [into, f"{into}_prompt"]
+        if p.get("n", 1) > 1:
+            cols.append("sample")
+        return tuple(cols)
+
+    def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate | None:
+        return None  # computed by the planner from rendered prompts (see specdsl.passes.estimate)
+
+    def requests(self, ctx: RunContext) -> list[tuple[dict, GenRequest | None, list[dict]]]:
+        """(output row, request or None when `where` skips it, messages) for every row and sample."""
+        p = ctx.params
+        into = p.get("into", "response")
+        identity = ctx.services.model_identity(p["model"])
+        out = []
+        for row in ctx.rows:
+            try:
+                wanted = True
+                if p.get("where"):
+                    wanted = templates.render(p["where"], row, ctx.vars).strip().lower() not in ("", "false", "0",
+                                                                                                 "none", "no")
+                messages = prompt_messages(p, row, ctx.vars) if wanted else []
+            except Exception as exc:  # noqa: BLE001 - a template failing on one row names that row
+                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="check the row's columns, or guard the template with `{% if %}`") from None
+            n = p.get("n", 1)
+            for sample in range(n):
+                new = dict(row)
+                if n > 1:
+                    new["sample"] = sample
+                    new["id"] = f"{row['id']}#{sample}"
+                new[f"{into}_prompt"] = messages or None
+                req = None
+                if wanted:
+                    dparams = decoding_params(p, ctx.seed, sample)
+                    req = GenRequest(key=request_key(identity, messages, dparams), messages=tuple(messages),
+                                     params=dparams, row_id=str(new["id"]))
+                out.append((new, req, messages))
+        return out
+
+    def run(self, ctx: RunContext) -> Rows:
+        p = ctx.params
+        into = p.get("into", "response")
+        planned = self.requests(ctx)
+        results = ctx.services.generate(ctx.node_id, p["model"], [r for _, r, _ in planned if r is not None])
+        rows = []
+        for row, req, _ in planned:
+            res = results.get(req.key) if req is not None else None
+            if res is not None and not res.ok:
+                # A failed request leaves its row out: the node is reported incomplete (not cached), its
+                # error is in the run summary, and the next run retries just that request.
+                continue
+            row[into] = res.text if res is not None else None
+            rows.append(row)
+        return rows

@@ -1,0 +1,40 @@
+"""``map``: add columns rendered from templates over each row."""
+
+from __future__ import annotations
+
+from specdsl.errors import RunError
+from specdsl import templates
+from specdsl.contract.ops import COLUMN, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+
+
+class MapOp(StepOp):
+    row_parallel = True  # stateless per row: an executor may split the rows
+    name = "map"
+    description = "add (or replace) columns rendered from templates"
+    reads_known = True
+    params_schema = obj_schema({
+        "from": STEP_REF,
+        "columns": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": COLUMN["pattern"]},
+                    "additionalProperties": TEMPLATE, "description": "new column -> template"},
+    }, required=["from", "columns"])
+
+    def check(self, ctx: CheckContext) -> tuple[str, ...]:
+        cols = list(ctx.columns)
+        for name, text in (ctx.params.get("columns") or {}).items():
+            ctx.template(text, "columns", name)
+            if name not in cols:
+                cols.append(name)
+        return tuple(cols)
+
+    def run(self, ctx: RunContext) -> Rows:
+        out = []
+        for row in ctx.rows:
+            new = dict(row)
+            for name, text in ctx.params["columns"].items():
+                try:
+                    new[name] = templates.render(text, row, ctx.vars)
+                except Exception as exc:  # noqa: BLE001
+                    raise RunError(f"column '{name}': template failed on row id={row.get('id')!r}: {exc}",
+                                   node=ctx.node_id) from None
+            out.append(new)
+        return out

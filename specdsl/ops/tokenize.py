@@ -1,0 +1,82 @@
+"""``tokenize``: render each sample with the student's own chat template and turn its spans into labels.
+
+Train steps lower to a tokenize node feeding the train node, so the exact tokens and labels the loss
+will see are a cached table that ``specdsl inspect`` can show before any training runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from specdsl.errors import RunError
+from specdsl.contract.ops import MODEL_REF, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
+
+TOKENIZED_COLUMNS = ("id", "input_ids", "labels", "n_tokens", "n_trained", "text", "spans", "truncated")
+# Carried through for inspection (IN2 key positions, the erased instruction shown struck through).
+TOKENIZE_PASSTHROUGH = ("key_positions", "erased_system")
+
+
+class TokenizeOp(StepOp):
+    name = "tokenize"
+    description = "render samples with the model's chat template; labels are -100 outside the trained spans"
+    model_keys = ("model",)
+    params_schema = obj_schema({
+        "from": STEP_REF,
+        "model": MODEL_REF,
+        "max_length": {"type": "integer", "minimum": 8},
+        "loss": {"enum": ["assistant", "completion", "all"], "description": "which text carries loss"},
+        "mask": {"type": "boolean", "description": "false: loss on everything the assistant says (ablation)"},
+    }, required=["from", "model"])
+
+    def check(self, ctx: CheckContext) -> tuple[str, ...]:
+        check_trainable(ctx)
+        return TOKENIZED_COLUMNS + tuple(c for c in TOKENIZE_PASSTHROUGH if c in ctx.columns)
+
+    def run(self, ctx: RunContext) -> Rows:
+        from specdsl.designs.masking import TemplateMaskError, render_chat, render_prompt_completion, tokenize_with_mask
+
+        p = ctx.params
+        tokenizer = ctx.services.tokenizer(p["model"])
+        loss = p.get("loss", "assistant")
+        unmasked = p.get("mask", True) is False
+        out = []
+        for row in ctx.rows:
+            try:
+                if "messages" in row and row["messages"] is not None:
+                    messages = row["messages"]
+                    if unmasked:  # the ablation: every part the assistant says carries loss
+                        messages = [_unmask(m) for m in messages]
+                    sample = render_chat(tokenizer, messages, trained="all" if loss == "all" else ("assistant",))
+                else:
+                    sample = render_prompt_completion(tokenizer, row["prompt"], row["completion"])
+                enc = tokenize_with_mask(tokenizer, sample, max_length=p.get("max_length"))
+            except (TemplateMaskError, ValueError, KeyError) as exc:
+                raise RunError(f"cannot tokenize row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+            new: dict[str, Any] = {
+                "id": row.get("id"), "input_ids": enc["input_ids"], "labels": enc["labels"],
+                "n_tokens": enc["num_tokens"], "n_trained": enc["num_trained_tokens"], "text": sample.text,
+                "spans": [[s.start, s.end, s.trained, s.label] for s in sample.spans],
+                "truncated": enc["truncated"],
+            }
+            for extra in TOKENIZE_PASSTHROUGH:
+                if extra in row:
+                    new[extra] = row[extra]
+            out.append(new)
+        if out and not any(r["n_trained"] for r in out):
+            raise RunError("no token carries loss in any sample", node=ctx.node_id,
+                           hint="check the format step: the assistant message or completion is empty or truncated")
+        return out
+
+
+def _unmask(message: dict) -> dict:
+    if message.get("role") != "assistant" or isinstance(message.get("content"), str):
+        return message
+    parts = [{**part, "trained": True} if isinstance(part, dict) else part for part in message["content"]]
+    return {**message, "content": parts, "trained": True}
+
+
+def check_trainable(ctx: CheckContext) -> None:
+    cols = set(ctx.columns)
+    if "messages" not in cols and not {"prompt", "completion"} <= cols:
+        ctx.error("S402", "a train step reads chat `messages` or `prompt`/`completion` columns; its input has neither",
+                  "from", hint=f"add a `format` step first (columns here: {', '.join(ctx.columns) or 'none'})")

@@ -1,0 +1,382 @@
+"""Reading sources: the first node of every plan. Columns are peeked at compile time; rows read at run time."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from specdsl.errors import RunError
+
+Rows = list[dict[str, Any]]
+
+
+def peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
+    """The columns of a data file, read from its first record (or header) only."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    if fmt == "jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        first = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path.name}:{lineno}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(first, dict):
+                        raise ValueError(f"{path.name}:{lineno}: each line must be a JSON object")
+                    return tuple(first)
+        return ()
+    if fmt == "csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            header = next(csv.reader(fh), [])
+        return tuple(header)
+    if fmt == "json":
+        with path.open(encoding="utf-8") as fh:
+            return first_json_record_columns(fh, path.name)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return tuple(pq.read_schema(path).names)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+# A JSON array is read in pieces of this many characters, holding one piece (plus the record that straddles
+# its end) at a time. A record longer than a piece grows the window by as much again on each retry, so a
+# huge record is still parsed in linear time overall.
+_READ_CHARS = 1 << 16
+# A parse error this close to the end of what was read may just be a value cut off by the read (a
+# literal such as "Infinity", or an escaped surrogate pair), and a number ending this close may go on past
+# it: read on before calling the file malformed or the value complete.
+_CUT_OFF_MARGIN = 16
+_JSON_VALUE_STARTS = frozenset('{"-0123456789tfnNI')
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what json.decoder skips between tokens
+
+
+class JsonSyntaxError(ValueError):
+    """Malformed JSON, with the json module's message and the 1-based line and column of the fault."""
+
+    def __init__(self, msg: str, lineno: int, colno: int):
+        super().__init__(f"{msg}: line {lineno} column {colno}")
+        self.msg, self.lineno, self.colno = msg, lineno, colno
+
+
+class NotAListOfObjects(ValueError):
+    """Valid JSON that is not a list of objects; ``lineno`` is the offending record's line (None when the
+    top level is not a list)."""
+
+    def __init__(self, lineno: int | None = None):
+        super().__init__("a JSON source must be a list of objects")
+        self.lineno = lineno
+
+
+class _Window:
+    """The part of a text file being parsed. Text before ``text`` has been dropped; its line count and the
+    length of its last line are kept, so a position in ``text`` still maps to the file's line and column
+    (as json.JSONDecodeError counts them over the whole file)."""
+
+    def __init__(self, fh: Any):
+        self._fh = fh
+        self.text = ""
+        self.offset = 0  # where ``text`` starts in the file
+        self.at_end = False
+        self._lines_dropped = 0
+        self._chars_dropped_on_last_line = 0
+
+    def read_more(self, keep_from: int) -> int:
+        """Drop ``text[:keep_from]`` and append what follows in the file; returns ``keep_from``, the amount
+        every position in ``text`` moved down by."""
+        newlines = self.text.count("\n", 0, keep_from)
+        if newlines:
+            self._lines_dropped += newlines
+            self._chars_dropped_on_last_line = keep_from - self.text.rfind("\n", 0, keep_from) - 1
+        else:
+            self._chars_dropped_on_last_line += keep_from
+        self.offset += keep_from
+        kept = self.text[keep_from:]
+        piece = self._fh.read(max(_READ_CHARS, len(kept)))
+        self.text = kept + piece
+        self.at_end = piece == ""
+        return keep_from
+
+    def next_significant(self, pos: int, keep_from: int | None = None) -> int:
+        """Index of the first non-whitespace character at or after ``pos`` (len(text) at the end of the
+        file). Reading on drops the text before ``keep_from`` (default: the whitespace skipped so far)."""
+        while True:
+            pos = _JSON_WHITESPACE.match(self.text, pos).end()
+            if pos < len(self.text) or self.at_end:
+                return pos
+            shift = self.read_more(pos if keep_from is None else keep_from)
+            pos -= shift
+            if keep_from is not None:
+                keep_from -= shift
+
+    def decode(self, raw_decode: Callable[[str, int], tuple[Any, int]], pos: int) -> tuple[Any, int, int]:
+        """The JSON value starting at ``pos``, its end and its (possibly moved) start: reads on while the
+        value may run past what has been read."""
+        while True:
+            try:
+                value, end = raw_decode(self.text, pos)
+            except json.JSONDecodeError as exc:
+                cut_off = exc.msg.startswith("Unterminated string") or exc.pos >= len(self.text) - _CUT_OFF_MARGIN
+                if self.at_end or not cut_off:
+                    raise self.syntax_error(exc.msg, exc.pos) from None
+            else:
+                # A number ending near the end of what was read may go on in the file: "1" of "1.5" or
+                # "1e7" cut after the "1." or "1e" parses as 1.
+                if self.at_end or end < len(self.text) - _CUT_OFF_MARGIN:
+                    return value, end, pos
+            pos -= self.read_more(pos)
+
+    def read_rest(self) -> None:
+        self.text += self._fh.read()
+        self.at_end = True
+
+    def line_col(self, pos: int) -> tuple[int, int]:
+        newlines = self.text.count("\n", 0, pos)
+        if newlines:
+            return self._lines_dropped + newlines + 1, pos - self.text.rfind("\n", 0, pos)
+        return self._lines_dropped + 1, self._chars_dropped_on_last_line + pos + 1
+
+    def syntax_error(self, msg: str, pos: int) -> JsonSyntaxError:
+        return JsonSyntaxError(msg, *self.line_col(pos))
+
+
+def iter_json_records(fh: Any, *, fail_fast: bool = False) -> Iterator[dict[str, Any]]:
+    """The objects of the JSON array in text file ``fh``, one at a time, holding about one read's worth
+    of the file (and the record being parsed) at a time. A record is yielded once the delimiter after it
+    (``,`` or ``]``) has been read.
+
+    Faults are those a full ``json.loads`` of the file would find first, with its message, line and
+    column (:class:`JsonSyntaxError`); only valid JSON of the wrong shape raises :class:`NotAListOfObjects`
+    (with the line of the first record that is not an object), so a top level that is not an array is
+    parsed whole and a wrong record is reported at the end of the file. What comes after the last record
+    taken is never read: a reader that stops early sees no fault beyond it. ``fail_fast`` (validation's
+    peek) reports a wrong shape at once instead, without parsing any further.
+    """
+    window = _Window(fh)
+    window.read_more(0)
+    if window.text.startswith("\ufeff"):
+        raise window.syntax_error("Unexpected UTF-8 BOM (decode using utf-8-sig)", 0)
+    pos = window.next_significant(0)
+    if pos == len(window.text):
+        raise window.syntax_error("Expecting value", pos)
+    if window.text[pos] != "[":
+        if window.text[pos] not in _JSON_VALUE_STARTS:
+            raise window.syntax_error("Expecting value", pos)
+        if not fail_fast:
+            window.read_rest()
+            try:
+                json.loads(window.text)
+            except json.JSONDecodeError as exc:
+                raise window.syntax_error(exc.msg, exc.pos) from None
+        raise NotAListOfObjects()
+    first_wrong_record: int | None = None  # its line
+    # The states and messages below are those of the json module's array parser. Each step first tries
+    # the text read so far (records and delimiters well inside it are the common case); the window's own
+    # methods then read on where a value or a run of whitespace may continue in the file.
+    skip_whitespace, raw_decode = _JSON_WHITESPACE.match, json.JSONDecoder().raw_decode
+    pos = window.next_significant(pos + 1)
+    text = window.text
+    if pos == len(text) or text[pos] != "]":
+        while True:
+            if pos == len(text):
+                raise window.syntax_error("Expecting value", pos)
+            try:
+                record, end = raw_decode(text, pos)
+            except json.JSONDecodeError:
+                end = len(text)  # a fault, or a cut: the window tells which
+            if end >= len(text) - _CUT_OFF_MARGIN:
+                record, end, pos = window.decode(raw_decode, pos)
+                text = window.text
+            if first_wrong_record is None and not isinstance(record, dict):
+                first_wrong_record = window.line_col(pos)[0]
+                if fail_fast:
+                    raise NotAListOfObjects(first_wrong_record)
+            delimiter = skip_whitespace(text, end).end()
+            if delimiter == len(text):
+                delimiter = window.next_significant(end)
+                text = window.text
+            if delimiter == len(text) or text[delimiter] not in ",]":
+                raise window.syntax_error("Expecting ',' delimiter", delimiter)
+            if first_wrong_record is None:
+                yield record
+            if text[delimiter] == "]":
+                pos = delimiter
+                break
+            pos = skip_whitespace(text, delimiter + 1).end()
+            if pos == len(text):
+                # The comma stays in the window: this Python's json may point at it (see below).
+                comma_in_file = window.offset + delimiter
+                pos = window.next_significant(pos, keep_from=delimiter)
+                text = window.text
+                delimiter = comma_in_file - window.offset
+            if pos < len(text) and text[pos] == "]":
+                message, at_comma = _trailing_comma_fault()
+                raise window.syntax_error(message, delimiter if at_comma else pos)
+    pos = window.next_significant(pos + 1)
+    if pos < len(window.text):
+        raise window.syntax_error("Extra data", pos)
+    if first_wrong_record is not None:
+        raise NotAListOfObjects(first_wrong_record)
+
+
+@lru_cache(maxsize=1)
+def _trailing_comma_fault() -> tuple[str, bool]:
+    """How this Python's json reports a comma before a closing bracket: its message, and whether it
+    points at the comma (3.13 says "Illegal trailing comma before end of array") or at the bracket
+    (earlier versions say "Expecting value")."""
+    try:
+        json.loads("[{},]")
+    except json.JSONDecodeError as exc:
+        return exc.msg, exc.pos == 3
+    raise AssertionError("json accepted a trailing comma")
+
+
+def first_json_record_columns(fh: Any, name: str) -> tuple[str, ...]:
+    """The keys of the first object of the JSON array in text file ``fh``, reading little beyond that object.
+
+    Validation peeks at sources whose full parse would cost as much as the data (a multi-GB JSON array),
+    so only the opening bracket, the first record and the delimiter after it are read and checked; the
+    rest of the file is checked when the rows are read at run time. A top level that is not an array is
+    reported as such without parsing it. ``name`` prefixes errors, which carry the line and column of
+    the fault.
+    """
+    try:
+        first = next(iter_json_records(fh, fail_fast=True), None)
+    except JsonSyntaxError as exc:
+        raise ValueError(f"{name}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except NotAListOfObjects:
+        raise ValueError(f"{name}: a JSON source must be a list of objects") from None
+    return () if first is None else tuple(first)
+
+
+def source_identity(path: Path) -> dict[str, Any]:
+    """Content hash of a source file: its node's fingerprint changes exactly when the data does."""
+    path = Path(path)
+    if not path.exists():
+        return {"missing": str(path.name)}
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+
+
+def count_rows(path: Path, fmt: str, *, limit: int | None = None) -> int | None:
+    """The number of rows a read with the same ``limit`` gives, for estimates. Files are scanned, never
+    held, and only as far as the read would go: a parquet file's count is in its metadata; JSON is parsed
+    record by record, and a malformed file raises like the read."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if fmt == "jsonl":
+        with path.open("rb") as fh:
+            return _count((line for line in fh if line.strip()), limit)
+    if fmt == "csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            next(reader, None)  # the header
+            return _count((row for row in reader if row), limit)  # csv.DictReader skips blank lines too
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        count = pq.read_metadata(path).num_rows
+        return min(count, limit) if limit else count
+    if fmt == "json":
+        with path.open(encoding="utf-8") as fh:
+            return _count(iter_json_records(fh), limit)
+    return None
+
+
+def _count(items: Iterator[Any], limit: int | None = None) -> int:
+    return sum(1 for _ in itertools.islice(items, limit or None))
+
+
+def read_rows(path: Path, fmt: str, *, id_column: str | None = None, limit: int | None = None,
+              display: str | None = None) -> Rows:
+    """Read a source into rows, each with a string ``id`` (the id column, or the row number)."""
+    path = Path(path)
+    display = display or str(path)
+    if not path.exists():
+        raise RunError(f"source file '{display}' does not exist", hint="check `path:` (relative to the spec file)")
+    rows: Rows = []
+    if fmt == "jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RunError(f"{display}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})",
+                                   hint="fix or remove that line; each line holds one JSON object") from None
+                if not isinstance(row, dict):
+                    raise RunError(f"{display}:{lineno}: each line must be a JSON object, not {type(row).__name__}")
+                rows.append(row)
+                if limit and len(rows) >= limit:
+                    break
+    elif fmt == "csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            rows = [dict(r) for r in itertools.islice(csv.DictReader(fh), limit or None)]
+    elif fmt == "json":
+        with path.open(encoding="utf-8") as fh:
+            try:
+                rows = _json_rows(fh, limit)
+            except (JsonSyntaxError, json.JSONDecodeError) as exc:
+                raise RunError(f"{display}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+            except NotAListOfObjects as exc:
+                where = f":{exc.lineno}" if exc.lineno else ""
+                raise RunError(f"{display}{where}: a JSON source must be a list of objects") from None
+    elif fmt == "parquet":
+        rows = _parquet_rows(path, limit)
+    key = id_column or "id"
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        row["id"] = str(row[key]) if key in row and row[key] is not None else str(i)
+        out.append(row)
+    seen: set[str] = set()
+    for row in out:
+        if row["id"] in seen:
+            raise RunError(f"{display}: id '{row['id']}' appears more than once",
+                           hint="ids identify rows in caches and reports; make them unique")
+        seen.add(row["id"])
+    return out
+
+
+def _json_rows(fh: Any, limit: int | None) -> Rows:
+    """The records of a JSON array source: all of them, or the first ``limit``.
+
+    A whole read parses the file once with the json module's C parser (3-4x faster than the streamed
+    reader, and the rows are held anyway). Only a file that is valid JSON but not a list of objects is
+    read again, streamed, to name the line of the offending record. A limited read streams and stops.
+    """
+    if limit:
+        return list(itertools.islice(iter_json_records(fh), limit))
+    data = json.load(fh)
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        return data
+    fh.seek(0)
+    return list(iter_json_records(fh))  # raises NotAListOfObjects with the record's line
+
+
+def _parquet_rows(path: Path, limit: int | None) -> Rows:
+    """A parquet file's rows; with a limit, only the first batches are decoded."""
+    import pyarrow.parquet as pq
+
+    if not limit:
+        return pq.read_table(path).to_pylist()
+    rows: Rows = []
+    with pq.ParquetFile(path) as parquet:
+        for batch in parquet.iter_batches(batch_size=min(limit, 1 << 16)):
+            rows += batch.to_pylist()[: limit - len(rows)]
+            if len(rows) >= limit:
+                break
+    return rows

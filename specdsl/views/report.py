@@ -1,0 +1,464 @@
+"""``report.html``: one self-contained page per run, written next to its ``run.json``.
+
+It shows the plan as a graph (an inline SVG DAG laid out by topological level), every node's status,
+rows, requests, tokens, cost and duration, the evaluation tables and plots (PNG files of the evaluate
+nodes embedded as data URIs), and the first examples of every tokenized node rendered token by token as
+``specdsl inspect --html`` renders them. No external asset, no JS framework: the file can be mailed,
+archived with the run, or opened offline.
+
+    from specdsl.views.report import write_report
+    write_report(result)                        # a RunResult: next to result.manifest_path
+    write_report("store/run.json", "out.html")  # a manifest file (its store is found beside it)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from specdsl.views.inspect import (esc, is_tokenized, legend_html, page, read_node_rows, render_examples_html, resolve_tokenizer,
+                      tokenized_totals, totals_html)
+
+EXAMPLES = 3
+MAX_MASKED_RUN = 200  # report examples hide the middle of longer untrained stretches (IN2 contexts)
+REPORT_NAME = "report.html"
+
+STATUS_COLOURS = {  # fill, stroke
+    "ran": ("#dcf5e1", "#2f8f46"), "cached": ("#e3ecfb", "#3b6fc4"), "incomplete": ("#fff1d6", "#c98a00"),
+    "failed": ("#fbe0e0", "#c23b3b"), "skipped": ("#f0f0f0", "#888888"), "would-run": ("#f4f0fb", "#7a5cc2"),
+    "in store": ("#eef3fb", "#8aa6d6"), "not computed": ("#f7f7f7", "#b5b5b5"),
+}
+
+REPORT_CSS = """
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
+.card{border:1px solid #e0e0e0;border-radius:8px;padding:8px 12px;flex:1 1 0;min-width:96px;background:#fafafa}
+.card .v{font-size:19px;font-weight:600} .card .k{font-size:12px;color:#666}
+.graph{overflow-x:auto;border:1px solid #e3e3e3;border-radius:8px;padding:8px;background:#fdfdfd}
+.graph svg text{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif}
+.graph g.node:hover rect{stroke-width:2.5}
+.status{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;border:1px solid}
+img.plot{max-width:100%;border:1px solid #eee;border-radius:6px;margin:6px 0}
+pre.summary{background:#f7f7f7;padding:8px;border-radius:6px;overflow-x:auto}
+details{margin:8px 0} summary{cursor:pointer;color:#333}
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _load(run: Any, store_dir: str | Path | None) -> tuple[dict[str, Any], Path | None, Path | None]:
+    """(manifest, store root, run.json path) from a RunResult, a manifest mapping or a run.json path."""
+    manifest_path = None
+    if hasattr(run, "plan") and hasattr(run, "store") and hasattr(run, "nodes"):  # a RunResult
+        manifest_path = getattr(run, "manifest_path", None)
+        if manifest_path and Path(manifest_path).exists():
+            manifest = json.loads(Path(manifest_path).read_text())
+        else:  # a dry run writes no manifest: build one from the result
+            from specdsl.execute.runner import _manifest
+
+            manifest = _manifest(run.plan, run.store, run.nodes, time.time(), evaluations=run.evaluations)
+        return manifest, Path(store_dir) if store_dir else run.store.root, manifest_path
+    if isinstance(run, (str, Path)):
+        manifest_path = Path(run)
+        manifest = json.loads(manifest_path.read_text())
+        if store_dir is None:  # <store>/run.json or <store>/runs/<id>/run.json
+            parent = manifest_path.parent
+            store_dir = parent if (parent / "nodes").is_dir() else parent.parent.parent
+        return manifest, Path(store_dir), manifest_path
+    if isinstance(run, Mapping):
+        manifest = dict(run)
+        if store_dir is None:
+            try:
+                from specdsl.execute.runner import default_store_dir
+                from specdsl.ir.plan import Plan
+
+                store_dir = default_store_dir(Plan.from_dict(manifest["plan"]))
+            except Exception:  # noqa: BLE001
+                store_dir = None
+        return manifest, Path(store_dir) if store_dir else None, None
+    raise TypeError(f"write_report takes a RunResult, a manifest mapping or a run.json path, not {type(run).__name__}")
+
+
+def _plan_of(manifest: Mapping[str, Any]):
+    from specdsl.ir.plan import Plan
+
+    try:
+        return Plan.from_dict(manifest["plan"])
+    except Exception:  # noqa: BLE001 - a report of an older manifest still shows what it can
+        return None
+
+
+def _store(root: Path | None):
+    if root is None or not (root / "nodes").is_dir():
+        return None
+    from specdsl.execute.store import Store
+
+    return Store(root)
+
+
+# --------------------------------------------------------------------------------------------------
+# The graph
+# --------------------------------------------------------------------------------------------------
+
+BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 172, 52, 46, 18, 12
+
+
+def layout(nodes: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """(level, slot) per node: level = 1 + the deepest upstream node's level; slots ordered so a node sits
+    near the mean slot of its inputs (one barycentre pass), declaration order breaking ties."""
+    ids = [n["id"] for n in nodes]
+    known = set(ids)
+    ups = {n["id"]: [src for _, src in n.get("inputs", [])] + [ref for _, ref in n.get("models", []) if ref in known]
+           for n in nodes}
+    level: dict[str, int] = {}
+
+    def lvl(i: str, stack: tuple[str, ...] = ()) -> int:
+        if i not in level:
+            preds = [u for u in ups.get(i, []) if u in known and u not in stack]
+            level[i] = 1 + max((lvl(u, stack + (i,)) for u in preds), default=-1)
+        return level[i]
+
+    for i in ids:
+        lvl(i)
+    by_level: dict[int, list[str]] = {}
+    for i in ids:
+        by_level.setdefault(level[i], []).append(i)
+    slot: dict[str, int] = {}
+    for lv in sorted(by_level):
+        members = by_level[lv]
+        if lv:
+            order = {i: k for k, i in enumerate(members)}
+
+            def centre(i: str) -> tuple[float, int]:
+                preds = [slot[u] for u in ups[i] if u in slot]
+                return (sum(preds) / len(preds) if preds else float(order[i]), order[i])
+
+            members = sorted(members, key=centre)
+        for k, i in enumerate(members):
+            slot[i] = k
+    return {i: (level[i], slot[i]) for i in ids}
+
+
+def graph_svg(nodes: Sequence[Mapping[str, Any]], status: Mapping[str, str], rows: Mapping[str, Any]) -> str:
+    """The plan as an inline SVG: one ``<g class="node" data-node=...>`` per node, edges input -> consumer
+    (dashed where a node is used as a model, e.g. a trained model evaluated downstream)."""
+    pos = layout(nodes)
+    if not pos:
+        return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"10\" height=\"10\"></svg>"
+    levels = max(lv for lv, _ in pos.values()) + 1
+    slots = max(s for _, s in pos.values()) + 1
+    width = PAD * 2 + levels * BOX_W + (levels - 1) * GAP_X
+    height = PAD * 2 + slots * BOX_H + (slots - 1) * GAP_Y
+
+    def xy(i: str) -> tuple[int, int]:
+        lv, s = pos[i]
+        return PAD + lv * (BOX_W + GAP_X), PAD + s * (BOX_H + GAP_Y)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="dag" width="{width}" height="{height}" '
+           f'style="max-width:100%;height:auto" viewBox="0 0 {width} {height}" role="img" aria-label="plan graph">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+           'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#888"/></marker></defs>']
+    for n in nodes:
+        x2, y2 = xy(n["id"])
+        edges = [(src, False) for _, src in n.get("inputs", [])] + \
+            [(ref, True) for _, ref in n.get("models", []) if ref in pos]
+        for k, (src, is_model) in enumerate(edges):
+            if src not in pos:
+                continue
+            x1, y1 = xy(src)
+            sx, sy = x1 + BOX_W, y1 + BOX_H / 2
+            ex, ey = x2, y2 + BOX_H / 2 + (k - (len(edges) - 1) / 2) * 8
+            mx = (sx + ex) / 2
+            dash = ' stroke-dasharray="5 4"' if is_model else ""
+            out.append(f'<path class="edge" data-from="{esc(src)}" data-to="{esc(n["id"])}" '
+                       f'd="M{sx:.0f},{sy:.0f} C{mx:.0f},{sy:.0f} {mx:.0f},{ey:.0f} {ex - 2:.0f},{ey:.0f}" '
+                       f'fill="none" stroke="#9a9a9a" stroke-width="1.4"{dash} marker-end="url(#arrow)"/>')
+    for n in nodes:
+        i = n["id"]
+        x, y = xy(i)
+        st = status.get(i, "not computed")
+        fill, stroke = STATUS_COLOURS.get(st, ("#f5f5f5", "#999"))
+        name = i if len(i) <= 21 else i[:20] + "…"
+        r = rows.get(i)
+        sub = f"{n['op']} · {st}" + (f" · {r:,} row{'' if r == 1 else 's'}" if isinstance(r, int) else "")
+        if len(sub) > 31:
+            sub = sub[:30] + "…"
+        dashed = ' stroke-dasharray="4 3"' if st in ("not computed", "in store") else ""
+        out.append(f'<g class="node" data-node="{esc(i)}" data-status="{esc(st)}">'
+                   f'<a href="#node-{esc(i)}"><title>{esc(i)} ({esc(n["op"])}): {esc(st)}</title>'
+                   f'<rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" rx="8" fill="{fill}" stroke="{stroke}" '
+                   f'stroke-width="1.5"{dashed}/>'
+                   f'<text x="{x + 10}" y="{y + 22}" font-size="14" font-weight="600" fill="#1d1d1f">{esc(name)}</text>'
+                   f'<text x="{x + 10}" y="{y + 41}" font-size="11.5" fill="#555">{esc(sub)}</text></a></g>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "–"
+        return f"{v:,.1f}" if abs(v) >= 1 else f"{v:.3f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, ensure_ascii=False, default=str)
+    return str(v)
+
+
+def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return '<div class="muted">(no rows)</div>'
+    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(
+        f'<td{" class=num" if isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) else ""}>'
+        f"{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f'<table class="grid"><tr>{head}</tr>{body}</table>'
+
+
+def _data_uri_png(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def evaluation_html(node_id: str, evaluation: Mapping[str, Any], node_dir: Path | None) -> str:
+    out = [f'<h3 id="eval-{esc(node_id)}">{esc(node_id)}</h3>']
+    for res in evaluation.get("results") or []:
+        out.append(f"<h4>probe: {esc(res.get('probe', '?'))}</h4>")
+        out.append(table_html(res.get("table") or []))
+        plot = res.get("plot")
+        if plot:
+            uri = _data_uri_png(node_dir / plot) if node_dir else None
+            if uri:
+                out.append(f'<img class="plot" alt="{esc(res.get("probe"))} plot of {esc(node_id)}" src="{uri}">')
+            else:
+                out.append(f'<div class="note">plot {esc(plot)} not found in the store</div>')
+    if not evaluation.get("results") and evaluation.get("summary"):
+        out.append(f'<pre class="summary">{esc(evaluation["summary"])}</pre>')
+    return "\n".join(out)
+
+
+def _when(ts: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
+    except (TypeError, ValueError):
+        return ""
+
+
+def _card(value: str, key: str) -> str:
+    return f'<div class="card"><div class="v">{esc(value)}</div><div class="k">{esc(key)}</div></div>'
+
+
+def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: int = EXAMPLES,
+                  registry: Any = None) -> str:
+    """The report page for ``manifest`` (a run.json mapping); ``store`` supplies node data, plots and examples."""
+    plan = _plan_of(manifest)
+    plan_nodes = list((manifest.get("plan") or {}).get("nodes") or [])
+    run_nodes = {n["id"]: n for n in manifest.get("nodes") or []}
+    if not plan_nodes:  # a manifest without its plan: the run's nodes alone, unconnected
+        plan_nodes = [{"id": n["id"], "op": n.get("op", "?"), "inputs": [], "models": []} for n in run_nodes.values()]
+    status: dict[str, str] = {}
+    rows: dict[str, Any] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    for n in plan_nodes:
+        i, fp = n["id"], n.get("fingerprint", "")
+        has = bool(store is not None and fp and store.has(fp))
+        if has:
+            try:
+                metas[i] = store.meta(fp)
+            except (OSError, ValueError):
+                has = False
+        if i in run_nodes:
+            status[i] = run_nodes[i].get("status", "?")
+            rows[i] = run_nodes[i].get("rows")
+        else:
+            status[i] = "in store" if has else "not computed"
+            rows[i] = metas.get(i, {}).get("rows")
+
+    ok = all(status[i] in ("cached", "ran", "skipped", "would-run") for i in run_nodes)
+    spec = manifest.get("spec") or {}
+    totals = manifest.get("totals") or {}
+    name = spec.get("name") or (plan.name if plan else "run")
+    badge_colour = "#2f8f46" if ok else "#c23b3b"
+    parts = [f'<h1>{esc(name)} <span class="badge" style="background:{badge_colour}">'
+             f'{"ok" if ok else "incomplete"}</span></h1>',
+             f'<div class="muted">spec <code>{esc(spec.get("file", ""))}</code> · sha256 <code>'
+             f'{esc(str(spec.get("sha256", ""))[:12])}</code> · started {esc(_when(manifest.get("started_at")))} · '
+             f'seed {esc(manifest.get("seed"))}'
+             + (f' · <code>--until {esc(manifest["until"])}</code>' if manifest.get("until") else "")
+             + (f' · <code>--only {esc(manifest["only"])}</code>' if manifest.get("only") else "") + "</div>"]
+    parts.append('<div class="cards">' + "".join([
+        _card(f"{len(run_nodes)}/{len(plan_nodes)}", "nodes in this run"),
+        _card(f"{sum(1 for s in status.values() if s == 'ran')}", "ran"),
+        _card(f"{sum(1 for s in status.values() if s == 'cached')}", "cached"),
+        _card(f"{totals.get('requests', 0):,} ({totals.get('cached_requests', 0):,})", "requests (cached)"),
+        _card(f"{totals.get('failed_requests', 0):,}", "failed requests"),
+        _card(f"{totals.get('input_tokens', 0):,} / {totals.get('output_tokens', 0):,}", "tokens in / out"),
+        _card(f"${float(totals.get('cost') or 0):.4f}", "cost"),
+        _card(f"{float(manifest.get('seconds') or 0):.1f} s", "duration")]) + "</div>")
+
+    # The graph.
+    legend = " ".join(f'<span class="status" style="background:{f};border-color:{s}">{esc(k)}</span>'
+                      for k, (f, s) in STATUS_COLOURS.items() if k in set(status.values()))
+    parts.append(f'<h2>Plan</h2><div class="muted">click a node for its details · {legend} · '
+                 'dashed edge: used as a model</div>')
+    parts.append(f'<div class="graph">{graph_svg(plan_nodes, status, rows)}</div>')
+
+    # Node table.
+    tok_totals: dict[str, Any] = {}
+    tokenized_ids = []
+    for n in plan_nodes:
+        i = n["id"]
+        cols = metas.get(i, {}).get("columns") or n.get("columns") or []
+        if i in metas and is_tokenized(cols):
+            tokenized_ids.append(i)
+            try:
+                tok_totals[i] = tokenized_totals(store, n["fingerprint"])
+            except Exception:  # noqa: BLE001
+                pass
+    parts.append("<h2>Nodes</h2>")
+    head = ("<tr><th>node</th><th>op</th><th>status</th><th class=num>rows</th><th>requests (cached, failed)</th>"
+            "<th>tokens in / out</th><th>trained tokens</th><th class=num>cost</th><th class=num>seconds</th>"
+            "<th>fingerprint</th><th>note</th></tr>")
+    body = []
+    for n in plan_nodes:
+        i = n["id"]
+        r = run_nodes.get(i, {})
+        st = status[i]
+        fill, stroke = STATUS_COLOURS.get(st, ("#f5f5f5", "#999"))
+        req = f"{r.get('requests', 0):,} ({r.get('cached_requests', 0):,}, {r.get('failed', 0):,})" \
+            if r.get("requests") else ""
+        tok = f"{r.get('input_tokens', 0):,} / {r.get('output_tokens', 0):,}" if r.get("requests") else ""
+        trained = ""
+        if i in tok_totals:
+            t = tok_totals[i]
+            trained = f"{t.trained:,} of {t.tokens:,} ({t.share:.1%})"
+            tok = tok or f"{t.tokens:,} tokenized"
+        train_meta = metas.get(i, {}).get("metrics") if n.get("op") == "train" else None
+        note = r.get("note") or ""
+        if train_meta:
+            note = (note + " " if note else "") + ", ".join(f"{k}: {_fmt(v)}" for k, v in train_meta.items()
+                                                             if isinstance(v, (int, float)))[:300]
+        link = f' · <a href="#examples-{esc(i)}">examples</a>' if i in tokenized_ids and examples else ""
+        link += f' · <a href="#eval-{esc(i)}">results</a>' if n.get("kind") == "evaluate" and i in metas else ""
+        body.append(
+            f'<tr id="node-{esc(i)}"><td><b>{esc(i)}</b>{link}</td><td>{esc(n.get("op"))}</td>'
+            f'<td><span class="status" style="background:{fill};border-color:{stroke}">{esc(st)}</span></td>'
+            f'<td class=num>{esc(_fmt(rows.get(i)))}</td><td>{esc(req)}</td><td>{esc(tok)}</td><td>{esc(trained)}</td>'
+            f'<td class=num>{"$%.4f" % r["cost"] if r.get("cost") else ""}</td>'
+            f'<td class=num>{esc(_fmt(r.get("seconds")) if i in run_nodes else "")}</td>'
+            f'<td><code>{esc(str(n.get("fingerprint", ""))[:12])}</code></td><td>{esc(note)}</td></tr>')
+        for e in (r.get("errors") or [])[:5]:
+            body.append(f'<tr><td></td><td colspan="10" class="note">{esc(e)}</td></tr>')
+    parts.append(f'<table class="grid">{head}{"".join(body)}</table>')
+
+    # Evaluations: from this run's manifest, else from the store (an evaluate node computed earlier).
+    evaluations = dict(manifest.get("evaluations") or {})
+    for n in plan_nodes:
+        if n.get("kind") == "evaluate" and n["id"] not in evaluations and metas.get(n["id"], {}).get("evaluation"):
+            evaluations[n["id"]] = metas[n["id"]]["evaluation"]
+    if evaluations:
+        parts.append("<h2>Evaluation</h2>")
+        fps = {n["id"]: n.get("fingerprint") for n in plan_nodes}
+        for node_id, evaluation in evaluations.items():
+            if not evaluation:
+                continue
+            fp = fps.get(node_id)
+            node_dir = store.node_dir(fp) if store is not None and fp and store.has(fp) else None
+            parts.append(evaluation_html(node_id, evaluation, node_dir))
+
+    # Examples of tokenized nodes, rendered as `specdsl inspect --html` does.
+    if tokenized_ids and examples:
+        parts.append("<h2>Training examples</h2>")
+        parts.append(f'<div class="muted">the first {examples} rows of each tokenized node; all rows: '
+                     f'<code>specdsl inspect SPEC --node NODE --html FILE</code></div>')
+        parts.append('<label><input type="checkbox" id="tokb" checked> token boundaries</label>' + legend_html())
+        by_id = {n.id: n for n in plan.nodes} if plan else {}
+        tokenizers: dict[str, Any] = {}
+        for i in tokenized_ids:
+            fp = next(n["fingerprint"] for n in plan_nodes if n["id"] == i)
+            tokenizer, why = (None, "plan unavailable")
+            if i in by_id:
+                tokenizer, why = resolve_tokenizer(plan, by_id[i], store, registry, cache=tokenizers)
+            parts.append(f'<h3 id="examples-{esc(i)}">{esc(i)}</h3>')
+            if i in tok_totals:
+                parts.append(totals_html(tok_totals[i]))
+            if tokenizer is None:
+                parts.append(f'<div class="note">token boundaries unavailable ({esc(why)}): character spans shown</div>')
+            try:
+                sample_rows = read_node_rows(store, fp, examples)
+                parts.append(render_examples_html(sample_rows, tokenizer, anchor_prefix=f"ex-{i}",
+                                                  max_masked_run=MAX_MASKED_RUN))
+            except Exception as exc:  # noqa: BLE001
+                parts.append(f'<div class="note">cannot show examples: {esc(exc)}</div>')
+
+    # Details.
+    versions = manifest.get("versions") or {}
+    parts.append("<h2>Details</h2>")
+    parts.append("<details><summary>package versions</summary>" +
+                 table_html([{"package": k, "version": v} for k, v in versions.items()]) + "</details>")
+    if manifest.get("argv"):
+        parts.append(f"<details><summary>command</summary><code>{esc(' '.join(map(str, manifest['argv'])))}</code>"
+                     "</details>")
+    notes = (manifest.get("plan") or {}).get("notes") or []
+    if notes:
+        parts.append("<details><summary>plan notes</summary><ul>" + "".join(f"<li>{esc(x)}</li>" for x in notes)
+                     + "</ul></details>")
+    body_html = "\n".join(parts)
+    return page(f"specdsl report: {name}", body_html).replace("</style>", REPORT_CSS + "</style>", 1)
+
+
+def write_report(run: Any, path: str | Path | None = None, *, store_dir: str | Path | None = None,
+                 examples: int = EXAMPLES, registry: Any = None) -> Path:
+    """Write ``report.html`` for a run: ``run`` is a RunResult, a manifest mapping or a run.json path.
+
+    ``path`` defaults to ``report.html`` beside the run's manifest. Returns the path written.
+    """
+    manifest, root, manifest_path = _load(run, store_dir)
+    if path is None:
+        if manifest_path is None:
+            raise ValueError("no manifest file to write the report beside: pass a path")
+        path = Path(manifest_path).parent / REPORT_NAME
+    text = render_report(manifest, _store(root), examples=examples, registry=registry)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_run_reports(manifest: Mapping[str, Any], store_root: Path, run_dir: Path) -> Path | None:
+    """What the runner calls after writing a manifest: ``report.html`` in the run's folder and, like
+    ``run.json``, a copy for the latest run at the top of the store. A report never fails a run."""
+    try:
+        path = write_report(manifest, Path(run_dir) / REPORT_NAME, store_dir=store_root)
+        latest = Path(store_root) / REPORT_NAME
+        tmp = latest.with_name(REPORT_NAME + ".tmp")
+        tmp.write_bytes(path.read_bytes())
+        tmp.replace(latest)
+        return path
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"could not write the run report: {exc!r}", RuntimeWarning, stacklevel=2)
+        return None
