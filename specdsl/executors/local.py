@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 class LocalExecutor:
     name = "local"
+    in_process = True  # row-parallel ops run as themselves, with the run's services, not in chunks
 
     def map_rows(self, fn: Callable[[list[dict]], list[dict]], rows: list[dict]) -> list[dict]:
         return fn(rows)
