@@ -1,11 +1,16 @@
 """Plugin loading: the built-ins plus every installed ``specdsl`` entry point.
 
-A plugin that fails to import produces a warning naming it, never a crash. ``SPECDSL_PLUGINS`` limits
-which third-party plugins load: a comma-separated list of entry-point names, or ``none``.
+A plugin that fails to import, a hook that raises, or an object that does not keep the contract (see
+:mod:`specdsl.contract.conformance`) produces one warning naming the plugin, never a crash: what the
+plugin registered correctly still loads, and ``specdsl plugins`` marks it failed with the reason (pytest
+treats a failing plugin the same way). ``SPECDSL_PLUGINS`` limits which third-party plugins load: a
+comma-separated list of entry-point names, or ``none``. The built-in plugin is loaded by name, like any
+other, so nothing here depends on what it provides.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -15,8 +20,10 @@ from typing import Any
 import pluggy
 
 from specdsl.contract import hookspecs
+from specdsl.contract.conformance import contract_problems
 
 ENV_ALLOW = "SPECDSL_PLUGINS"
+BUILTIN_MODULE = "specdsl.builtin"
 
 
 @dataclass
@@ -26,6 +33,10 @@ class PluginInfo:
     version: str
     provides: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    rejected: list[str] = field(default_factory=list)  # objects turned away, with the reasons
+
+    def fail(self, reason: str) -> None:
+        self.error = reason if self.error is None else f"{self.error}; {reason}"
 
 
 @dataclass
@@ -38,8 +49,13 @@ class Registry:
     recipes: dict[str, Any] = field(default_factory=dict)
     probes: dict[str, Any] = field(default_factory=dict)
     executors: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin name
+
+    def step_ops(self) -> list[str]:
+        """The ops a spec's steps may name (not those only the compiler places, like source), sorted."""
+        return sorted(name for name, op in self.ops.items() if getattr(op, "spec_step", True))
 
 
 _KINDS = (
@@ -49,6 +65,7 @@ _KINDS = (
     ("recipes", "register_recipes", hookspecs.RecipeDef),
     ("probes", "register_probes", hookspecs.ProbeDef),
     ("executors", "register_executors", hookspecs.ExecutorDef),
+    ("sources", "register_sources", hookspecs.SourceDef),
 )
 
 
@@ -64,12 +81,11 @@ def _allowed() -> set[str] | None:
 
 def build_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
     """Load the built-ins, the allowed entry points and ``extra_plugins`` (objects or modules, for tests)."""
-    from specdsl import builtin
-
+    builtin = importlib.import_module(BUILTIN_MODULE)
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs.SpecdslHooks)
     registry = Registry()
-    loaded: list[tuple[str, str, str, Any]] = [("builtin", "specdsl.builtin", _version("specdsl"), builtin)]
+    loaded: list[tuple[str, str, str, Any]] = [("builtin", BUILTIN_MODULE, _version("specdsl"), builtin)]
     allowed = _allowed()
     for ep in entry_points(group=hookspecs.PROJECT):
         if allowed is not None and ep.name not in allowed:
@@ -100,10 +116,18 @@ def build_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
             table = getattr(registry, kind)
             impls = [impl for impl in getattr(pm.hook, hook_name).get_hookimpls() if impl.plugin is module]
             for impl in impls:
-                def register(obj: Any, _kind: str = kind, _table: dict = table) -> None:
+                def register(obj: Any, _kind: str = kind, _table: dict = table, _hook: str = hook_name) -> None:
+                    problems = contract_problems(_kind, obj)
                     obj_name = getattr(obj, "name", None)
-                    if not isinstance(obj_name, str) or not obj_name:
-                        raise TypeError(f"plugin '{name}' registered a {_kind[:-1]} without a name")
+                    label = f"{_kind[:-1]} '{obj_name}'" if isinstance(obj_name, str) and obj_name else \
+                        f"a {_kind[:-1]} ({type(obj).__name__})"
+                    if problems:
+                        reason = f"{label} rejected: {'; '.join(problems)}"
+                        warnings.warn(f"specdsl plugin '{name}': {reason} (in {_hook}); skipping it",
+                                      RuntimeWarning, stacklevel=2)
+                        info.rejected.append(reason)
+                        info.fail(reason)
+                        return
                     if obj_name in _table:
                         warnings.warn(f"plugin '{name}' registers {_kind[:-1]} '{obj_name}', already provided by "
                                       f"'{registry.owner[(_kind, obj_name)]}'; keeping the first",
@@ -117,7 +141,7 @@ def build_registry(extra_plugins: tuple[Any, ...] = ()) -> Registry:
                 except Exception as exc:
                     warnings.warn(f"specdsl plugin '{name}' failed in {hook_name}: {exc!r}; skipping what it "
                                   "registers there", RuntimeWarning, stacklevel=2)
-                    info.error = repr(exc)
+                    info.fail(f"{hook_name} raised {exc!r}")
         registry.plugins.append(info)
     return registry
 
