@@ -17,10 +17,12 @@ def register_ops(register):
     from specdsl.ops.format import FormatOp
     from specdsl.ops.generate import GenerateOp
     from specdsl.ops.map import MapOp
+    from specdsl.ops.source import SourceOp
     from specdsl.ops.tokenize import TokenizeOp
     from specdsl.ops.train import TrainOp
 
-    for op in (GenerateOp(), FilterOp(), MapOp(), FormatOp(), ConcatOp(), TokenizeOp(), TrainOp(), ExportOp()):
+    for op in (SourceOp(), GenerateOp(), FilterOp(), MapOp(), FormatOp(), ConcatOp(), TokenizeOp(), TrainOp(),
+               ExportOp()):
         register(op)
     from specdsl.ops import designs
 
@@ -53,8 +55,9 @@ def register_backends(register):
 def register_training_targets(register):
     from specdsl.training.trl.target import CpuTarget, CudaTarget
 
-    register(CpuTarget())
+    # In order of preference: `target: auto` takes the first available target (see Services.training_target).
     register(CudaTarget())
+    register(CpuTarget())
 
 
 @hookimpl
@@ -76,3 +79,11 @@ def register_executors(register):
         from specdsl.executors.ray import RayExecutor
 
         register(RayExecutor())
+
+
+@hookimpl
+def register_sources(register):
+    from specdsl.sources.formats import SOURCES
+
+    for source in SOURCES:
+        register(source)

@@ -556,7 +556,7 @@ def test_S212_unknown_training_target(workdir):
 def test_S212_target_not_installed(workdir):
     base = default_registry()
     without_cuda = Registry(backends=base.backends, targets={k: v for k, v in base.targets.items() if k != "cuda"},
-                            ops=base.ops, recipes=base.recipes, probes=base.probes, executors=base.executors)
+                            ops=base.ops, recipes=base.recipes, probes=base.probes, executors=base.executors, sources=base.sources)
     text = spec("  - id: fmt\n    format: {from: problems, user: '{{ row.question }}', assistant: '{{ row.answer }}'}\n"
                 "  - id: sft\n    train: {from: fmt, model: teacher, target: cuda}\n")
     exc = compile_errors(workdir, text, registry=without_cuda)

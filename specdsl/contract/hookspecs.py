@@ -242,6 +242,19 @@ class OpDef(Protocol):
       chunks of rows, in other processes or machines.
     * ``drops_rows`` (False, or a function of the step's params): it may output fewer rows than it reads,
       so the plan's estimates downstream of it are upper bounds.
+    * ``spec_step`` (True): False for an op only the compiler places (``source``); steps cannot name it.
+    * ``model_backend`` (None): the op's output is a model that later steps may name like a declared one,
+      served by the generation backend of that name (``train``: ``transformers``).
+
+    And these optional methods (``StepOp`` gives each a default):
+
+    * ``estimate(params, input_rows, services) -> Estimate | None``: what ``specdsl plan`` shows (see
+      ``StepOp.estimate``); None passes the input's row count on.
+    * ``expand(ctx) -> Sequence[HelperNode]``: nodes to put in front of the step when it is lowered
+      (``train`` puts ``tokenize`` in front of itself).
+    * ``backend_label(params) -> str | None``: what ``plan`` shows as the node's backend.
+    * ``schema_for(registry) -> dict``: the op's parameter schema when it depends on other plugins (the
+      probes ``evaluate`` accepts, the training targets ``train`` accepts); ``params_schema`` otherwise.
     """
 
     name: str
@@ -282,6 +295,34 @@ class ProbeDef(Protocol):
 
 
 @runtime_checkable
+class SourceDef(Protocol):
+    """A data format that ``sources:`` can read (``format: NAME``). The built-in jsonl, json, csv and
+    parquet readers, a folder of Parquet files and a dataset saved by ``datasets.save_to_disk`` register
+    through ``register_sources`` exactly like a plugin's.
+
+    ``suffixes`` pick the format when a source names none (``(".jsonl", ".ndjson")``); a format for
+    folders may instead give an optional ``matches(path) -> bool`` (checked for paths that exist). Every
+    row read gets a string ``id``: the ``id_column``'s value, or the row number. ``columns`` and ``count``
+    run at compile time (``validate`` / ``plan``): cheap, reading as little as they can; ``count`` may
+    return None when counting would cost a full read. ``identity`` is the content fingerprint of the
+    data (a changed file re-runs everything downstream of it). Errors in the data are
+    :class:`specdsl.errors.RunError` naming ``display`` (the path as the spec wrote it) and the row.
+    """
+
+    name: str
+    suffixes: Sequence[str]
+
+    def columns(self, path: Path) -> tuple[str, ...]: ...
+
+    def count(self, path: Path, *, limit: int | None = None) -> int | None: ...
+
+    def read(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
+             display: str | None = None) -> list[dict[str, Any]]: ...
+
+    def identity(self, path: Path) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
 class ExecutorDef(Protocol):
     """Where row-parallel work runs. The local executor runs it in-process; others fan it out (Ray).
 
@@ -289,6 +330,8 @@ class ExecutorDef(Protocol):
     order (``fn`` is picklable: a module-level function bound with ``functools.partial``).
     ``wrap_backend(backend)`` returns a backend whose ``generate`` may spread requests out, still calling
     ``on_result`` in this process as each result arrives (so the request journal stays exact).
+    An executor with ``in_process = True`` (optional, default False) runs everything in this process: the
+    runner then calls row-parallel ops directly, with the run's services, instead of ``map_rows``.
     """
 
     name: str
@@ -324,3 +367,7 @@ class SpecdslHooks:
     @hookspec
     def register_executors(self, register: Callable[[ExecutorDef], None]) -> None:
         """Executors that run row-parallel work (local threads, Ray, ...)."""
+
+    @hookspec
+    def register_sources(self, register: Callable[[SourceDef], None]) -> None:
+        """Data formats that ``sources:`` entries can read (``format: NAME``)."""

@@ -18,21 +18,51 @@ from specdsl import templates
 
 Rows = list[dict[str, Any]]
 
+# The op that every entry under `sources:` lowers to (its reader is the entry's registered format).
+SOURCE_OP = "source"
+
 
 @dataclass(frozen=True)
 class Estimate:
-    """What a node is expected to cost before it runs."""
+    """What a node is expected to cost before it runs (returned by an op's ``estimate``).
 
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
+    ``rows`` is how many rows the node outputs; None means as many as it reads, unless ``rows_unknown``
+    says that nothing can be known before it runs (a segmenter). The planner shows ``requests``,
+    ``input_tokens``, ``output_tokens``, ``cost`` (and ``train_tokens`` when set) beside the rows the node
+    reads; an op that shows something else gives the whole mapping as ``details`` instead.
+    ``sample_rows``: rows like the node's output, for estimates downstream to render their prompts on
+    (a row-parallel op passes its input's sample on by itself).
+    """
+
+    requests: int | None = 0
+    input_tokens: int | None = 0
+    output_tokens: int | None = 0
     cost: float | None = 0.0       # USD; None when the backend cannot price it
-    train_tokens: int = 0
+    train_tokens: int | None = 0
     rows: int | None = None
+    rows_unknown: bool = False
+    details: Mapping[str, Any] | None = None
+    sample_rows: Sequence[Mapping[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "cost": self.cost, "train_tokens": self.train_tokens, "rows": self.rows}
+
+
+@dataclass(frozen=True)
+class HelperNode:
+    """A node an op puts in front of its own step when the spec is lowered (``train`` puts a ``tokenize``
+    node in front of itself, so the exact labels are a cached, inspectable table before any training).
+
+    Its id is the step's id plus ``suffix``; it runs registered op ``op`` with ``params`` and outputs
+    ``columns``. It reads the step's inputs (the previous helper's output, for a chain), depends on the
+    step's models, and the step reads its output as ``from``.
+    """
+
+    suffix: str
+    op: str
+    params: Mapping[str, Any]
+    columns: tuple[str, ...]
 
 
 @dataclass
@@ -132,17 +162,32 @@ class StepOp(abc.ABC):
     # May output fewer rows than it reads (a filter, a dedupe), so plan estimates downstream of it are upper
     # bounds. A function of the step's params where they decide (a filter with `into:` keeps every row).
     drops_rows: bool | Callable[[Mapping[str, Any]], bool] = False
+    # The op's output is a model that later steps may name like a declared one (train): the name of the
+    # generation backend that serves it. None for ops that make tables.
+    model_backend: str | None = None
+    # False for an op only the compiler places (source): a spec's steps cannot name it.
+    spec_step: bool = True
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         """Op-specific compile-time rules; returns the output columns."""
         return ctx.columns
 
+    def expand(self, ctx: CheckContext) -> Sequence[HelperNode]:
+        """Nodes to put in front of this step when it is lowered (none by default); see HelperNode."""
+        return ()
+
+    def backend_label(self, params: Mapping[str, Any]) -> str | None:
+        """What ``plan`` shows as the node's backend; None (the default) lists the backends of its models."""
+        return None
+
     def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate | None:
         """What ``specdsl plan`` shows for this step: requests, tokens, cost, rows out (None: not known).
 
         ``input_rows`` is the estimated row count of ``from`` (None when unknown). ``services`` is a
-        ``specdsl.passes.estimate.PlanPrices``: ``price(model, input_tokens, output_tokens)`` and ``sample_rows``.
-        Never call a model here. The built-in ops return None: the planner estimates them itself.
+        ``specdsl.passes.estimate.EstimateServices``: ``price(model, input_tokens, output_tokens)``,
+        ``usage(...)``, ``sample_rows``, ``input_rows(param)``, ``samples(param)`` and the planner's rules of
+        thumb. Never call a model here. Returning None (the default) passes the input's row count on.
+        Built-in ops estimate themselves through this same method.
         """
         return None
 

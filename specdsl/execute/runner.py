@@ -119,7 +119,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
         return outputs[node_id]
 
     if not dry_run and any(not store.has(n.fingerprint) for n in selected):
-        _pull_known_models(plan)
+        _prepare_models(plan, registry)
     try:
         with display:
             for index, node in enumerate(selected):
@@ -128,8 +128,8 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                     meta = store.meta(node.fingerprint)
                     reports.append(NodeReport(node.id, node.op, node.fingerprint, "cached", meta.get("rows"),
                                               note="; ".join(meta.get("notes", []))))
-                    if node.kind == "evaluate":
-                        evaluations[node.id] = meta.get("evaluation")
+                    if meta.get("evaluation") is not None:
+                        evaluations[node.id] = meta["evaluation"]
                     continue
                 if dry_run:
                     reports.append(NodeReport(node.id, node.op, node.fingerprint, "would-run",
@@ -154,7 +154,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                     if report.status == "ran":
                         report.status = "incomplete"
                         report.note = "an upstream node is incomplete"
-                if node.kind == "evaluate" and report.stats.get("evaluation") is not None:
+                if report.stats.get("evaluation") is not None:
                     evaluations[node.id] = report.stats.pop("evaluation")
                 reports.append(report)
     finally:
@@ -165,35 +165,28 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
 
 
 def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, registry: Any, load, outputs) -> NodeReport:
-    from specdsl.sources.files import read_rows
-
     staging = store.staging(node.fingerprint)
     stats = services.stats.setdefault(node.id, _new_stats())
     try:
-        if node.op == "source":
-            p = node.params
-            path = Path(plan.spec_file).parent / p["path"]
-            rows = read_rows(path, p["format"], id_column=p.get("id"), limit=p.get("limit"), display=p["path"])
-            meta_extra: dict[str, Any] = {}
+        op = registry.ops.get(node.op)
+        if op is None:
+            raise RunError(f"op '{node.op}' is not installed", node=node.id,
+                           hint="install the plugin that provides it (see `specdsl plugins`)")
+        inputs = {param: load(src) for param, src in node.inputs}
+        ctx = RunContext(node_id=node.id, params=node.params, inputs=inputs, vars=plan.vars, seed=plan.seed,
+                         services=services, artifact_dir=staging)
+        if getattr(op, "row_parallel", False) and not getattr(services.executor, "in_process", False) \
+                and len(inputs) == 1:
+            # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
+            fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
+            result = services.executor.map_rows(fn, ctx.rows)
         else:
-            op = registry.ops.get(node.op)
-            if op is None:
-                raise RunError(f"op '{node.op}' is not installed", node=node.id,
-                               hint="install the plugin that provides it (see `specdsl plugins`)")
-            inputs = {param: load(src) for param, src in node.inputs}
-            ctx = RunContext(node_id=node.id, params=node.params, inputs=inputs, vars=plan.vars, seed=plan.seed,
-                             services=services, artifact_dir=staging)
-            if getattr(op, "row_parallel", False) and services.executor.name != "local" and len(inputs) == 1:
-                # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
-                fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
-                result = services.executor.map_rows(fn, ctx.rows)
-            else:
-                result = op.run(ctx)
-            meta_extra = {}
-            if isinstance(result, tuple):  # (rows, meta) for ops that produce artifacts (train, evaluate)
-                rows, meta_extra = result
-            else:
-                rows = result
+            result = op.run(ctx)
+        meta_extra = {}
+        if isinstance(result, tuple):  # (rows, meta) for ops that produce artifacts (train, evaluate)
+            rows, meta_extra = result
+        else:
+            rows = result
         outputs[node.id] = rows
         stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else {}
         incomplete = bool(stats_dict.get("failed"))
@@ -221,13 +214,13 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
         raise
 
 
-def _pull_known_models(plan: Plan) -> None:
-    """Fetch named local models before the live display starts: a first pull draws its own progress."""
-    from specdsl.modelcache.models import is_cached, is_known, pull
-
+def _prepare_models(plan: Plan, registry: Any) -> None:
+    """Let each model's backend fetch what it needs (``prepare(options)``, optional: a named local model
+    is pulled once) before the live display starts: a first pull draws its own progress."""
     for m in plan.models:
-        if m.backend == "transformers" and is_known(m.model) and not is_cached(m.model):
-            pull(m.model)
+        prepare = getattr(registry.backends.get(m.backend), "prepare", None)
+        if callable(prepare):
+            prepare(m.options)
 
 
 def run_row_chunk(op: Any, node_id: str, params: Mapping[str, Any], variables: Mapping[str, Any], seed: int,

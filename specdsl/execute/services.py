@@ -68,8 +68,14 @@ class Services:
             self._journal = RequestJournal(self.store.journal_path)
         return self._journal
 
+    def _model_backend_of_step(self, ref: str) -> str | None:
+        """The backend serving the model a step makes (its op's ``model_backend``); None if it makes none."""
+        if not self.plan.has(ref):
+            return None
+        return getattr(self.registry.ops.get(self.plan.node(ref).op), "model_backend", None)
+
     def is_trained(self, ref: str) -> bool:
-        return self.plan.has(ref) and self.plan.node(ref).op == "train"
+        return self._model_backend_of_step(ref) is not None
 
     def trained_dir(self, ref: str) -> Path:
         node = self.plan.node(ref)
@@ -83,10 +89,10 @@ class Services:
         if self.is_trained(ref):
             train = self.plan.node(ref)
             base = train.params.get("model")
-            backend_name, options = "transformers", {}
+            backend_name, options = self._model_backend_of_step(ref), {}
             try:
                 m = self.plan.model(base)
-                if m.backend == "transformers":
+                if m.backend == backend_name:  # the trained model decodes like its base
                     options = {k: v for k, v in m.options.items() if k != "model"}
             except KeyError:
                 pass
@@ -108,12 +114,14 @@ class Services:
         if self.is_trained(ref):
             return self.trained_dir(ref)
         m = self.plan.model(ref)
-        if m.backend != "transformers":
+        backend = self.registry.backends.get(m.backend)
+        local_dir = getattr(backend, "model_dir", None)  # backends that run models from a local folder
+        if not callable(local_dir):
+            local = sorted(name for name, b in self.registry.backends.items() if callable(getattr(b, "model_dir", None)))
             raise RunError(f"model '{ref}' is served by '{m.backend}'; this step needs a local model",
-                           hint="use a `backend: transformers` model (a known name or a local directory)")
-        from specdsl.modelcache.models import resolve_model
-
-        return Path(resolve_model(m.model))
+                           hint=f"use a model of a local backend ({', '.join(local) or 'none installed'}): "
+                                "a known name or a local directory")
+        return Path(local_dir(m.options))
 
     def tokenizer(self, ref: str):
         path = str(self.model_dir(ref))
@@ -188,11 +196,15 @@ class Services:
     # -- training -------------------------------------------------------------------------------------
 
     def training_target(self, name: str):
+        """The target a train step asked for; ``auto``: the first available one, in registration order (the
+        built-in plugin registers cuda before cpu, and loads before third-party plugins)."""
         targets = self.registry.targets
         if name == "auto":
-            from specdsl.training.trl.target import choose_target
-
-            return choose_target("auto", targets)
+            for target in targets.values():
+                if target.available():
+                    return target
+            raise RunError("no training target is available on this machine",
+                           hint=f"registered: {', '.join(sorted(targets)) or 'none'}")
         if name not in targets:
             raise RunError(f"unknown training target '{name}'", hint=f"installed: {', '.join(sorted(targets))}")
         target = targets[name]

@@ -10,8 +10,6 @@ from specdsl.frontend.load import LoadedDoc
 from specdsl.frontend.schema import validate_fragment
 from specdsl.frontend.spec import DEFAULT_BACKEND, ModelDecl, SourceDecl, Spec, StepDecl
 
-_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-            ".pq": "parquet"}
 _STEP_KEYS = ("id", "meta", "use", "with")
 
 
@@ -26,11 +24,11 @@ def parse_spec(doc: LoadedDoc, file: Path, registry: Any, sink: ErrorSink) -> Sp
     sources = {}
     for name, entry in (data.get("sources") or {}).items():
         path = entry["path"]
-        fmt = entry.get("format") or _FORMATS.get(Path(path).suffix.lower())
+        fmt = entry.get("format") or format_of(file.parent / path, registry.sources)
         if fmt is None:
             sink.add("S105", f"cannot tell the format of source '{name}' from '{path}'",
                      doc.pos(("sources", name, "path")), ("sources", name, "path"),
-                     hint="add `format: jsonl | json | csv | parquet`")
+                     hint=f"add `format: {' | '.join(sorted(registry.sources))}`")
             continue
         cols = tuple(entry["columns"]) if entry.get("columns") else None
         sources[name] = SourceDecl(name, path, fmt, cols, entry.get("id"), entry.get("limit"), ("sources", name))
@@ -59,7 +57,7 @@ def parse_spec(doc: LoadedDoc, file: Path, registry: Any, sink: ErrorSink) -> Sp
             where = doc.pos(("steps", i))
             if not op_keys:
                 sink.add("S101", f"step '{step_id}' names no op", where, ("steps", i),
-                         hint=f"add one of: {', '.join(sorted(registry.ops))}, or `use: RECIPE`")
+                         hint=f"add one of: {', '.join(registry.step_ops())}, or `use: RECIPE`")
             else:
                 sink.add("S401", f"step '{step_id}' names several ops ({', '.join(op_keys)}); a step has one",
                          doc.pos(("steps", i, op_keys[1]), key=True), ("steps", i),
@@ -102,7 +100,7 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
     out = []
     for step in produced:
         op_keys = [k for k in step if k not in _STEP_KEYS]
-        if len(op_keys) != 1 or op_keys[0] not in registry.ops:
+        if len(op_keys) != 1 or op_keys[0] not in registry.step_ops():
             sink.add("S211", f"recipe '{name}' produced an invalid step {step.get('id')!r} (ops: {op_keys})",
                      doc.pos(("steps", index, "use")), ("steps", index))
             return None
@@ -117,3 +115,21 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
             sink.add("S211", f"recipe '{name}' produced step '{s.id}' with invalid {s.op} parameters: {err.message}",
                      doc.pos(("steps", index, "use")), ("steps", index), hint="check the recipe's parameters")
     return out
+
+
+def format_of(path: Path, registry_sources: Mapping[str, Any]) -> str | None:
+    """The format that reads ``path`` when a source names none: by file suffix, else (for a folder that
+    exists) the first format whose ``matches(path)`` says yes; None when no format claims it."""
+    suffix = path.suffix.lower()
+    for name, source in registry_sources.items():
+        if suffix and suffix in tuple(getattr(source, "suffixes", ()) or ()):
+            return name
+    if path.exists():
+        for name, source in registry_sources.items():
+            matches = getattr(source, "matches", None)
+            try:
+                if callable(matches) and matches(path):
+                    return name
+            except OSError:
+                continue
+    return None

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from specdsl.errors import ErrorSink, did_you_mean, format_key_path, is_secret_key, looks_like_secret
 from specdsl.frontend.load import LoadedDoc
+from specdsl.frontend.spec import DEFAULT_BACKEND
 
 SCHEMA_ID = "https://specdsl.dev/schemas/spec.v1.json"
 VERSION = 1
@@ -37,7 +38,7 @@ def build_schema(registry: Any) -> dict:
             "additionalProperties": False,
         }
         cond: dict[str, Any] = {"properties": {"backend": {"const": name}}, "required": ["backend"]}
-        if name == "transformers":  # the default backend when `backend:` is omitted
+        if name == DEFAULT_BACKEND:  # the backend a model entry without `backend:` uses
             cond = {"anyOf": [cond, {"not": {"required": ["backend"]}}]}
         model_rules.append({"if": cond, "then": entry})
     model_entry = {
@@ -53,8 +54,9 @@ def build_schema(registry: Any) -> dict:
         "type": "object",
         "required": ["path"],
         "properties": {
-            "path": {"type": "string", "minLength": 1, "description": "data file, relative to the spec"},
-            "format": {"enum": ["jsonl", "json", "csv", "parquet"], "description": "default: from the extension"},
+            "path": {"type": "string", "minLength": 1, "description": "data file or folder, relative to the spec"},
+            "format": {"enum": sorted(registry.sources),
+                       "description": "the data format (default: from the file's extension, or what the folder holds)"},
             "columns": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
                         "description": "the file's columns; read from the file when omitted"},
             "id": {"type": "string", "description": "the column that identifies a row (default: `id` if present)"},
@@ -64,8 +66,8 @@ def build_schema(registry: Any) -> dict:
         "additionalProperties": False,
     }
     # An op whose parameters depend on other plugins (evaluate's probes) builds its fragment from the registry.
-    op_props = {name: op.schema_for(registry) if callable(getattr(op, "schema_for", None)) else op.params_schema
-                for name, op in sorted(registry.ops.items())}
+    op_props = {name: _op_schema(name, op, registry) for name, op in sorted(registry.ops.items())
+                if getattr(op, "spec_step", True)}
     recipe_rules = [
         {"if": {"properties": {"use": {"const": name}}, "required": ["use"]},
          "then": {"properties": {"with": recipe.params_schema}}}
@@ -106,6 +108,29 @@ def build_schema(registry: Any) -> dict:
         },
         "additionalProperties": False,
     }
+
+
+def _op_schema(name: str, op: Any, registry: Any) -> Mapping[str, Any]:
+    """The op's parameter schema; built from the registry when the op has ``schema_for``. A ``schema_for``
+    that raises or builds an invalid schema falls back to the op's static ``params_schema`` (checked when
+    the plugin registered), so one plugin's broken fragment never breaks the schema of every spec."""
+    build = getattr(op, "schema_for", None)
+    if not callable(build):
+        return op.params_schema
+    from specdsl.contract.conformance import schema_problem
+
+    try:
+        schema = build(registry)
+        problem = schema_problem(schema)
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug must not break every spec's schema
+        problem = f"raised {exc!r}"
+    if problem is None:
+        return schema
+    import warnings
+
+    warnings.warn(f"op '{name}' ({type(op).__module__}): schema_for(registry) {problem}; using its params_schema",
+                  RuntimeWarning, stacklevel=2)
+    return op.params_schema
 
 
 _VALIDATORS: dict[int, tuple[Any, Any]] = {}
@@ -199,7 +224,7 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
         is_step = len(path) == 2 and path[0] == "steps"
         for extra in extras:
             if is_step:
-                ops = sorted(registry.ops)
+                ops = registry.step_ops()
                 close = did_you_mean(extra, ops + ["id", "use", "with", "meta"])
                 hint = close if close and close.startswith("did") else f"installed ops: {', '.join(ops)}"
                 yield "S208", f"unknown op '{extra}'", path + (extra,), True, hint
@@ -236,7 +261,7 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
             isinstance(doc.data.get("models"), dict):
         # A backend's own option (the fragment it registered) has a wrong type or value.
         entry = doc.data["models"].get(path[1])
-        backend = entry.get("backend", "transformers") if isinstance(entry, dict) else "?"
+        backend = entry.get("backend", DEFAULT_BACKEND) if isinstance(entry, dict) else "?"
         for _code, message, where_, key, hint in _translate_plain(err, path, schema, prefix=False):
             yield "S210", f"invalid option `{path[-1]}` for backend '{backend}': {message}", where_, key, hint
         return

@@ -15,13 +15,8 @@ from typing import Any, Mapping
 from specdsl.errors import ErrorSink, SourcePos, SpecError, SpecErrors, did_you_mean
 from specdsl.ir.plan import ModelRef, Plan, PlanNode, canonical_json, refingerprint, topo_order, topo_sort
 from specdsl.frontend.spec import ModelDecl, Spec, StepDecl
-from specdsl.contract.ops import CheckContext
-from specdsl.sources.files import peek_columns, source_identity
-from specdsl.ops.tokenize import TOKENIZE_PASSTHROUGH, TOKENIZED_COLUMNS
+from specdsl.contract.ops import SOURCE_OP, CheckContext
 from specdsl import templates
-
-# Train steps lower to a tokenize node (exact masks, inspectable) feeding the train node.
-TOKENIZE_SUFFIX = ".tokens"
 
 
 def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
@@ -49,7 +44,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         if backend is None:
             continue  # reported by the schema
         model = decl.model
-        if decl.backend == "transformers" and (model.startswith((".", "/")) or "/" in model) \
+        if getattr(backend, "model_is_path", False) and (model.startswith((".", "/")) or "/" in model) \
                 and (spec.dir / model).exists():
             # A local model folder is relative to the spec, like a source, not to wherever `run` is typed.
             model = str((spec.dir / model).resolve())
@@ -74,9 +69,10 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
     for name, src in spec.sources.items():
         cols = src.columns
         path = spec.dir / src.path
+        reader = registry.sources.get(src.format)  # always there: the schema's enum is the registry's formats
         if cols is None:
             try:
-                cols = peek_columns(path, src.format)
+                cols = reader.columns(path)
             except FileNotFoundError:
                 sink.add("S405", f"source '{name}': file '{src.path}' does not exist",
                          spec.pos(src.key_path + ("path",)), src.key_path + ("path",),
@@ -94,8 +90,8 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                      spec.pos(src.key_path + ("id",)), src.key_path + ("id",), hint=f"columns: {', '.join(cols)}")
         out_cols = tuple(cols) if "id" in cols or not cols else ("id",) + tuple(cols)
         params = {"path": src.path, "format": src.format, "id": src.id_column, "limit": src.limit}
-        identity = source_identity(path) if identities else {}
-        nodes[name] = PlanNode(id=name, op="source", kind="source", params_json=canonical_json(params), inputs=(),
+        identity = dict(reader.identity(path)) if identities else {}
+        nodes[name] = PlanNode(id=name, op=SOURCE_OP, kind="source", params_json=canonical_json(params), inputs=(),
                                columns=out_cols, identity_json=canonical_json(identity), step=name,
                                pos=spec.pos(src.key_path, key=True))
         columns[name] = out_cols
@@ -130,10 +126,10 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             for ref in (value if isinstance(value, list) else [value]):
                 if ref in spec.models:
                     continue
-                if ref in step_ids and step_ids[ref].op == "train":
+                if ref in step_ids and _makes_model(registry, step_ids[ref]):
                     refs.append((key, ref))
                     continue
-                trained = [s.id for s in step_ids.values() if s.op == "train"]
+                trained = [s.id for s in step_ids.values() if _makes_model(registry, s)]
                 hint = did_you_mean(str(ref), list(spec.models) + trained)
                 sink.add("S201", f"unknown model '{ref}'", spec.step_pos(step, key), (step.id, key),
                          hint=hint or "define it under `models:` or name a train step")
@@ -149,7 +145,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
 
     order = _topo(list(step_ids), deps)
     model_kinds = {name: decl.backend for name, decl in spec.models.items()}
-    model_kinds.update({s.id: "trained" for s in step_ids.values() if s.op == "train"})
+    model_kinds.update({s.id: "trained" for s in step_ids.values() if _makes_model(registry, s)})
     var_names = frozenset(spec.vars)
     for sid in order:
         step = step_ids[sid]
@@ -200,20 +196,19 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         used_vars = sorted(ctx.used_vars & var_names)
         if used_vars:
             identity["vars"] = {v: spec.vars[v] for v in used_vars}
-        if step.op == "train":
-            target = step.params.get("target", "auto")
-            backend = f"trl:{target}"
-            tok_id = sid + TOKENIZE_SUFFIX
-            tok_params = {k: step.params[k] for k in ("max_length", "loss", "mask") if k in step.params}
-            tok_params["model"] = step.params.get("model")
-            nodes[tok_id] = PlanNode(
-                id=tok_id, op="tokenize", kind="transform", params_json=canonical_json(tok_params),
-                inputs=input_deps,
-                columns=TOKENIZED_COLUMNS + tuple(c for c in TOKENIZE_PASSTHROUGH if c in inputs.get("from", ())),
-                models=tuple((k, r) for k, r in model_deps), model_names=tuple(model_names),
-                identity_json=canonical_json(identity), step=sid, recipe=step.recipe, pos=pos_of(key=True),
-                op_version=registry.ops["tokenize"].version if "tokenize" in registry.ops else "1")
-            input_deps = (("from", tok_id),)
+        # An op may put helper nodes in front of itself (train: tokenize, so the exact labels are a cached,
+        # inspectable table before any training); the step then reads the last helper.
+        for helper in _helpers(op, ctx, sid, sink, pos_of):
+            helper_id = sid + helper.suffix
+            helper_op = registry.ops.get(helper.op)
+            nodes[helper_id] = PlanNode(
+                id=helper_id, op=helper.op, kind=getattr(helper_op, "kind", "transform"),
+                params_json=canonical_json(dict(helper.params)), inputs=input_deps, columns=tuple(helper.columns),
+                models=model_deps, model_names=tuple(model_names), identity_json=canonical_json(identity), step=sid,
+                recipe=step.recipe, pos=pos_of(key=True), op_version=getattr(helper_op, "version", "1"))
+            input_deps = (("from", helper_id),)
+        label = op.backend_label(step.params) if callable(getattr(op, "backend_label", None)) else None
+        backend = label or backend
         reads = None
         if getattr(op, "reads_known", False) and not _reads_dynamically(step.params):
             reads = tuple(sorted(ctx.used_columns))
@@ -231,6 +226,25 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 models=tuple(model_refs.values()), vars_json=canonical_json(dict(spec.vars)), seed=spec.seed,
                 store=spec.store, expansions=tuple(spec.expansions.items()))
     return plan
+
+
+def _makes_model(registry: Any, step: StepDecl) -> bool:
+    """Whether the step's output is a model later steps may name (its op has a ``model_backend``)."""
+    return getattr(registry.ops.get(step.op), "model_backend", None) is not None
+
+
+def _helpers(op: Any, ctx: CheckContext, step_id: str, sink: ErrorSink, pos_of: Any) -> tuple[Any, ...]:
+    """The op's helper nodes (see specdsl.contract.ops.HelperNode); a plugin's failing ``expand`` is an error
+    at the step, not a crash of the compiler."""
+    expand = getattr(op, "expand", None)
+    if not callable(expand):
+        return ()
+    try:
+        return tuple(expand(ctx))
+    except Exception as exc:  # noqa: BLE001 - a plugin op's expansion must not crash the compiler
+        sink.add("S401", f"op '{op.name}' failed to expand step '{step_id}': {exc!r}", pos_of(), (step_id,),
+                 hint=f"a bug in the plugin that provides '{op.name}' ({type(op).__module__}); report it there")
+        return ()
 
 
 def _check_options(spec: Spec, name: str, decl: ModelDecl, backend: Any, options: Mapping[str, Any],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from specdsl.contract.ops import STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
+from typing import Any, Mapping
+
+from specdsl.contract.ops import STEP_REF, CheckContext, Estimate, Rows, RunContext, StepOp, obj_schema
 
 
 class ConcatOp(StepOp):
@@ -19,6 +21,11 @@ class ConcatOp(StepOp):
                 if c not in cols:
                     cols.append(c)
         return tuple(cols)
+
+    def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate:
+        parts = [services.input_rows(f"from[{i}]") for i in range(len(params.get("from") or []))]
+        total = None if any(r is None for r in parts) else sum(parts)
+        return Estimate(rows=total, rows_unknown=total is None, details={"rows": total})
 
     def run(self, ctx: RunContext) -> Rows:
         out: Rows = []

@@ -8,7 +8,10 @@ from __future__ import annotations
 import random
 
 from specdsl.errors import RunError
-from specdsl.contract.ops import COLUMN, MODEL_REF, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
+from typing import Any, Mapping
+
+from specdsl.contract.ops import (COLUMN, MODEL_REF, STEP_REF, CheckContext, Estimate, Rows, RunContext, StepOp,
+                                  obj_schema)
 
 
 def _generic_default() -> str:
@@ -150,6 +153,9 @@ class SegmentOp(StepOp):
                                                             "`segments` list (type 2 QA); default: segment"},
         "into": {**COLUMN, "description": "default: segment"},
     }, required=["from", "model"])
+
+    def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate:
+        return Estimate(rows_unknown=True, details={"rows": None})  # depends on text lengths: known once it runs
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         p = ctx.params

@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 
 from specdsl.errors import RunError
 from specdsl import templates
-from specdsl.contract.ops import COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+from specdsl.contract.ops import (COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Estimate, Rows, RunContext, StepOp,
+                                  obj_schema)
 
 RULE = {"enum": ["exact", "contains", "regex", "number"]}
 # An evaluate node's answer cap when the spec sets none; the planner's estimate (specdsl.passes.estimate) uses it too.
@@ -139,6 +140,24 @@ class AccuracyProbe:
                 r["delta"] = None if r["accuracy"] is None or ref is None else r["accuracy"] - ref
         return {"probe": "accuracy", "results": results, "table": table}
 
+    def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
+                 rows: int | None, services: Any) -> list[dict[str, Any]]:
+        """One request per evaluated row per condition (default: one condition per model without a system
+        prompt); the prompt is the condition's system prompt plus the question."""
+        question = params.get("question", DEFAULT_COLUMNS["question"])
+        conditions = params.get("conditions") or [{"name": m, "model": m} for m in models]
+        asks = []
+        for cond in conditions:
+            system = cond.get("system")
+
+            def prompt_chars(row: Mapping, system: str | None = system) -> int:
+                return (len(templates.render(system, row, services.vars)) if system else 0) + len(str(row[question]))
+
+            asks.append({"condition": cond["name"], "model": cond["model"], "requests": rows,
+                         "avg_input_tokens": services.average_prompt_tokens(sample_rows, prompt_chars,
+                                                                            len(system or ""))})
+        return asks
+
 
 class SelfCorrectionProbe:
     name = "self_correction"
@@ -168,6 +187,16 @@ class SelfCorrectionProbe:
             results[model] = d
             table.append({"model": model, **{k: v for k, v in d.items() if not isinstance(v, (list, dict))}})
         return {"probe": "self_correction", "results": results, "table": table}
+
+    def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
+                 rows: int | None, services: Any) -> list[dict[str, Any]]:
+        """One request per evaluated row per model: the model answers, verifies and corrects itself within
+        that one output, so the output cap covers all of it."""
+        question = params.get("question", DEFAULT_COLUMNS["question"])
+        prompt = params.get("prompt", self.DEFAULT_PROMPT.replace("QUESTION", question))
+        avg_in = services.average_prompt_tokens(
+            sample_rows, lambda row: len(templates.render(prompt, row, services.vars)), len(prompt))
+        return [{"model": m, "requests": rows, "avg_input_tokens": avg_in} for m in models]
 
 
 class PositionProbe:
@@ -223,6 +252,26 @@ class PositionProbe:
         results = {m: {t: r.to_dict() for t, r in tasks.items()} for m, tasks in by_model.items()}
         return {"probe": "position", "results": results, "table": table, "plot": plot.name}
 
+    def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
+                 rows: int | None, services: Any) -> list[dict[str, Any]]:
+        """``buckets x per_bucket`` requests per task per model, whatever the rows; each prompt is a context
+        of at most ``context_tokens`` plus the IN2 template, the instruction and its quoted query."""
+        from specdsl.probes.position import IN2_TEMPLATE, INSTRUCTIONS, MAX_CODE_QUERY_CHARS
+
+        settings = self.settings(params)
+        requests = settings["buckets"] * settings["per_bucket"]
+        template_chars = len(IN2_TEMPLATE.replace("{context}", "").replace("{instruction}", ""))
+        # Every task's query is counted as the longest any quotes: a code line (document pieces are 8
+        # words, record ids 9 characters).
+        query_chars = MAX_CODE_QUERY_CHARS
+        asks = []
+        for task in settings["tasks"]:
+            wrapper_chars = template_chars + len(INSTRUCTIONS[task].replace("{query}", "")) + query_chars
+            avg_in = settings["context_tokens"] + wrapper_chars / services.chars_per_token \
+                + services.chat_template_tokens
+            asks += [{"task": task, "model": m, "requests": requests, "avg_input_tokens": avg_in} for m in models]
+        return asks
+
 
 PROBES = (AccuracyProbe(), SelfCorrectionProbe(), PositionProbe())
 
@@ -253,6 +302,31 @@ class EvaluateOp(StepOp):
             {"if": {"properties": {"probe": {"const": name}}, "required": ["probe"]}, "then": probe.params_schema}
             for name, probe in registry.probes.items()]
         return schema
+
+    def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate:
+        """Totals over the node's probes, and one entry per probe and model under ``probes``; each probe
+        says what it sends through its optional ``estimate`` (a probe without one: unknown, and so are the
+        totals). Every probe request carries the node's ``max_tokens``, which overrides the model's cap."""
+        evaluated, sample = services.input_rows("on"), services.samples("on")
+        if params.get("limit"):
+            evaluated = None if evaluated is None else min(evaluated, params["limit"])
+            sample = sample[: params["limit"]]  # the probes see the first rows only
+        cap = params.get("max_tokens", DEFAULT_MAX_TOKENS)
+        models = list(params.get("models") or [])
+        parts = []
+        for probe in params.get("probes") or []:
+            own = getattr(services.registry.probes.get(probe.get("probe")), "estimate", None)
+            if callable(own):
+                asks = own(probe, models, sample, evaluated, services)
+            else:  # what it sends is the probe's own business, known only once it runs
+                asks = [{"model": m, "estimable": False, "requests": None, "avg_input_tokens": None} for m in models]
+            for ask in asks:
+                usage = services.usage(ask["model"], ask.pop("requests"), ask.pop("avg_input_tokens"), cap)
+                parts.append({"probe": probe.get("probe"), **ask, **usage})
+        totals = {key: None if not parts or any(part[key] is None for part in parts) else sum(p[key] for p in parts)
+                  for key in ("requests", "input_tokens", "output_tokens", "cost")}
+        return Estimate(rows=len(params.get("probes") or []),  # one summary row per probe
+                        details={"rows": evaluated, **totals, "probes": parts})
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         probes = ctx.registry.probes

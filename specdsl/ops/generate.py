@@ -85,7 +85,20 @@ class GenerateOp(StepOp):
         return tuple(cols)
 
     def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate | None:
-        return None  # computed by the planner from rendered prompts (see specdsl.passes.estimate)
+        """One request per row and sample; prompts measured by rendering them on the input's sample rows,
+        answers counted at their token cap."""
+        count = None if input_rows is None else input_rows * params.get("n", 1)
+        _backend, options = services.model(params["model"])
+        texts = [params.get("system") or "", params.get("user") or ""] + \
+            [m.get("content", "") for m in params.get("messages") or []]
+        avg_in = services.average_prompt_tokens(
+            services.sample_rows,
+            lambda row: sum(len(x["content"]) for x in prompt_messages(params, row, services.vars)),
+            sum(len(t) for t in texts))
+        cap = params.get("max_tokens") or options.get("max_tokens") or options.get("max_new_tokens") \
+            or services.default_output_tokens
+        return Estimate(rows=count, rows_unknown=count is None,
+                        details={"rows": count, **services.usage(params["model"], count, avg_in, cap)})
 
     def requests(self, ctx: RunContext) -> list[tuple[dict, GenRequest | None, list[dict]]]:
         """(output row, request or None when `where` skips it, messages) for every row and sample."""

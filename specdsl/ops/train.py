@@ -6,11 +6,15 @@ the train node's fingerprint and can be used by later steps (generate, evaluate)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from specdsl.errors import RunError
-from specdsl.contract.ops import MODEL_REF, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
-from specdsl.ops.tokenize import check_trainable
+from specdsl.contract.ops import (MODEL_REF, STEP_REF, CheckContext, Estimate, HelperNode, Rows, RunContext, StepOp,
+                                  obj_schema)
+from specdsl.ops.tokenize import TOKENIZE_PASSTHROUGH, TOKENIZED_COLUMNS, check_trainable
+
+# A train step lowers to a tokenize node (exact masks, inspectable) with this suffix, feeding the train node.
+TOKENIZE_SUFFIX = ".tokens"
 
 # Keys of the train step itself; everything else is the training target's own parameters, whose schema
 # the target publishes (one source of truth for what `train:` accepts).
@@ -29,6 +33,7 @@ class TrainOp(StepOp):
     description = "fine-tune a local model with TRL's SFTTrainer (full or LoRA) on CPU, CUDA or several processes"
     model_keys = ("model",)
     sink_op = True
+    model_backend = "transformers"  # later steps generate with the trained model through the local backend
     params_schema = obj_schema({
         "from": STEP_REF,
         "model": {**MODEL_REF, "description": "the base model (a `backend: transformers` model)"},
@@ -53,6 +58,23 @@ class TrainOp(StepOp):
             ctx.error("S401", f"model '{base}' is served by '{backend}'; training needs a local transformers model",
                       "model", hint="declare the student with `backend: transformers`")
         return ("model_dir", "train_loss", "steps", "train_tokens")
+
+    def expand(self, ctx: CheckContext) -> tuple[HelperNode, ...]:
+        """The tokenize node in front of training: the exact tokens and labels are a cached table."""
+        params = {k: ctx.params[k] for k in ("max_length", "loss", "mask") if k in ctx.params}
+        params["model"] = ctx.params.get("model")
+        columns = TOKENIZED_COLUMNS + tuple(c for c in TOKENIZE_PASSTHROUGH if c in ctx.columns)
+        return (HelperNode(TOKENIZE_SUFFIX, "tokenize", params, columns),)
+
+    def backend_label(self, params: Mapping[str, Any]) -> str:
+        return f"trl:{params.get('target', 'auto')}"
+
+    def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate:
+        """Tokens trained: samples x a typical length (capped by max_length) x epochs. Rough by design."""
+        tokens = None
+        if input_rows is not None:
+            tokens = int(input_rows * min(params.get("max_length") or 512, 256) * params.get("epochs", 1))
+        return Estimate(rows=1, details={"rows": input_rows, "train_tokens": tokens})
 
     def run(self, ctx: RunContext) -> tuple[Rows, dict[str, Any]]:
         import pyarrow as pa

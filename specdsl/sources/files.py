@@ -336,6 +336,11 @@ def read_rows(path: Path, fmt: str, *, id_column: str | None = None, limit: int 
                 raise RunError(f"{display}{where}: a JSON source must be a list of objects") from None
     elif fmt == "parquet":
         rows = _parquet_rows(path, limit)
+    return assign_ids(rows, id_column, display)
+
+
+def assign_ids(rows: Rows, id_column: str | None, display: str) -> Rows:
+    """Each row with a string ``id``: the id column's value, or the row number; ids must be unique."""
     key = id_column or "id"
     out = []
     for i, row in enumerate(rows):

@@ -101,6 +101,20 @@ class TransformersBackend:
     # Bump when a change here changes outputs for the same identity (decoding, seeding, templates).
     version = "1"
     options_schema = OPTIONS_SCHEMA
+    model_is_path = True  # a `model:` that names a folder is relative to the spec, like a source
+
+    def model_dir(self, options: Mapping[str, Any]) -> Path:
+        """The local Hugging Face folder of this model (a named model is pulled on first use)."""
+        from specdsl.modelcache.models import resolve_model
+
+        return Path(resolve_model(_model_ref(options)))
+
+    def prepare(self, options: Mapping[str, Any]) -> None:
+        """Pull a named model (the embedded default) before the run's live display starts."""
+        from specdsl.modelcache import models
+
+        if models.is_known(options["model"]) and not models.is_cached(options["model"]):
+            models.pull(options["model"])
 
     def identity(self, options: Mapping[str, Any]) -> Mapping[str, Any]:
         """Model reference, a content fingerprint of the model, and every option that shapes outputs.
