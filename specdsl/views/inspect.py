@@ -155,7 +155,7 @@ def resolve_tokenizer(plan: Plan, node: PlanNode, store: Any, registry: Any = No
                       cache: dict[str, tuple[Any, str | None]] | None = None) -> tuple[Any, str | None]:
     """The tokenizer the tokenize node used, or ``(None, why not)``. Never downloads a model.
 
-    Resolved as the tokenize step resolves it (``Services(plan, store, registry)``): the model's folder,
+    Resolved as the tokenize step resolves it (through ``Services``): the model's folder,
     then its ``tokenizer.json`` read directly (fast), else ``Services.tokenizer`` (Hugging Face).
     ``cache`` (model ref -> result) lets a report share one tokenizer between nodes."""
     ref = node.params.get("model")
@@ -188,7 +188,7 @@ def _resolve_tokenizer(plan: Plan, ref: str, store: Any, registry: Any) -> tuple
             registry = default_registry()
         from specdsl.execute.services import Services
 
-        services = Services(plan, store, registry)
+        services = Services(plan, store, registry, executor=registry.executors["local"])
         tokenizer_file = Path(services.model_dir(ref)) / "tokenizer.json"
         if tokenizer_file.is_file():
             try:

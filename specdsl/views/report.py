@@ -450,7 +450,8 @@ def write_report(run: Any, path: str | Path | None = None, *, store_dir: str | P
 
 
 def write_run_reports(manifest: Mapping[str, Any], store_root: Path, run_dir: Path) -> Path | None:
-    """What the runner calls after writing a manifest: ``report.html`` in the run's folder and, like
+    """What every API run calls once its manifest is written (the runner's ``on_manifest``; see
+    :func:`specdsl.api.run_plan`): ``report.html`` in the run's folder and, like
     ``run.json``, a copy for the latest run at the top of the store. A report never fails a run."""
     try:
         path = write_report(manifest, Path(run_dir) / REPORT_NAME, store_dir=store_root)
