@@ -56,7 +56,7 @@ TOKENIZE_STEPS = """
         - {probe: records_search, context_tokens: 320, buckets: 4, per_bucket: 3}
 """
 TOKENIZED = ("erased_tokens", "pam_tokens", "in2_tokens")
-TRAINED_RGB = (0xB7, 0xEB, 0xC0)     # --trained in specdsl.views.inspect.CSS
+TRAINED_RGB = (0xB7, 0xEB, 0xC0)     # --trained in specdsl.views.html_page.CSS
 RAN_FILL_RGB = (0xDC, 0xF5, 0xE1)    # STATUS_COLOURS["ran"] fill in specdsl.views.report
 
 

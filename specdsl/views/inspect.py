@@ -14,12 +14,12 @@
 What is "trained" is always the ``labels`` column when token boundaries are known (the exact truth), and
 the trained character spans otherwise (the intent; see :mod:`specdsl.designs.masking` for the boundary rule).
 
-:func:`render_examples_html` and :data:`CSS` are shared with :mod:`specdsl.views.report`.
+:func:`render_examples_html` is shared with :mod:`specdsl.views.report`; the page's CSS and shell are
+:mod:`specdsl.views.html_page`.
 """
 
 from __future__ import annotations
 
-import html as _html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from specdsl.errors import RunError, did_you_mean
 from specdsl.ir.plan import Plan, PlanNode
+from specdsl.views.html_page import esc, evaluation_html, page
 
 IGNORE_INDEX = -100
 # Where the IN2 context starts inside a rendered sample (the FILM instruction, chat or [INST] format).
@@ -469,49 +470,6 @@ def _print_table(console: Any, rows: Sequence[Mapping[str, Any]], columns: Seque
 # HTML
 # --------------------------------------------------------------------------------------------------
 
-CSS = """
-:root{--trained:#b7ebc0;--trained-b:#3c9a4e;--masked:#f1f1f1;--answer:#c23b3b;--markup:#8a8a8a;--key:#d97706;}
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fff;}
-h1{font-size:22px;margin:0 0 6px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:15px;margin:0 0 6px}
-.muted{color:#666} code{background:#f4f4f4;padding:0 3px;border-radius:3px}
-table.grid{border-collapse:collapse;margin:6px 0 12px} table.grid th,table.grid td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-table.grid th{background:#f6f6f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
-.legend{display:flex;flex-wrap:wrap;gap:10px 18px;margin:8px 0 14px;padding:8px 10px;border:1px solid #e3e3e3;border-radius:6px;background:#fafafa}
-.legend span.sw{display:inline-block;padding:0 6px;margin-right:4px;border-radius:3px}
-.example{border:1px solid #d8d8d8;border-radius:8px;padding:10px 12px;margin:14px 0;background:#fff}
-.example .counts{font-size:13px;color:#444;margin-bottom:6px}
-.example .counts b{color:#111}
-.sample{font:12.5px/1.6 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word;
-  background:#fcfcfc;border:1px solid #eee;border-radius:6px;padding:8px;margin:6px 0;max-height:640px;overflow:auto}
-.tok,.seg{border-radius:2px}
-.tok{box-shadow:inset -1px 0 0 rgba(0,0,0,.14)}
-body.plain .tok{box-shadow:none}
-.tok.trained,.seg.trained,.sw.trained{background:var(--trained);color:#0b3d17;box-shadow:inset -1px 0 0 var(--trained-b)}
-.tok.masked,.seg.masked,.sw.masked{color:#6b6b6b}
-.tok.masked[data-label=markup],.seg.masked[data-label=markup],.sw.markup{color:var(--markup);font-style:italic}
-.tok.masked.answer,.seg.masked.answer,.sw.answer{color:var(--answer);text-decoration:line-through;background:#fdeeee}
-.key{outline:2px solid var(--key);outline-offset:1px;background:#fff4dc;border-radius:2px}
-.sw.key{outline:2px solid var(--key)}
-.nl{color:#bbb}
-.erased{margin:4px 0;padding:4px 8px;border-left:3px solid #bbb;background:#f7f7f7;color:#888}
-.erased s{color:#999} .leak{color:#b00;font-weight:bold}
-.note{color:#8a5a00}
-.trunc{color:#aaa;border-top:1px dashed #ccc}
-.elided{display:inline-block;margin:2px 0;padding:0 8px;border:1px dashed #bbb;border-radius:10px;color:#777;background:#f3f3f3;font-style:italic}
-.spans{font-size:12.5px}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff;background:#777}
-"""
-
-JS = """
-document.addEventListener('change',function(e){if(e.target&&e.target.id==='tokb'){document.body.classList.toggle('plain',!e.target.checked);}});
-"""
-
-
-def esc(value: Any) -> str:
-    return _html.escape("" if value is None else str(value), quote=True)
-
-
 def _show(text: str) -> str:
     """Escape text for the sample view; newlines get a faint return mark so whitespace tokens stay visible."""
     return esc(text).replace("\n", '<span class="nl">↵</span>\n')
@@ -688,12 +646,6 @@ def totals_html(totals: Totals) -> str:
             f'<td class="num">{totals.truncated:,}</td></tr></table>')
 
 
-def page(title: str, body: str) -> str:
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body>\n{body}\n<script>{JS}</script></body></html>\n")
-
-
 def inspect_html(plan: Plan, node: PlanNode, rows: Sequence[Mapping[str, Any]], totals: Totals | None,
                  tokenizer: Any, tokenizer_note: str | None) -> str:
     spec = Path(plan.spec_file).name
@@ -778,8 +730,6 @@ def inspect_node(plan: Plan, node_id: str, *, rows: int | None = 3, html: str | 
                     f"<div class=\"muted\">{total:,} rows · fingerprint <code>{esc(node.short)}</code></div>"
                     + rows_table_html(shown, columns))
             if evaluation:
-                from specdsl.views.report import evaluation_html
-
                 body += evaluation_html(node.id, evaluation, store.node_dir(node.fingerprint))
             result.html_path = _write(Path(html), page(f"specdsl inspect {node.id}", body))
             console.print(f"html: {result.html_path}", style="dim", markup=False)
