@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from specdsl.views.html_page import esc, evaluation_html, format_cell, page, table_html
-from specdsl.views.inspect import (is_tokenized, legend_html, read_node_rows, render_examples_html, resolve_tokenizer,
-                                   tokenized_totals, totals_html)
+from specdsl.views.inspect.html_view import legend_html, render_examples_html, totals_html
+from specdsl.views.inspect.load import is_tokenized, read_node_rows, resolve_tokenizer, tokenized_totals
 
 EXAMPLES = 3
 MAX_MASKED_RUN = 200  # report examples hide the middle of longer untrained stretches (IN2 contexts)
