@@ -42,14 +42,14 @@ from specdsl.probes.position.build import bucket_of, build_position_probe
 from specdsl.probes.position.items import (IN2_TEMPLATE, INSTRUCTIONS, MAX_CODE_QUERY_CHARS, POSITION_TASKS, AnswerFn,
                                           CountTokens, PositionResult, ProbeItem, approx_token_count)
 from specdsl.probes.position.material import CODE_MODULES, DOC_MODULES, code_functions, document_sentences, source_fingerprint
-from specdsl.probes.position.report import ResultsByModel, format_table, plot_position_results, results_table
+from specdsl.probes.position.report import ResultsByModel, plot_position_results, results_table
 from specdsl.probes.position.scoring import (combine_position_results, run_position_probe, score_answer,
                                             score_position_probe)
 
 __all__ = [
     "AnswerFn", "CODE_MODULES", "CountTokens", "DOC_MODULES", "IN2_TEMPLATE", "INSTRUCTIONS", "MAX_CODE_QUERY_CHARS",
     "POSITION_TASKS", "PositionResult", "ProbeItem", "ResultsByModel", "approx_token_count", "bucket_of",
-    "build_position_probe", "code_functions", "combine_position_results", "document_sentences", "format_table",
+    "build_position_probe", "code_functions", "combine_position_results", "document_sentences",
     "plot_position_results", "results_table", "run_position_probe", "score_answer", "score_position_probe",
     "source_fingerprint",
 ]

@@ -4,7 +4,7 @@ accuracy against relative position."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from specdsl.probes.position.items import PositionResult
 from specdsl.probes.position.scoring import combine_position_results
@@ -46,19 +46,6 @@ def results_table(results: ResultsByModel, *, digits: int = 1) -> list[dict[str,
             row["all gap"] = round(overall.gap, digits)
         rows.append(row)
     return rows
-
-
-def format_table(rows: Sequence[Mapping[str, object]]) -> str:
-    """Plain-text, column-aligned rendering of table rows (for a terminal or a log)."""
-    if not rows:
-        return ""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [["" if row.get(c) is None else str(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
 
 
 def plot_position_results(results: ResultsByModel, path: str | Path, *, title: str | None = None) -> Path:
