@@ -81,9 +81,14 @@ def expand_spec_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def run_plan(plan: Plan, **kwargs: Any):
-    """Execute a plan; see :func:`specdsl.execute.runner.run` for the options."""
-    from specdsl.execute.runner import run
+    """Execute a plan; see :func:`specdsl.execute.runner.run` for the options.
 
+    Every run but a dry run writes ``report.html`` beside its ``run.json`` (and the store's latest).
+    """
+    from specdsl.execute.runner import run
+    from specdsl.views.report import write_run_reports
+
+    kwargs.setdefault("on_manifest", write_run_reports)  # never raises: a report never fails a run
     return run(plan, **kwargs)
 
 

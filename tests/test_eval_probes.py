@@ -20,12 +20,13 @@ from specdsl.probes.accuracy import (
 )
 from specdsl.probes.position import (
     POSITION_TASKS, PositionResult, approx_token_count, bucket_of, build_position_probe,
-    combine_position_results, format_table, plot_position_results, results_table, run_position_probe,
-    score_answer, score_position_probe, source_fingerprint,
+    combine_position_results, plot_position_results, results_table, run_position_probe, score_answer,
+    score_position_probe, source_fingerprint,
 )
 from specdsl.probes.self_correction import (
     FORMAT_INSTRUCTION, build_self_correction_prompts, parse_self_correction, score_self_correction,
 )
+from specdsl.tables import format_table
 
 BUDGET = 2400
 N_BUCKETS = 10

@@ -56,7 +56,7 @@ TOKENIZE_STEPS = """
         - {probe: records_search, context_tokens: 320, buckets: 4, per_bucket: 3}
 """
 TOKENIZED = ("erased_tokens", "pam_tokens", "in2_tokens")
-TRAINED_RGB = (0xB7, 0xEB, 0xC0)     # --trained in specdsl.views.inspect.CSS
+TRAINED_RGB = (0xB7, 0xEB, 0xC0)     # --trained in specdsl.views.html_page.CSS
 RAN_FILL_RGB = (0xDC, 0xF5, 0xE1)    # STATUS_COLOURS["ran"] fill in specdsl.views.report
 
 
@@ -110,7 +110,7 @@ def registry():
 @pytest.fixture(scope="module")
 def report_run(registry, tiny_model_dir, tmp_path_factory):
     from specdsl import api
-    from specdsl.execute.runner import run
+    from specdsl.api import run_plan as run  # the API run writes report.html
 
     root = tmp_path_factory.mktemp("report")
     plan = api.compile_spec(write_spec(root, tiny_model_dir, steps=TOKENIZE_STEPS, name="report-test"),
@@ -196,7 +196,7 @@ def test_report_examples_count_trained_tokens(report_run):
 
 
 def test_report_of_a_cached_rerun_and_every_input_form(report_run, registry, tmp_path):
-    from specdsl.execute.runner import run
+    from specdsl.api import run_plan as run  # the API run writes report.html
     from specdsl.views.report import write_report
 
     plan, first = report_run

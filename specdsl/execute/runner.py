@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from specdsl.errors import RunError, StopRun
 from specdsl.ir.plan import Plan, PlanNode
@@ -87,8 +87,14 @@ def select_nodes(plan: Plan, *, only: str | None = None, until: str | None = Non
 
 def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = None, until: str | None = None,
         dry_run: bool = False, fail_fast: bool = False, registry: Any = None, progress: bool = True,
-        console: Any = None, executor: str = "local") -> RunResult:
-    """Execute ``plan``. See the module docstring for the guarantees."""
+        console: Any = None, executor: str = "local",
+        on_manifest: Callable[[Mapping[str, Any], Path, Path], Any] | None = None) -> RunResult:
+    """Execute ``plan``. See the module docstring for the guarantees.
+
+    ``on_manifest(manifest, store_root, run_dir)`` is called once ``run.json`` is written, even when
+    the run fails: :func:`specdsl.api.run_plan` writes ``report.html`` beside it (views build on the
+    executor, never the other way round).
+    """
     if registry is None:
         from specdsl.plugins import default_registry
 
@@ -161,6 +167,8 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
         manifest = _manifest(plan, store, reports, started, dry_run=dry_run, only=only, until=until,
                              evaluations=evaluations)
         manifest_path = _write_manifest(store, manifest) if not dry_run else None
+        if manifest_path is not None and on_manifest is not None:
+            on_manifest(manifest, store.root, manifest_path.parent)
     return RunResult(plan, store, reports, manifest_path, evaluations)
 
 
@@ -285,7 +293,4 @@ def _write_manifest(store: Store, manifest: Mapping[str, Any]) -> Path:
     tmp = store.root / "run.json.tmp"
     tmp.write_text(text)
     os.replace(tmp, store.root / "run.json")
-    from specdsl.views.report import write_run_reports
-
-    write_run_reports(manifest, store.root, run_dir)  # report.html beside run.json (never raises)
     return path

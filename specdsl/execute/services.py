@@ -40,18 +40,16 @@ def _row_of(requests: Sequence[GenRequest], key: str) -> str:
 
 
 class Services:
-    def __init__(self, plan: Plan, store: Store, registry: Any, *, progress: Any = None, fail_fast: bool = False,
-                 journal: Any = None, executor: Any = None):
+    def __init__(self, plan: Plan, store: Store, registry: Any, *, executor: Any, progress: Any = None,
+                 fail_fast: bool = False, journal: Any = None):
+        # ``executor`` (an ExecutorDef: generation and row chunks go through it) is the caller's choice,
+        # usually ``registry.executors[name]``: the executor core never imports specdsl.executors.
         self.plan = plan
         self.store = store
         self.registry = registry
         self.progress = progress            # specdsl.execute.progress.Display or None
         self.fail_fast = fail_fast
         self._journal = journal
-        if executor is None:
-            from specdsl.executors.local import LocalExecutor
-
-            executor = LocalExecutor()
         self.executor = executor
         self._tokenizers: dict[str, Any] = {}
         self.notes: dict[str, list[str]] = {}

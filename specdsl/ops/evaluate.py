@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from specdsl.errors import RunError
 from specdsl import templates
+from specdsl.tables import summary_table as _table
 from specdsl.contract.ops import (COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Estimate, Rows, RunContext, StepOp,
                                   obj_schema)
 
@@ -84,18 +85,6 @@ class ProbeCheckContext:
 
     def error(self, code: str, message: str, *keys: str | int, hint: str | None = None) -> None:
         self.step.error(code, message, "probes", self.index, *keys, hint=hint)
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table (the run summary prints it; the manifest keeps the rows)."""
-    if not rows:
-        return "(no results)"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [[("" if r.get(c) is None else (f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]))) for c in cols]
-             for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
 class AccuracyProbe:

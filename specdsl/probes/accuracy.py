@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from specdsl.probes.position import format_table
+from specdsl.tables import format_table
 
 AnswerFn = Callable[[list[list[dict]]], list[str]]
 Match = Callable[[str, str], bool]

@@ -13,15 +13,15 @@ archived with the run, or opened offline.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from specdsl.views.inspect import (esc, is_tokenized, legend_html, page, read_node_rows, render_examples_html, resolve_tokenizer,
-                      tokenized_totals, totals_html)
+from specdsl.views.html_page import esc, evaluation_html, format_cell, page, table_html
+from specdsl.views.inspect.html_view import legend_html, render_examples_html, totals_html
+from specdsl.views.inspect.load import is_tokenized, read_node_rows, resolve_tokenizer, tokenized_totals
 
 EXAMPLES = 3
 MAX_MASKED_RUN = 200  # report examples hide the middle of longer untrained stretches (IN2 contexts)
@@ -205,60 +205,6 @@ def graph_svg(nodes: Sequence[Mapping[str, Any]], status: Mapping[str, str], row
 # --------------------------------------------------------------------------------------------------
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if v != v:  # NaN
-            return "–"
-        return f"{v:,.1f}" if abs(v) >= 1 else f"{v:.3f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v, ensure_ascii=False, default=str)
-    return str(v)
-
-
-def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    if not rows:
-        return '<div class="muted">(no rows)</div>'
-    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(
-        f'<td{" class=num" if isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) else ""}>'
-        f"{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f'<table class="grid"><tr>{head}</tr>{body}</table>'
-
-
-def _data_uri_png(path: Path) -> str | None:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return None
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def evaluation_html(node_id: str, evaluation: Mapping[str, Any], node_dir: Path | None) -> str:
-    out = [f'<h3 id="eval-{esc(node_id)}">{esc(node_id)}</h3>']
-    for res in evaluation.get("results") or []:
-        out.append(f"<h4>probe: {esc(res.get('probe', '?'))}</h4>")
-        out.append(table_html(res.get("table") or []))
-        plot = res.get("plot")
-        if plot:
-            uri = _data_uri_png(node_dir / plot) if node_dir else None
-            if uri:
-                out.append(f'<img class="plot" alt="{esc(res.get("probe"))} plot of {esc(node_id)}" src="{uri}">')
-            else:
-                out.append(f'<div class="note">plot {esc(plot)} not found in the store</div>')
-    if not evaluation.get("results") and evaluation.get("summary"):
-        out.append(f'<pre class="summary">{esc(evaluation["summary"])}</pre>')
-    return "\n".join(out)
-
-
 def _when(ts: Any) -> str:
     try:
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(ts)))
@@ -358,16 +304,16 @@ def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: i
         train_meta = metas.get(i, {}).get("metrics") if n.get("op") == "train" else None
         note = r.get("note") or ""
         if train_meta:
-            note = (note + " " if note else "") + ", ".join(f"{k}: {_fmt(v)}" for k, v in train_meta.items()
+            note = (note + " " if note else "") + ", ".join(f"{k}: {format_cell(v)}" for k, v in train_meta.items()
                                                              if isinstance(v, (int, float)))[:300]
         link = f' · <a href="#examples-{esc(i)}">examples</a>' if i in tokenized_ids and examples else ""
         link += f' · <a href="#eval-{esc(i)}">results</a>' if n.get("kind") == "evaluate" and i in metas else ""
         body.append(
             f'<tr id="node-{esc(i)}"><td><b>{esc(i)}</b>{link}</td><td>{esc(n.get("op"))}</td>'
             f'<td><span class="status" style="background:{fill};border-color:{stroke}">{esc(st)}</span></td>'
-            f'<td class=num>{esc(_fmt(rows.get(i)))}</td><td>{esc(req)}</td><td>{esc(tok)}</td><td>{esc(trained)}</td>'
+            f'<td class=num>{esc(format_cell(rows.get(i)))}</td><td>{esc(req)}</td><td>{esc(tok)}</td><td>{esc(trained)}</td>'
             f'<td class=num>{"$%.4f" % r["cost"] if r.get("cost") else ""}</td>'
-            f'<td class=num>{esc(_fmt(r.get("seconds")) if i in run_nodes else "")}</td>'
+            f'<td class=num>{esc(format_cell(r.get("seconds")) if i in run_nodes else "")}</td>'
             f'<td><code>{esc(str(n.get("fingerprint", ""))[:12])}</code></td><td>{esc(note)}</td></tr>')
         for e in (r.get("errors") or [])[:5]:
             body.append(f'<tr><td></td><td colspan="10" class="note">{esc(e)}</td></tr>')
@@ -450,7 +396,8 @@ def write_report(run: Any, path: str | Path | None = None, *, store_dir: str | P
 
 
 def write_run_reports(manifest: Mapping[str, Any], store_root: Path, run_dir: Path) -> Path | None:
-    """What the runner calls after writing a manifest: ``report.html`` in the run's folder and, like
+    """What every API run calls once its manifest is written (the runner's ``on_manifest``; see
+    :func:`specdsl.api.run_plan`): ``report.html`` in the run's folder and, like
     ``run.json``, a copy for the latest run at the top of the store. A report never fails a run."""
     try:
         path = write_report(manifest, Path(run_dir) / REPORT_NAME, store_dir=store_root)
