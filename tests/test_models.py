@@ -196,6 +196,6 @@ def test_real_fetch_and_conversion():
     assert out["paris"].output_tokens < 24  # it stopped at <|im_end|>
 
     # The import stays cheap even with the model cached (resolution needs no torch).
-    code = (f"import sys; from specdsl import models; models.resolve_model({NAME!r}, fetch=False); "
+    code = (f"import sys; from specdsl.modelcache import models; models.resolve_model({NAME!r}, fetch=False); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
