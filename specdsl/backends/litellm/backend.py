@@ -36,14 +36,14 @@ import copy
 import json
 import logging
 import os
-import random
 import threading
-import time
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from specdsl.backends.litellm.engine import (AUTH_STATUS, RETRYABLE_STATUS, Engine, Failure, first_line,
+                                             parse_retry_after, redact_secret)
+from specdsl.backends.litellm.limiter import RequestLimiter
 from specdsl.backends.litellm.options import (DEFAULTS, OPENAI_WIRE_PROVIDERS, OPTIONS_SCHEMA, Settings,
                                               check_options)
-from specdsl.backends.litellm.limiter import RequestLimiter, estimate_tokens
 from specdsl.contract.hookspecs import GenRequest, GenResult
 
 _Settings = Settings  # the name tests knew it by
@@ -53,13 +53,6 @@ _Settings = Settings  # the name tests knew it by
 # invalidate (and re-bill) every cached generation.
 BACKEND_VERSION = "1"
 
-# Retry policy constants (the knobs users need are options; these are the safety rails).
-RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-AUTH_STATUS = frozenset({401, 403})
-MAX_BACKOFF_S = 60.0
-MAX_RETRY_AFTER_S = 600.0
-
-_log = logging.getLogger(__name__)
 _litellm_lock = threading.Lock()
 _litellm_module = None
 
@@ -98,194 +91,6 @@ def _quiet_warnings() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*using the `ReadOnly` qualifier", category=UserWarning)
-
-
-# --------------------------------------------------------------------------------------------------
-# Failures and rate limiting
-# --------------------------------------------------------------------------------------------------
-
-
-class _Failure(Exception):
-    """One failed attempt, classified: may it be retried, after how long, does it doom the run?"""
-
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None,
-                 retry_after: float | None = None, fatal: bool = False):
-        super().__init__(message)
-        self.message = message
-        self.retryable = retryable
-        self.status = status
-        self.retry_after = retry_after
-        self.fatal = fatal  # every other request would fail the same way (bad key): stop sending
-
-
-def _parse_retry_after(headers: Any) -> float | None:
-    """Seconds from ``Retry-After`` (seconds or HTTP date) or ``retry-after-ms``; None if absent."""
-    if not headers:
-        return None
-    try:
-        ms = headers.get("retry-after-ms") or headers.get("Retry-After-Ms")
-        if ms is not None:
-            return max(0.0, float(ms) / 1000.0)
-        value = headers.get("retry-after") or headers.get("Retry-After")
-    except Exception:
-        return None
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        from email.utils import parsedate_to_datetime
-
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except Exception:
-        return None
-
-
-def _redact(text: str, secret: str | None) -> str:
-    if secret and len(secret) >= 4 and secret in text:
-        text = text.replace(secret, "***")
-    return text
-
-
-# --------------------------------------------------------------------------------------------------
-# The engine shared by both transports
-# --------------------------------------------------------------------------------------------------
-
-Send = Callable[[GenRequest, Mapping[str, Any]], Awaitable[tuple[str, int, int]]]
-
-
-class _Engine:
-    def __init__(self, s: _Settings, send: Send, on_result: Callable[[GenResult], None],
-                 price: Callable[[int, int], float | None], describe: str, limiter: Any = None):
-        self.s = s
-        self.send = send
-        self.on_result = on_result
-        self.price = price
-        self.describe = describe  # "model at api_base" for messages
-        if limiter is None and (s.rpm or s.tpm):
-            # In one process the worker pool already bounds concurrency: only the rates need a limiter.
-            limiter = RequestLimiter(None, s.rpm, s.tpm)
-        self.limiter = limiter       # None: no limit to wait for, nothing to pay per request
-        self.pause_until = 0.0       # set by a 429 with Retry-After: the whole key is throttled
-        self.fatal: str | None = None
-
-    async def run(self, requests: Sequence[GenRequest]) -> None:
-        import asyncio
-
-        it = iter(requests)  # workers share one iterator; the event loop makes next() atomic
-
-        stopped = False
-
-        async def worker() -> None:
-            nonlocal stopped
-            for req in it:
-                res = await self._one(req)
-                if stopped:
-                    return  # on_result has raised: the caller wants no more results
-                try:
-                    self.on_result(res)
-                except BaseException:
-                    stopped = True  # other workers may finish a request before this task is reaped
-                    raise
-
-        # A fixed pool of workers rather than a task per request: memory stays flat for 100k requests,
-        # and `concurrency` bounds requests in flight (or backing off) exactly.
-        n = min(self.s.concurrency, len(requests))
-        tasks = [asyncio.create_task(worker()) for _ in range(n)]
-        try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for t in done:
-            if not t.cancelled() and t.exception() is not None:
-                raise t.exception()
-
-    def _backoff(self, attempt: int) -> float:
-        base = min(MAX_BACKOFF_S, self.s.retry_backoff_s * (2 ** attempt))
-        return base / 2 + random.uniform(0, base / 2)  # "equal jitter": spread retries, keep a floor
-
-    async def _one(self, req: GenRequest) -> GenResult:
-        import asyncio
-
-        s = self.s
-        limiter = self.limiter
-        params = {**s.defaults, **req.params}
-        est = estimate_tokens(req.messages, params.get("max_tokens")) if limiter is not None else 0
-        t0 = time.monotonic()
-        attempt = 0
-        while True:
-            if self.fatal is not None:
-                return GenResult(key=req.key, error=self.fatal, latency_s=time.monotonic() - t0)
-            wait = self.pause_until - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if limiter is not None:
-                await limiter.acquire(est)
-            used = est  # what the attempt cost, until the response says better
-            failure: _Failure | None = None
-            try:
-                try:
-                    # The transport has its own timeout; this one is the backstop for anything that
-                    # ignores it (a stuck DNS lookup, a provider client that retries internally).
-                    async with asyncio.timeout(s.timeout_s + 5.0):
-                        text, in_tok, out_tok = await self.send(req, params)
-                except TimeoutError:
-                    raise _Failure(f"timed out after {s.timeout_s:g} s", retryable=True) from None
-                except _Failure:
-                    raise
-                except Exception as exc:  # unforeseen (a response litellm cannot parse): fail this one
-                    raise _Failure(f"{type(exc).__name__}: {_redact(str(exc), s.api_key)[:300]}",
-                                   retryable=False) from None
-                used = in_tok + out_tok
-            except _Failure as f:
-                failure = f
-                if f.status is not None and 400 <= f.status < 500:
-                    used = 0  # a rejected request consumed no tokens
-            finally:
-                # Before any backoff sleep: a slot must not sit idle while this request waits to retry.
-                if limiter is not None:
-                    limiter.release(est, used)
-            if failure is not None:
-                f = failure
-                if f.fatal:
-                    self.fatal = f.message
-                if not f.retryable or attempt >= s.max_retries:
-                    tries = f" (after {attempt + 1} attempts)" if attempt else ""
-                    return GenResult(key=req.key, error=f"{f.message}{tries}",
-                                     latency_s=time.monotonic() - t0)
-                if f.retry_after is not None:
-                    delay = min(f.retry_after, MAX_RETRY_AFTER_S)
-                    # Everyone on this key is throttled, not just this request: pause all new attempts
-                    # (in every process, when the limiter is shared).
-                    self.pause_until = max(self.pause_until, time.monotonic() + delay)
-                    if limiter is not None:
-                        limiter.pause(delay)
-                    delay += random.uniform(0, min(1.0, 0.1 * delay))  # don't return in lockstep
-                else:
-                    delay = self._backoff(attempt)
-                _log.debug("retrying %s in %.2fs: %s", req.row_id or req.key[:12], delay, f.message)
-                attempt += 1
-                await asyncio.sleep(delay)
-                continue
-            cost = self.price(in_tok, out_tok)
-            return GenResult(key=req.key, text=text, input_tokens=in_tok, output_tokens=out_tok,
-                             cost=cost or 0.0, latency_s=time.monotonic() - t0)
-
-    def auth_message(self, status: int | None, detail: str) -> str:
-        where = (f"the key from environment variable {self.s.api_key_env}" if self.s.api_key_env
-                 else "the configured api_key (or the provider's default environment variable)")
-        code = f"HTTP {status}" if status else "authentication error"
-        detail = _redact(detail, self.s.api_key)
-        return (f"authentication failed ({code}) for {self.describe}: the provider rejected {where}"
-                + (f": {detail}" if detail else ""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,28 +157,28 @@ class _DirectTransport:
                 status = resp.status
                 headers = resp.headers
         except TimeoutError:  # asyncio.TimeoutError is TimeoutError since Python 3.11
-            raise _Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True) from None
+            raise Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True) from None
         except aiohttp.ClientError as exc:
-            raise _Failure(f"connection error: {type(exc).__name__}: {exc}", retryable=True) from None
+            raise Failure(f"connection error: {type(exc).__name__}: {exc}", retryable=True) from None
         except OSError as exc:
-            raise _Failure(f"connection error: {exc}", retryable=True) from None
+            raise Failure(f"connection error: {exc}", retryable=True) from None
         if status >= 400:
             detail = _error_detail(raw)
             if status in AUTH_STATUS:
-                raise _Failure(self.engine_ref[0].auth_message(status, detail), retryable=False,
+                raise Failure(self.engine_ref[0].auth_message(status, detail), retryable=False,
                                status=status, fatal=True)
             retryable = status in RETRYABLE_STATUS
-            raise _Failure(f"HTTP {status} from {self.url}: {_redact(detail, self.s.api_key)}",
+            raise Failure(f"HTTP {status} from {self.url}: {redact_secret(detail, self.s.api_key)}",
                            retryable=retryable, status=status,
-                           retry_after=_parse_retry_after(headers) if retryable else None)
+                           retry_after=parse_retry_after(headers) if retryable else None)
         try:
             payload = json.loads(raw)
             choice = payload["choices"][0]
             text = choice["message"].get("content")
         except Exception:
-            raise _Failure(f"malformed response from {self.url}: {raw[:200]!r}", retryable=True) from None
+            raise Failure(f"malformed response from {self.url}: {raw[:200]!r}", retryable=True) from None
         if text is None:
-            raise _Failure(f"the response has no text (finish_reason={choice.get('finish_reason')!r})",
+            raise Failure(f"the response has no text (finish_reason={choice.get('finish_reason')!r})",
                            retryable=False)
         usage = payload.get("usage") or {}
         return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
@@ -405,27 +210,27 @@ class _LiteLLMTransport:
     async def __aexit__(self, *exc):
         return None
 
-    def _classify(self, exc: BaseException) -> _Failure:
+    def _classify(self, exc: BaseException) -> Failure:
         lt = self.litellm
         status = getattr(exc, "status_code", None)
         status = status if isinstance(status, int) else None
-        detail = _redact(str(getattr(exc, "message", None) or exc), self.s.api_key)[:300]
+        detail = redact_secret(str(getattr(exc, "message", None) or exc), self.s.api_key)[:300]
         if isinstance(exc, (lt.Timeout, TimeoutError)):
-            return _Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True, status=408)
+            return Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True, status=408)
         if isinstance(exc, (lt.AuthenticationError, lt.PermissionDeniedError)) or status in AUTH_STATUS:
-            return _Failure(self.engine_ref[0].auth_message(status, detail), retryable=False,
+            return Failure(self.engine_ref[0].auth_message(status, detail), retryable=False,
                             status=status, fatal=True)
         if isinstance(exc, lt.APIConnectionError):
-            return _Failure(f"connection error: {detail}", retryable=True, status=status)
+            return Failure(f"connection error: {detail}", retryable=True, status=status)
         if status in RETRYABLE_STATUS or isinstance(exc, (lt.RateLimitError, lt.InternalServerError,
                                                           lt.ServiceUnavailableError)):
             headers = getattr(exc, "litellm_response_headers", None)
             response = getattr(exc, "response", None)
             if headers is None and response is not None:
                 headers = getattr(response, "headers", None)
-            return _Failure(f"HTTP {status}: {detail}", retryable=True, status=status,
-                            retry_after=_parse_retry_after(headers))
-        return _Failure(f"{type(exc).__name__}: {detail}", retryable=False, status=status)
+            return Failure(f"HTTP {status}: {detail}", retryable=True, status=status,
+                            retry_after=parse_retry_after(headers))
+        return Failure(f"{type(exc).__name__}: {detail}", retryable=False, status=status)
 
     async def send(self, req: GenRequest, params: Mapping[str, Any]) -> tuple[str, int, int]:
         import asyncio
@@ -440,7 +245,7 @@ class _LiteLLMTransport:
             raise self._classify(exc) from None
         text = resp.choices[0].message.content
         if text is None:
-            raise _Failure(f"the response has no text (finish_reason={resp.choices[0].finish_reason!r})",
+            raise Failure(f"the response has no text (finish_reason={resp.choices[0].finish_reason!r})",
                            retryable=False)
         usage = getattr(resp, "usage", None)
         in_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
@@ -589,7 +394,7 @@ class LiteLLMBackend:
 
     async def _agenerate(self, s: _Settings, requests: list[GenRequest],
                          on_result: Callable[[GenResult], None]) -> None:
-        engine_ref: list[_Engine] = []
+        engine_ref: list[Engine] = []
         describe = f"model {s.model!r}" + (f" at {s.api_base}" if s.api_base else "")
         self_hosted = _self_hosted(s)
         if self_hosted is not None:
@@ -597,7 +402,7 @@ class LiteLLMBackend:
             # computes: the model name is what follows the prefix and the parameters go as they are.
             # Skipping `import litellm` (3-4 s of CPU) is most of a short run's overhead.
             prices = _cost_map_prices(s.model)
-            engine = _Engine(s, None, on_result,
+            engine = Engine(s, None, on_result,
                              lambda i, o: None if prices is None else i * prices[0] + o * prices[1], describe,
                              self._limiter)
             transport = _DirectTransport(engine_ref, s, self_hosted, s.api_base.rstrip("/") + "/chat/completions",
@@ -622,7 +427,7 @@ class LiteLLMBackend:
             s, transport = self._direct(engine_ref, s, provider, model_name)
         else:
             transport = _LiteLLMTransport(engine_ref, s)
-        engine = _Engine(s, transport.send, on_result, price, describe, self._limiter)
+        engine = Engine(s, transport.send, on_result, price, describe, self._limiter)
         engine_ref.append(engine)
         async with transport:
             await engine.run(requests)
@@ -652,10 +457,10 @@ class LiteLLMBackend:
                     mapped = litellm.get_optional_params(model=model_name, custom_llm_provider=provider,
                                                          drop_params=s.drop_params or None, **params)
                 except Exception as exc:
-                    msg = _first_line(exc)
+                    msg = first_line(exc)
                     if "drop_params" in str(exc):
                         msg += " (set `drop_params: true` on the model to drop unsupported parameters)"
-                    raise _Failure(f"invalid parameters for {s.model!r}: {msg}", retryable=False) from None
+                    raise Failure(f"invalid parameters for {s.model!r}: {msg}", retryable=False) from None
                 mapped = {k: v for k, v in mapped.items() if v is not None and k != "stream"}
                 extra = mapped.pop("extra_body", None) or {}
                 hit = {**mapped, **extra}
@@ -734,7 +539,3 @@ def _provider_env_base(provider: str) -> str | None:
     return None
 
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
