@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import threading
 from typing import Any, Callable, Mapping, Sequence
@@ -42,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 from specdsl.backends.litellm.engine import (AUTH_STATUS, RETRYABLE_STATUS, Engine, Failure, first_line,
                                              parse_retry_after, redact_secret)
 from specdsl.backends.litellm.limiter import RequestLimiter
+from specdsl.backends.litellm.loader import import_litellm
 from specdsl.backends.litellm.options import (DEFAULTS, OPENAI_WIRE_PROVIDERS, OPTIONS_SCHEMA, Settings,
                                               check_options)
 from specdsl.contract.hookspecs import GenRequest, GenResult
@@ -52,45 +52,6 @@ _Settings = Settings  # the name tests knew it by
 # identity(): the provider, not the client library, decides the answer, and upgrading litellm must not
 # invalidate (and re-bill) every cached generation.
 BACKEND_VERSION = "1"
-
-_litellm_lock = threading.Lock()
-_litellm_module = None
-
-
-def _import_litellm():
-    """Import litellm once, offline and quiet."""
-    global _litellm_module
-    _quiet_warnings()
-    if _litellm_module is not None:
-        return _litellm_module
-    with _litellm_lock:
-        if _litellm_module is None:
-            # Without this litellm fetches a remote cost map at import and, offline, retries for seconds.
-            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            os.environ.setdefault("LITELLM_TELEMETRY", "False")
-            import litellm
-
-            litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on errors
-            litellm.telemetry = False
-            litellm.set_verbose = False
-            # litellm logs every failed attempt; we retry and report failures ourselves, so its logs
-            # would be noise (and could echo request details). LITELLM_LOG=... still turns them on.
-            if not os.environ.get("LITELLM_LOG"):
-                for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm"):
-                    logging.getLogger(name).setLevel(logging.CRITICAL)
-            _litellm_module = litellm
-    return _litellm_module
-
-
-def _quiet_warnings() -> None:
-    """pydantic warns about litellm's TypedDicts on first use: noise to our users, not actionable.
-
-    Re-applied on every use (an identical filter replaces itself) because test runners and
-    ``warnings.catch_warnings`` blocks restore the filter list behind our back.
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*using the `ReadOnly` qualifier", category=UserWarning)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +151,7 @@ class _LiteLLMTransport:
     def __init__(self, engine_ref: list, s: _Settings):
         self.engine_ref = engine_ref
         self.s = s
-        self.litellm = _import_litellm()
+        self.litellm = import_litellm()
         # max_retries (the openai SDK's) and num_retries (litellm's) at 0: our loop is the only retry
         # layer, so attempts are counted once, limits see every attempt and Retry-After is ours to obey.
         self.fixed: dict[str, Any] = {"model": s.model, "timeout": s.timeout_s, "max_retries": 0,
@@ -359,7 +320,7 @@ class LiteLLMBackend:
 
     def _resolve(self, s: _Settings) -> tuple[str, str, str]:
         """(transport, provider, model name as the provider knows it)."""
-        litellm = _import_litellm()
+        litellm = import_litellm()
         try:
             model_name, provider, _dyn_key, _base = litellm.get_llm_provider(s.model, api_base=s.api_base)
         except Exception as exc:
@@ -380,7 +341,7 @@ class LiteLLMBackend:
         with self._prices_lock:
             if model in self._prices:
                 return self._prices[model]
-        litellm = _import_litellm()
+        litellm = import_litellm()
         prices: tuple[float, float] | None
         try:
             info = litellm.get_model_info(model)
@@ -434,7 +395,7 @@ class LiteLLMBackend:
 
     def _direct(self, engine_ref: list, s: _Settings, provider: str,
                 model_name: str) -> tuple[_Settings, _DirectTransport]:
-        litellm = _import_litellm()
+        litellm = import_litellm()
         base = s.api_base or _provider_env_base(provider) or "https://api.openai.com/v1"
         url = base.rstrip("/") + "/chat/completions"
         api_key = s.api_key
