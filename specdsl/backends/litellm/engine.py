@@ -162,7 +162,7 @@ class Engine:
                     raise
                 except Exception as exc:  # unforeseen (a response litellm cannot parse): fail this one
                     raise Failure(f"{type(exc).__name__}: {redact_secret(str(exc), s.api_key)[:300]}",
-                                   retryable=False) from None
+                                  retryable=False) from None
                 used = in_tok + out_tok
             except Failure as f:
                 failure = f
