@@ -33,15 +33,13 @@ Importing this module is cheap: asyncio, litellm and aiohttp are imported inside
 from __future__ import annotations
 
 import copy
-import json
-import os
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
 from specdsl.backends.litellm.engine import Engine
 from specdsl.backends.litellm.limiter import RequestLimiter
-from specdsl.backends.litellm.loader import import_litellm
 from specdsl.backends.litellm.options import DEFAULTS, OPTIONS_SCHEMA, Settings, check_options
+from specdsl.backends.litellm.pricing import PriceTable, cost, cost_map_prices
 from specdsl.backends.litellm.transports import (LiteLLMTransport, direct_transport, resolve_transport,
                                                  self_hosted_model, self_hosted_transport)
 from specdsl.contract.hookspecs import GenRequest, GenResult
@@ -69,8 +67,7 @@ class LiteLLMBackend:
     options_schema = OPTIONS_SCHEMA
 
     def __init__(self) -> None:
-        self._prices: dict[str, tuple[float, float] | None] = {}
-        self._prices_lock = threading.Lock()
+        self._prices = PriceTable()
         self._limiter: Any = None  # set by with_limiter: an executor's shared limiter replaces ours
 
     # -- contract ---------------------------------------------------------------------------------
@@ -94,10 +91,7 @@ class LiteLLMBackend:
 
     def price(self, options: Mapping[str, Any], input_tokens: int, output_tokens: int) -> float | None:
         """USD from litellm's local cost map (per-token list prices), or None for an unknown model."""
-        p = self._per_token_prices(str(options["model"]))
-        if p is None:
-            return None
-        return input_tokens * p[0] + output_tokens * p[1]
+        return cost(self._prices.per_token(str(options["model"])), input_tokens, output_tokens)
 
     def generate(self, options: Mapping[str, Any], requests: Sequence[GenRequest],
                  on_result: Callable[[GenResult], None]) -> None:
@@ -160,22 +154,6 @@ class LiteLLMBackend:
         s = Settings.from_options(options)
         return resolve_transport(s)[0]
 
-    def _per_token_prices(self, model: str) -> tuple[float, float] | None:
-        with self._prices_lock:
-            if model in self._prices:
-                return self._prices[model]
-        litellm = import_litellm()
-        prices: tuple[float, float] | None
-        try:
-            info = litellm.get_model_info(model)
-            pin, pout = info.get("input_cost_per_token"), info.get("output_cost_per_token")
-            prices = (float(pin), float(pout)) if pin is not None and pout is not None else None
-        except Exception:  # not in the cost map (a self-hosted model): unknown price, not free
-            prices = None
-        with self._prices_lock:
-            self._prices[model] = prices
-        return prices
-
     async def _agenerate(self, s: Settings, requests: list[GenRequest],
                          on_result: Callable[[GenResult], None]) -> None:
         engine_ref: list[Engine] = []
@@ -185,20 +163,15 @@ class LiteLLMBackend:
             # A self-hosted OpenAI-compatible server (vLLM, TGI, a local proxy) needs nothing litellm
             # computes: the model name is what follows the prefix and the parameters go as they are.
             # Skipping `import litellm` (3-4 s of CPU) is most of a short run's overhead.
-            prices = _cost_map_prices(s.model)
-            engine = Engine(s, None, on_result,
-                            lambda i, o: None if prices is None else i * prices[0] + o * prices[1], describe,
-                            self._limiter)
+            prices = cost_map_prices(s.model)
+            engine = Engine(s, None, on_result, lambda i, o: cost(prices, i, o), describe, self._limiter)
             transport = self_hosted_transport(engine_ref, s, self_hosted)
             engine.send = transport.send
             engine_ref.append(engine)
             async with transport:
                 await engine.run(requests)
             return
-        prices = self._per_token_prices(s.model)
-
-        def price(i: int, o: int) -> float | None:
-            return None if prices is None else i * prices[0] + o * prices[1]
+        prices = self._prices.per_token(s.model)
 
         try:
             transport_name, provider, model_name = resolve_transport(s)
@@ -210,34 +183,9 @@ class LiteLLMBackend:
             s, transport = direct_transport(engine_ref, s, provider, model_name)
         else:
             transport = LiteLLMTransport(engine_ref, s)
-        engine = Engine(s, transport.send, on_result, price, describe, self._limiter)
+        engine = Engine(s, transport.send, on_result, lambda i, o: cost(prices, i, o), describe,
+                        self._limiter)
         engine_ref.append(engine)
         async with transport:
             await engine.run(requests)
-
-
-_COST_MAP: dict[str, Any] | None = None
-
-
-def _cost_map_prices(model: str) -> tuple[float, float] | None:
-    """Per-token prices from litellm's bundled cost map, read as data (no ``import litellm``)."""
-    global _COST_MAP
-    if _COST_MAP is None:
-        import importlib.util
-
-        _COST_MAP = {}
-        spec = importlib.util.find_spec("litellm")
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            path = os.path.join(folder, "model_prices_and_context_window_backup.json")
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as fh:
-                    _COST_MAP = json.load(fh)
-                break
-    for name in (model, model.partition("/")[2]):
-        info = _COST_MAP.get(name)
-        if isinstance(info, dict) and info.get("input_cost_per_token") is not None \
-                and info.get("output_cost_per_token") is not None:
-            return float(info["input_cost_per_token"]), float(info["output_cost_per_token"])
-    return None
-
 
