@@ -413,7 +413,8 @@ def test_self_hosted_server_answers_without_importing_litellm(tmp_path):
 
 def test_openai_models_behind_a_gateway_still_get_litellm_parameter_mapping():
     """A custom api_base in front of OpenAI's own models keeps litellm's per-model parameter rules."""
-    from specdsl.backends.litellm.backend import _Settings, _self_hosted
+    from specdsl.backends.litellm.options import Settings as _Settings
+    from specdsl.backends.litellm.transports import self_hosted_model as _self_hosted
 
     gateway = _Settings.from_options({"model": "openai/o3-mini", "api_base": "http://gateway/v1"})
     assert _self_hosted(gateway) is None

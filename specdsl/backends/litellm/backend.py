@@ -5,18 +5,15 @@ tokens-per-minute limits, and its own retry loop (exponential backoff with jitte
 honoured). Each result is handed to ``on_result`` the moment it completes, so the caller can persist
 it before the next one arrives.
 
-Two transports
---------------
-``litellm``  every request goes through ``litellm.acompletion``. Works for every provider litellm
-             knows (Anthropic, Gemini, Bedrock, Azure, ...). Its per-call CPU cost is about 4-5 ms
-             here (logging objects, cost calculation, the openai SDK's request/response models),
-             which caps one process at roughly 200-250 requests/s on a free core.
-``direct``   for providers that speak the OpenAI chat-completions wire format (``openai/``,
-             ``hosted_vllm/``, ``custom_openai/``): litellm still resolves the provider, maps the
-             sampling parameters (``get_optional_params``, cached per distinct parameter set) and prices
-             tokens from its local cost map, but the HTTP call is one POST on a shared aiohttp session.
-             About 0.3-0.4 ms of CPU per request (bare aiohttp: 0.25 ms).
-``auto``     (default) ``direct`` where the provider speaks the OpenAI wire format, else ``litellm``.
+The package, one concern a module
+---------------------------------
+``options``     the options schema, defaults, ``Settings`` and the checks ``specdsl validate`` runs
+``engine``      the request loop: workers, retries, backoff, failures classified
+``limiter``     concurrency / rpm / tpm admission, Retry-After pauses
+``transports``  ``litellm`` (any provider) or ``direct`` (one aiohttp session, OpenAI wire format); how
+                ``transport: auto`` picks one
+``pricing``     per-token prices from litellm's local cost map
+``loader``      the one ``import litellm`` (offline, quiet)
 
 Limits
 ------
@@ -26,7 +23,7 @@ requests over several processes (Ray) shares the limits the model sets instead: 
 builds the limiter it hosts, and :meth:`LiteLLMBackend.with_limiter` returns a backend whose every attempt
 is admitted by that shared limiter (see ``LimitedBackend`` in :mod:`specdsl.contract.hookspecs`).
 
-Importing this module is cheap: asyncio, litellm and aiohttp are imported inside the methods that run
+Importing this package is cheap: asyncio, litellm and aiohttp are imported inside the functions that run
 (asyncio alone is ~20 ms of ``specdsl validate``, which never generates).
 """
 
@@ -44,19 +41,10 @@ from specdsl.backends.litellm.transports import (LiteLLMTransport, direct_transp
                                                  self_hosted_model, self_hosted_transport)
 from specdsl.contract.hookspecs import GenRequest, GenResult
 
-# Names tests import from this module.
-_Settings = Settings
-_self_hosted = self_hosted_model
-
 # Our own version: it feeds node fingerprints. litellm's version is deliberately NOT part of it, nor of
 # identity(): the provider, not the client library, decides the answer, and upgrading litellm must not
 # invalidate (and re-bill) every cached generation.
 BACKEND_VERSION = "1"
-
-
-# --------------------------------------------------------------------------------------------------
-# The backend
-# --------------------------------------------------------------------------------------------------
 
 
 class LiteLLMBackend:
