@@ -178,7 +178,8 @@ def has_chat_template(folder: Path) -> bool | None:
 
 
 def config_context_length(folder: Path) -> int | None:
-    """The context length generation will enforce (see :func:`_context_length`), from config.json alone.
+    """The context length generation will enforce (see
+    :func:`specdsl.backends.transformers.loading.context_length_of`), from config.json alone.
 
     None when config.json does not spell it out (the config class may have a default for it).
     """
