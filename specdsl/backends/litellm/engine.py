@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from specdsl.backends.litellm.limiter import RequestLimiter, estimate_tokens
 from specdsl.backends.litellm.options import Settings
 from specdsl.contract.hookspecs import GenRequest, GenResult
+from specdsl.secrets import redact_values
 
 # Retry policy constants (the knobs users need are options; these are the safety rails).
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -62,12 +63,6 @@ def parse_retry_after(headers: Any) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except Exception:
         return None
-
-
-def redact_secret(text: str, secret: str | None) -> str:
-    if secret and len(secret) >= 4 and secret in text:
-        text = text.replace(secret, "***")
-    return text
 
 
 Send = Callable[[GenRequest, Mapping[str, Any]], Awaitable[tuple[str, int, int]]]
@@ -161,7 +156,7 @@ class Engine:
                 except Failure:
                     raise
                 except Exception as exc:  # unforeseen (a response litellm cannot parse): fail this one
-                    raise Failure(f"{type(exc).__name__}: {redact_secret(str(exc), s.api_key)[:300]}",
+                    raise Failure(f"{type(exc).__name__}: {redact_values(str(exc), s.secrets)[:300]}",
                                   retryable=False) from None
                 used = in_tok + out_tok
             except Failure as f:
@@ -202,7 +197,7 @@ class Engine:
         where = (f"the key from environment variable {self.s.api_key_env}" if self.s.api_key_env
                  else "the configured api_key (or the provider's default environment variable)")
         code = f"HTTP {status}" if status else "authentication error"
-        detail = redact_secret(detail, self.s.api_key)
+        detail = redact_values(detail, self.s.secrets)
         return (f"authentication failed ({code}) for {self.describe}: the provider rejected {where}"
                 + (f": {detail}" if detail else ""))
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-ENV_REF_PATTERN = r"^\$\{env:[A-Za-z_][A-Za-z0-9_]*\}$"
+from specdsl.secrets import ENV_REF_PATTERN, env_ref_name, resolved_secrets
 
 # Providers whose chat endpoint is exactly OpenAI's ``POST {api_base}/chat/completions``.
 OPENAI_WIRE_PROVIDERS = frozenset({"openai", "hosted_vllm", "custom_openai"})
@@ -122,6 +122,7 @@ class Settings:
     extra_headers: Mapping[str, str]
     drop_params: bool
     transport: str
+    secrets: tuple[str, ...] = ()        # every secret value these settings hold: redacted from messages
 
     """What one run reads from a model's options, defaults filled in and the key resolved."""
 
@@ -132,17 +133,20 @@ class Settings:
             raise ValueError("litellm backend: options need a `model`")
         api_key = o.get("api_key")
         api_key_env = o.get("_api_key_env")
-        if isinstance(api_key, str) and re.match(ENV_REF_PATTERN, api_key):
+        ref = env_ref_name(api_key)
+        if ref is not None:
             # The caller did not resolve the reference; resolve it here rather than send it as a key.
-            api_key_env = api_key_env or api_key[6:-1]
-            api_key = os.environ.get(api_key[6:-1])
+            api_key_env = api_key_env or ref
+            api_key = os.environ.get(ref)
+        # The key, and whatever else the caller resolved from a reference (an Authorization header).
+        secrets = tuple(resolved_secrets(options)) + ((api_key,) if isinstance(api_key, str) and api_key else ())
         defaults = {k: o[k] for k in ("temperature", "top_p", "max_tokens") if k in o}
         return cls(
             model=str(o["model"]), api_base=o.get("api_base"), api_key=api_key, api_key_env=api_key_env,
             defaults=defaults, timeout_s=float(o["timeout_s"]), max_retries=int(o["max_retries"]),
             retry_backoff_s=float(o["retry_backoff_s"]), concurrency=max(1, int(o["concurrency"])),
             rpm=o.get("rpm"), tpm=o.get("tpm"), extra_headers=dict(o.get("extra_headers") or {}),
-            drop_params=bool(o["drop_params"]), transport=str(o["transport"]),
+            drop_params=bool(o["drop_params"]), transport=str(o["transport"]), secrets=secrets,
         )
 
 

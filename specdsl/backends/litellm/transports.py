@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from specdsl.backends.litellm.engine import (AUTH_STATUS, RETRYABLE_STATUS, Failure, first_line, parse_retry_after,
-                                             redact_secret)
+from specdsl.backends.litellm.engine import AUTH_STATUS, RETRYABLE_STATUS, Failure, first_line, parse_retry_after
 from specdsl.backends.litellm.loader import import_litellm
 from specdsl.backends.litellm.options import OPENAI_WIRE_PROVIDERS, Settings
 from specdsl.contract.hookspecs import GenRequest
+from specdsl.secrets import redact_values
 
 
-def error_detail(raw: bytes) -> str:
-    """The provider's error message, short, from an OpenAI-style error body (or the raw text)."""
+def error_detail(raw: bytes, secrets: Sequence[str]) -> str:
+    """The provider's error message, short, from an OpenAI-style error body (or the raw text).
+
+    Secrets are redacted before the message is cut: a key the body quotes across the cut would otherwise
+    survive in part, where no later redaction can recognise it.
+    """
     try:
         data = json.loads(raw)
         err = data.get("error", data) if isinstance(data, dict) else data
@@ -41,7 +45,7 @@ def error_detail(raw: bytes) -> str:
         text = str(msg)
     except Exception:
         text = raw.decode("utf-8", "replace")
-    return text.strip()[:300]
+    return redact_values(text.strip(), secrets)[:300]
 
 
 class DirectTransport:
@@ -97,12 +101,12 @@ class DirectTransport:
         except OSError as exc:
             raise Failure(f"connection error: {exc}", retryable=True) from None
         if status >= 400:
-            detail = error_detail(raw)
+            detail = error_detail(raw, self.s.secrets)
             if status in AUTH_STATUS:
                 raise Failure(self.engine_ref[0].auth_message(status, detail), retryable=False,
                               status=status, fatal=True)
             retryable = status in RETRYABLE_STATUS
-            raise Failure(f"HTTP {status} from {self.url}: {redact_secret(detail, self.s.api_key)}",
+            raise Failure(f"HTTP {status} from {self.url}: {detail}",
                           retryable=retryable, status=status,
                           retry_after=parse_retry_after(headers) if retryable else None)
         try:
@@ -110,7 +114,8 @@ class DirectTransport:
             choice = payload["choices"][0]
             text = choice["message"].get("content")
         except Exception:
-            raise Failure(f"malformed response from {self.url}: {raw[:200]!r}", retryable=True) from None
+            shown = redact_values(raw.decode("utf-8", "replace"), self.s.secrets).encode("utf-8")[:200]
+            raise Failure(f"malformed response from {self.url}: {shown!r}", retryable=True) from None
         if text is None:
             raise Failure(f"the response has no text (finish_reason={choice.get('finish_reason')!r})",
                           retryable=False)
@@ -148,7 +153,7 @@ class LiteLLMTransport:
         lt = self.litellm
         status = getattr(exc, "status_code", None)
         status = status if isinstance(status, int) else None
-        detail = redact_secret(str(getattr(exc, "message", None) or exc), self.s.api_key)[:300]
+        detail = redact_values(str(getattr(exc, "message", None) or exc), self.s.secrets)[:300]
         if isinstance(exc, (lt.Timeout, TimeoutError)):
             return Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True, status=408)
         if isinstance(exc, (lt.AuthenticationError, lt.PermissionDeniedError)) or status in AUTH_STATUS:
@@ -223,6 +228,8 @@ def direct_transport(engine_ref: list, s: Settings, provider: str,
             api_key = os.environ.get(env) or getattr(litellm, "api_key", None)
             if s.api_key_env is None and os.environ.get(env):
                 s = s.replace(api_key_env=env)
+            if api_key:  # a key from the environment is as secret as one from the options
+                s = s.replace(secrets=s.secrets + (api_key,))
     cache: dict[str, dict[str, Any]] = {}
 
     def map_params(params: Mapping[str, Any]) -> dict[str, Any]:
