@@ -8,10 +8,12 @@ rejecting a key, a missing source file, a full disk) are :class:`RunError`: they
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
+
+# Secret detection and redaction live with secret references; re-exported here for the spec checks.
+from specdsl.secrets import is_secret_key, looks_like_secret, redact_secrets  # noqa: F401
 
 # Exit codes used by the CLI.
 EXIT_OK = 0
@@ -114,54 +116,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def printable(text: str) -> str:
     """``text`` with control characters (a hostile spec's terminal escapes, say) shown as U+FFFD."""
     return _CONTROL.sub("\ufffd", text)
-
-
-# Keys whose values are secrets (``api_key``, ``openai_api_key``, ``hf_token``, ``access_token``,
-# ``client_secret``, ``password``, an ``Authorization`` or ``X-Api-Key`` header) and the shapes of well-known
-# provider keys, or of a password written into a URL. Keys that merely end in
-# "token" (``eos_token``, ``max_new_token``) are not secrets. ``${env:NAME}`` values are references.
-_SECRET_NAMES = (r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?token|auth[_-]?token|secret[_-]?key|"
-                 r"client[_-]?secret|password|passwd|authorization)|(?:hf|github|gh|bearer|api)[_-]token|token|"
-                 r"secret|cookie")
-SECRET_KEY = re.compile(rf"(?i)^(?:{_SECRET_NAMES})$")
-SECRET_VALUE = re.compile(r"\b(?:sk-(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-                          r"github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,}|"
-                          r"AIza[0-9A-Za-z_-]{30,})"
-                          # a password inside a URL (http://user:password@host), unless it is a reference
-                          r"|(?<=[A-Za-z0-9+.-]://)[^/\s:@]+:(?!\$\{env:)[^/\s@]+(?=@)")
-_ENV_REF = re.compile(r"^\$\{env:[A-Za-z_][A-Za-z0-9_]*\}$")
-# `key: value` inside a line (block or flow style); the value runs to a comma, brace or comment. Compiled
-# on first use (only printing an error needs it; compiling it costs more than the rest of this module).
-_SECRET_ASSIGN = r"""(?ix)
-    (?<![A-Za-z0-9_-])(?P<key>{names})
-    (?P<sep>["']?\s*:\s*)
-    (?P<value>\$\{env:[A-Za-z0-9_]*\}|"[^"]*"|'[^']*'|[^,}\]\s#][^,}\]#]*)"""
-
-
-@functools.lru_cache(maxsize=1)
-def _secret_assign() -> re.Pattern:
-    return re.compile(_SECRET_ASSIGN.replace("{names}", _SECRET_NAMES))
-
-
-def is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and bool(SECRET_KEY.match(key))
-
-
-def looks_like_secret(value: object) -> bool:
-    """A string value that is the shape of a well-known provider key (sk-..., hf_..., ghp_...)."""
-    return isinstance(value, str) and bool(SECRET_VALUE.search(value))
-
-
-def redact_secrets(text: str) -> str:
-    """``text`` with inline secret values (secret-named keys, provider key shapes) replaced by ``***``."""
-
-    def assign(m: re.Match) -> str:
-        value = m.group("value").strip().strip("'\"")
-        if _ENV_REF.match(value) or not value:
-            return m.group(0)
-        return f"{m.group('key')}{m.group('sep')}***"
-
-    return SECRET_VALUE.sub("***", _secret_assign().sub(assign, text))
 
 
 def format_key_path(path: Iterable[str | int]) -> str:

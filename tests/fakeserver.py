@@ -28,6 +28,8 @@ message. Outcomes:
 ``500``/``502``/``503``  server errors
 ``400``     a bad request (clients must not retry it)
 ``401``     an authentication failure
+``echo-auth[:N]``  a 400 whose error message quotes the request's Authorization header at character N
+            of the message (default 290), as a careless provider or proxy might; for redaction tests
 ``hang``    sleep ``hang_s`` seconds before answering (clients time out first)
 ``drop``    close the connection without a response
 
@@ -325,6 +327,12 @@ class FakeServer:
             return error(400, "Invalid request: bad parameter", "invalid_request_error")
         if outcome == "401":
             return error(401, "Incorrect API key provided", "invalid_request_error")
+        if outcome.startswith("echo-auth"):
+            _, _, at = outcome.partition(":")
+            lead = "Invalid request: the headers were not understood. "
+            lead = (lead * (int(at or 290) // len(lead) + 1))[: int(at or 290)]
+            quoted = request.headers.get("Authorization", "")
+            return error(400, f"{lead}{quoted} (end of the headers)", "invalid_request_error")
         if outcome == "drop":
             # Close the socket with no response at all: the client sees a disconnect, not a 5xx.
             if request.transport is not None:

@@ -413,7 +413,8 @@ def test_self_hosted_server_answers_without_importing_litellm(tmp_path):
 
 def test_openai_models_behind_a_gateway_still_get_litellm_parameter_mapping():
     """A custom api_base in front of OpenAI's own models keeps litellm's per-model parameter rules."""
-    from specdsl.backends.litellm.backend import _Settings, _self_hosted
+    from specdsl.backends.litellm.options import Settings as _Settings
+    from specdsl.backends.litellm.transports import self_hosted_model as _self_hosted
 
     gateway = _Settings.from_options({"model": "openai/o3-mini", "api_base": "http://gateway/v1"})
     assert _self_hosted(gateway) is None
@@ -422,3 +423,45 @@ def test_openai_models_behind_a_gateway_still_get_litellm_parameter_mapping():
     forced = _Settings.from_options({"model": "hosted_vllm/llama", "api_base": "http://gpu-box:8000/v1",
                                      "transport": "litellm"})
     assert _self_hosted(forced) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets in provider error bodies: redacted before a message is cut to length
+# --------------------------------------------------------------------------------------------------
+
+
+def _pieces(secret: str, n: int = 8) -> list[str]:
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_key_echoed_across_the_cut_of_an_error_body_is_never_printed_in_part(backend, transport):
+    """A provider quoting the Authorization header where the error message is cut to length: the key
+    is redacted first, so no piece of it survives the cut."""
+    # The key lands at every offset around the 300-character cut (the litellm transport's messages
+    # carry a prefix of their own, so a wide range of offsets covers its cut too).
+    offsets = list(range(230, 310, 3))
+
+    def fault(prompt: str, attempt: int) -> str:
+        return f"echo-auth:{offsets[int(prompt.split()[-1])]}"
+
+    with FakeServer(fault_fn=fault) as srv:
+        out = collect(backend, opts(srv, transport), [req(i) for i in range(len(offsets))])
+        assert all(r.auth == SECRET for r in srv.requests)  # the server did see (and echo) the key
+    for r in out.values():
+        assert not r.ok and "Invalid request" in r.error
+        leaked = [p for p in _pieces(SECRET) if p in r.error]
+        assert not leaked, (r.error, leaked)
+
+
+def test_a_header_secret_from_a_reference_is_redacted_from_error_bodies(backend, monkeypatch):
+    """extra_headers: {Authorization: ${env:...}} -- resolved like any secret, and kept out of errors."""
+    from specdsl import secrets
+
+    monkeypatch.setenv("FAKE_AUTH_HEADER", f"Bearer {SECRET}")
+    with FakeServer(faults=["echo-auth:280"]) as srv:
+        options = {"model": "openai/fake", "api_base": srv.api_base, "transport": "direct", "timeout_s": 5,
+                   "extra_headers": {"Authorization": "${env:FAKE_AUTH_HEADER}"}}
+        out = collect(backend, secrets.resolve(options, model="teacher"), [req(1)])
+    error = out["key-1"].error
+    assert "400" in error and not [p for p in _pieces(SECRET) if p in error], error

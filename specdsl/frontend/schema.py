@@ -18,7 +18,7 @@ from specdsl.frontend.spec import DEFAULT_BACKEND
 SCHEMA_ID = "https://specdsl.dev/schemas/spec.v1.json"
 VERSION = 1
 ID_PATTERN = "^[A-Za-z_][A-Za-z0-9_-]*$"
-SECRET_PATTERN = r"^\$\{env:[A-Za-z_][A-Za-z0-9_]*\}$"
+from specdsl.secrets import ENV_REF_PATTERN as SECRET_PATTERN  # noqa: E402 - the one definition of a reference
 
 
 def _meta() -> dict:
