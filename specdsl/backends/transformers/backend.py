@@ -30,6 +30,7 @@ ties them into the backend the plugin registers.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from specdsl.backends.transformers.generation import generate_batches
@@ -52,7 +53,7 @@ class TransformersBackend:
         """The local Hugging Face folder of this model (a named model is pulled on first use)."""
         from specdsl.modelcache.models import resolve_model
 
-        return Path(resolve_model(_model_ref(options)))
+        return Path(resolve_model(model_ref(options)))
 
     def prepare(self, options: Mapping[str, Any]) -> None:
         """Pull a named model (the embedded default) before the run's live display starts."""
