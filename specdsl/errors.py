@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 # Secret detection and redaction live with secret references; re-exported here for the spec checks.
-from specdsl.secrets import is_secret_key, looks_like_secret, redact_secrets  # noqa: F401
+from specdsl.secret_shapes import is_secret_key, looks_like_secret, redact_secrets  # noqa: F401
 
 # Exit codes used by the CLI.
 EXIT_OK = 0
