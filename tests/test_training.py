@@ -349,6 +349,61 @@ def test_missing_or_unreadable_dataset(tmp_path, tiny_model_dir):
         CpuTarget().train(request(tmp_path, tiny_model_dir, junk), lambda e: None)
 
 
+def test_one_config_reader_knows_every_name_of_the_context_length(tmp_path):
+    from specdsl.modelcache.config import context_length, decoder_shape, read_model_config, vocab_size
+
+    def folder(name, cfg):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        return tmp_path / name
+
+    gpt2 = read_model_config(folder("gpt2", {"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024,
+                                             "vocab_size": 50257, "n_embd": 768}))
+    assert (context_length(gpt2), vocab_size(gpt2)) == (1024, 50257)
+    assert context_length({"n_ctx": 2048}) == 2048 and context_length({"max_position_embeddings": None}) is None
+    # A composite model: the language model's sub-config is what a causal LM built from the folder uses.
+    vlm = read_model_config(folder("vlm", {"model_type": "llava", "vocab_size": None, "text_config": {
+        "max_position_embeddings": 4096, "vocab_size": 32064, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4}}))
+    assert (context_length(vlm), vocab_size(vlm)) == (4096, 32064)
+    assert decoder_shape(vlm) == {"hidden": 64, "intermediate": 128, "layers": 2, "vocab": 32064, "heads": 4,
+                                  "kv_heads": 4, "tied": True}
+    assert decoder_shape(gpt2) is None
+    with pytest.raises(RunError, match="no config.json"):
+        read_model_config(tmp_path / "nowhere")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="not a JSON object"):
+        read_model_config(tmp_path / "broken")
+
+
+def test_max_length_null_cuts_samples_to_a_gpt2_style_context(tmp_path, tiny_tokenizer):
+    """A GPT-2 style config gives its context as n_positions (no max_position_embeddings): with max_length
+    null the samples are cut to those 32 positions (past them GPT-2's position embedding has no row)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                               bos_token_id=tiny_tokenizer.bos_token_id,
+                               eos_token_id=tiny_tokenizer.eos_token_id)).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    assert "max_position_embeddings" not in json.loads((base / "config.json").read_text())
+    rows = [{"input_ids": g + a, "labels": [-100] * 10 + (g + a)[10:]}
+            for i in range(4) for g, a in [(garbage_ids(tiny_tokenizer, 40 + i, seed=i), answer_ids(tiny_tokenizer))]]
+    data = write_parquet(tmp_path / "d.parquet", rows)
+    spy = batch_spy()
+    out = CpuTarget().train(request(tmp_path, base, data, max_steps=1, batch_size=4), lambda e: None,
+                            callbacks=[spy])
+    record = json.loads((out / "specdsl_train.json").read_text())
+    assert record["params"]["max_length"] is None
+    assert record["data"]["max_length"] == 32 and record["data"]["rows_over_max_length"] == 4
+    assert record["data"]["longest"] == 32
+    (batch,) = spy.batches
+    assert batch["input_ids"].shape == (4, 32)
+
+
 # --------------------------------------------------------------------------------------------------
 # training on the tiny model
 # --------------------------------------------------------------------------------------------------

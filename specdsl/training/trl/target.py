@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from specdsl.errors import RunError, StopRun
 from specdsl.contract.hookspecs import TrainRequest
+from specdsl.modelcache.config import context_length, decoder_shape, read_model_config, vocab_size
 
 log = logging.getLogger("specdsl.train")
 
@@ -77,7 +78,8 @@ PARAMS_SCHEMA: dict[str, Any] = {
         "gradient_accumulation": {"type": "integer", "minimum": 1, "default": 1},
         "max_length": {"type": ["integer", "null"], "minimum": 1, "default": None,
                        "description": "Samples longer than this are cut (keep the start); null = the model's "
-                                      "max_position_embeddings. Cut samples are counted in the card."},
+                                      "context length (max_position_embeddings, n_positions, ...). Cut samples "
+                                      "are counted in the card."},
         "packing": {"type": ["boolean", "null"], "default": None,
                     "description": "Best-fit-decreasing packing into padding-free batches, no attention across "
                                    "samples; null = false on cpu, true on cuda."},
@@ -179,18 +181,11 @@ def model_shape(base_model: Path | Mapping[str, Any]) -> ModelShape | None:
     the file cannot be read or does not describe a decoder the memory estimate knows."""
     if not isinstance(base_model, Mapping):
         try:
-            base_model = _model_config(Path(base_model))
+            base_model = read_model_config(Path(base_model))
         except RunError:
             return None
-    cfg = base_model
-    try:
-        heads = int(cfg["num_attention_heads"])
-        return ModelShape(hidden=int(cfg["hidden_size"]), intermediate=int(cfg["intermediate_size"]),
-                          layers=int(cfg["num_hidden_layers"]), vocab=int(cfg["vocab_size"]), heads=heads,
-                          kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                          tied=bool(cfg.get("tie_word_embeddings", True)))
-    except (KeyError, TypeError, ValueError):
-        return None
+    dims = decoder_shape(base_model)
+    return ModelShape(**dims) if dims is not None else None
 
 
 def auto_token_budget(shape: ModelShape, memory_bytes: int, *, lora: bool, gradient_checkpointing: bool) -> int:
@@ -306,27 +301,6 @@ class DataStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _model_config(base_model: Path) -> dict[str, Any]:
-    """config.json of a model folder, without importing transformers. A composite model's language-model
-    settings (``text_config``) fill in what the top level does not say."""
-    cfg_path = Path(base_model) / "config.json"
-    if not Path(base_model).is_dir() or not cfg_path.is_file():
-        raise RunError(f"base model {base_model} is not a Hugging Face model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read {cfg_path}: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise RunError(f"cannot read {cfg_path}: not a JSON object")
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    return {**text, **{k: v for k, v in cfg.items() if v is not None}}
-
-
-def _vocab_and_context(config: Mapping[str, Any]) -> tuple[int | None, int | None]:
-    vocab, ctx = config.get("vocab_size"), config.get("max_position_embeddings")
-    return (int(vocab) if vocab else None, int(ctx) if ctx else None)
 
 
 def inspect_dataset(path: Path, *, vocab_size: int | None = None, max_length: int | None = None) -> DataStats:
@@ -1188,9 +1162,9 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
     progress = progress or (lambda _event: None)
     params = resolve_params(request.params)
     seed = int(params["seed"] if params["seed"] is not None else request.seed)
-    config = _model_config(Path(request.base_model))
-    vocab, ctx = _vocab_and_context(config)
-    max_length = params["max_length"] or ctx
+    config = read_model_config(request.base_model)
+    max_length = params["max_length"] or context_length(config)
+    vocab = vocab_size(config)
     stats = inspect_dataset(Path(request.dataset), vocab_size=vocab, max_length=max_length)
     caps = detect_capabilities()
     settings = plan_settings(params, device, caps, model_shape(config))
