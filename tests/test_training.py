@@ -509,7 +509,8 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     computes for each packed sample exactly the logits it has alone, so no sample sees another one."""
     import torch
 
-    from specdsl.training.trl.target import _build_trainer, _load_training_dataset
+    from specdsl.training.trl.data import load_training_dataset
+    from specdsl.training.trl.target import _build_trainer
 
     rows = []
     for i, (n_garbage, text) in enumerate([(5, "Paris is the capital of France."), (17, "Answer: 42"),
@@ -525,7 +526,7 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     # The same choices, run on this machine's CPU in fp32 (no GPU here; only the device differs).
     settings = {**settings, "device": "cpu", "bf16": False}
     stats = inspect_dataset(data)
-    ds = _load_training_dataset(data, stats, tmp_path / "cache")
+    ds = load_training_dataset(data, stats, tmp_path / "cache")
     trainer = _build_trainer(base_model=tiny_model_dir, dataset=ds, params=params, settings=settings,
                              stats=stats, seed=0, scratch=tmp_path / "scratch")
     batch = next(iter(trainer.get_train_dataloader()))
