@@ -202,7 +202,7 @@ SMOLLM2_1_7B = dict(hidden=2048, intermediate=8192, layers=24, vocab=49152, head
 
 
 def test_auto_token_budget_follows_the_model_and_the_card():
-    from specdsl.training.trl.target import ModelShape, auto_token_budget
+    from specdsl.training.trl.settings import ModelShape, auto_token_budget
 
     small, big = ModelShape(**SMOLLM2_360M), ModelShape(**SMOLLM2_1_7B)
     assert small.params == 361_820_160 and big.params == 1_711_374_336  # the published models' counts
@@ -222,7 +222,7 @@ def test_auto_token_budget_follows_the_model_and_the_card():
 
 
 def test_cuda_plan_sizes_the_budget_from_the_model_shape(tiny_model_dir):
-    from specdsl.training.trl.target import ModelShape, model_shape
+    from specdsl.training.trl.settings import ModelShape, model_shape
 
     caps = _caps(memory_bytes=80 * 2**30)
     s = plan_settings(resolve_params({}), "cuda", caps, ModelShape(**SMOLLM2_1_7B))
