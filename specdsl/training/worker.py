@@ -1,8 +1,8 @@
 """One process of a multi-process training run: ``python -m specdsl.training.worker REQUEST.json``.
 
-``accelerate launch`` starts this module once per process (see ``trl_target._launch_distributed``, which
-writes REQUEST.json and the accelerate config). Each process trains its share; the main process saves into
-the staging directory. Lines starting with ``@@specdsl `` carry progress and errors back to the launching
+``accelerate launch`` starts this module once per process (see
+``specdsl.training.trl.launch.launch_distributed``, which writes REQUEST.json and the accelerate config).
+Each process trains its share; the main process saves into the staging directory. Lines starting with ``@@specdsl `` carry progress and errors back to the launching
 process as JSON; everything else a worker prints goes to ``train.log``.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _emit(event: str, data) -> None:
-    from specdsl.training.trl.target import WORKER_MARK
+    from specdsl.training.trl.launch import WORKER_MARK
 
     print(WORKER_MARK + json.dumps({"event": event, **data}, default=str), flush=True)
 
