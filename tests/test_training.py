@@ -246,7 +246,7 @@ def test_an_automatic_budget_is_halved_when_the_first_steps_run_out_of_memory(tm
     import torch
     from transformers import TrainerCallback
 
-    from specdsl.training.trl.target import _smaller_budget, train_worker
+    from specdsl.training.trl.trainer import smaller_budget, train_worker
 
     class SmallDevice(TrainerCallback):
         def __init__(self):
@@ -283,11 +283,11 @@ def test_an_automatic_budget_is_halved_when_the_first_steps_run_out_of_memory(tm
 
     stats = inspect_dataset(data)
     auto = {"budget_auto": True, "max_tokens_per_batch": 8192}
-    assert _smaller_budget(auto, stats, step=0, processes=1) == 4096
-    assert _smaller_budget(auto, stats, step=10, processes=1) is None  # real training would be thrown away
-    assert _smaller_budget(auto, stats, step=0, processes=2) is None   # a worker cannot restart alone
-    assert _smaller_budget({**auto, "budget_auto": False}, stats, step=0, processes=1) is None  # the user's
-    assert _smaller_budget({**auto, "max_tokens_per_batch": 1024}, stats, step=0, processes=1) is None
+    assert smaller_budget(auto, stats, step=0, processes=1) == 4096
+    assert smaller_budget(auto, stats, step=10, processes=1) is None  # real training would be thrown away
+    assert smaller_budget(auto, stats, step=0, processes=2) is None   # a worker cannot restart alone
+    assert smaller_budget({**auto, "budget_auto": False}, stats, step=0, processes=1) is None  # the user's
+    assert smaller_budget({**auto, "max_tokens_per_batch": 1024}, stats, step=0, processes=1) is None
 
 
 def test_accelerate_config_strategies():
@@ -510,7 +510,7 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     import torch
 
     from specdsl.training.trl.data import load_training_dataset
-    from specdsl.training.trl.target import _build_trainer
+    from specdsl.training.trl.trainer import build_trainer
 
     rows = []
     for i, (n_garbage, text) in enumerate([(5, "Paris is the capital of France."), (17, "Answer: 42"),
@@ -527,7 +527,7 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     settings = {**settings, "device": "cpu", "bf16": False}
     stats = inspect_dataset(data)
     ds = load_training_dataset(data, stats, tmp_path / "cache")
-    trainer = _build_trainer(base_model=tiny_model_dir, dataset=ds, params=params, settings=settings,
+    trainer = build_trainer(base_model=tiny_model_dir, dataset=ds, params=params, settings=settings,
                              stats=stats, seed=0, scratch=tmp_path / "scratch")
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m specdsl.training.worker REQUEST.json", file=sys.stderr)
         return 2
-    from specdsl.training.trl.target import DataStats, train_worker
+    from specdsl.training.trl.data import DataStats
+    from specdsl.training.trl.trainer import train_worker
     from specdsl.errors import RunError
 
     try:
