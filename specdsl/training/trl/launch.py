@@ -95,8 +95,9 @@ def accelerate_config(params: Mapping[str, Any], device: str, *, bf16: bool, mac
 
 
 def launch_distributed(request: TrainRequest, *, params: Mapping[str, Any], settings: Mapping[str, Any],
-                        stats: DataStats, seed: int, stage: Path,
-                        progress: Callable[[Mapping[str, Any]], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+                       stats: DataStats, seed: int, stage: Path,
+                       progress: Callable[[Mapping[str, Any]], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train through ``accelerate launch`` into ``stage``; return rank 0's metrics and what was launched."""
     import yaml
 
     device = settings["device"]

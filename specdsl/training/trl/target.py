@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import abc
 import importlib.util
-import json
 import logging
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -43,151 +40,13 @@ from specdsl.training.trl.config import PARAMS_SCHEMA, TARGET_VERSION, default_p
 from specdsl.training.trl.data import DataStats, inspect_dataset
 from specdsl.training.trl.settings import detect_capabilities, model_shape, plan_settings
 from specdsl.training.trl.launch import accelerate_config, launch_distributed
-from specdsl.training.trl.trainer import merge_adapter, train_worker
+from specdsl.training.trl.trainer import train_worker
+from specdsl.training.trl.card import finalize_output, publish, staging_dir
 from specdsl.modelcache.config import context_length, read_model_config, vocab_size
 
 log = logging.getLogger("specdsl.train")
 
 
-
-
-# --------------------------------------------------------------------------------------------------
-# Staging and publishing the output directory
-# --------------------------------------------------------------------------------------------------
-
-
-def _staging_dir(output_dir: Path) -> Path:
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Beside output_dir (same filesystem, so the final rename is atomic) and hidden, with a name that can
-    # never be mistaken for the finished model.
-    stage = output_dir.parent / f".{output_dir.name}.specdsl-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    return stage
-
-
-def _publish(stage: Path, output_dir: Path) -> None:
-    """Rename the finished staging directory to output_dir, replacing an older output if present."""
-    output_dir = Path(output_dir)
-    old = None
-    if output_dir.exists() or output_dir.is_symlink():
-        old = output_dir.parent / f".{output_dir.name}.specdsl-old-{uuid.uuid4().hex[:8]}"
-        os.replace(output_dir, old)
-    os.replace(stage, output_dir)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
-def _model_card(request: TrainRequest, target: str, params: Mapping[str, Any], settings: Mapping[str, Any],
-                stats: DataStats, metrics: Mapping[str, Any], kind: str, launch: Mapping[str, Any] | None) -> str:
-    card = dict(request.card or {})
-    spec = card.pop("spec", None) or card.pop("spec_name", None) or card.pop("name", None) or "(unnamed spec)"
-    fingerprint = card.pop("data_fingerprint", None) or card.pop("fingerprint", None) or "(not given)"
-    mask = card.pop("mask_policy", None) or card.pop("loss", None) or "(not given)"
-    step = card.pop("step", None)
-    fm = ["---", "library_name: " + ("peft" if kind == "adapter" else "transformers"),
-          f"base_model: {json.dumps(str(request.base_model))}", "tags:", "  - specdsl", "  - trl", "  - sft"]
-    if kind == "adapter":
-        fm.append("  - lora")
-    fm.append("---")
-    lines = fm + [
-        "",
-        f"# {spec}" + (f" / {step}" if step else ""),
-        "",
-        "Fine-tuned by [specdsl](https://pypi.org/project/specdsl/) from a data-design spec, with TRL's "
-        f"SFTTrainer on the `{target}` training target. This directory is "
-        + {"model": "a full Hugging Face model.",
-           "adapter": "a LoRA adapter (load it with peft on top of the base model).",
-           "merged": "a full model: the trained LoRA adapter merged into the base weights."}[kind],
-        "",
-        "## Data",
-        "",
-        f"- spec: `{spec}`",
-        f"- data fingerprint: `{fingerprint}`",
-        f"- mask policy: {mask}",
-        f"- samples: {stats.rows - stats.fully_masked_rows} trained ({stats.rows} in the table; "
-        f"{stats.fully_masked_rows} without a trained token dropped)",
-        f"- tokens: {stats.tokens} ({stats.trained_tokens} with loss, "
-        f"{(100.0 * stats.trained_tokens / max(stats.tokens, 1)):.1f}%)",
-        f"- longest sample: {stats.longest} tokens; cut at max_length {stats.max_length}: "
-        f"{stats.rows_over_max_length} samples",
-    ]
-    if stats.padded_positions:
-        lines.append(f"- padding positions removed (attention_mask 0): {stats.padded_positions}")
-    for k, v in card.items():
-        lines.append(f"- {k}: {v}")
-    lines += [
-        "",
-        "Loss is taken only on tokens whose label is not -100, exactly as the dataset gives them: the "
-        "table was pre-tokenized and TRL did not re-tokenize, re-template or re-mask it.",
-        "",
-        "## Training",
-        "",
-        f"- base model: `{request.base_model}`",
-        f"- target: {target} ({settings['device']}), processes: {params['processes']} x nodes: {params['nodes']}"
-        + (f", strategy: {params['strategy']}" if launch else ""),
-        "- choices: " + "; ".join(settings["reasons"]),
-        f"- epochs: {params['epochs']}, max_steps: {params['max_steps']}, learning rate: "
-        f"{params['learning_rate']} ({params['lr_scheduler']}, warmup ratio {params['warmup_ratio']}), "
-        f"batch size: {params['batch_size']} x accumulation {params['gradient_accumulation']}, "
-        f"seed: {metrics.get('seed')}",
-    ]
-    if params["lora"]:
-        lo = params["lora"]
-        lines.append(f"- LoRA: r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']}, "
-                     f"target_modules={lo['target_modules']}, merged={lo['merge']}")
-    lines += [
-        f"- steps: {metrics.get('global_step')}, loss: first {metrics.get('first_loss')}, last "
-        f"{metrics.get('last_loss')}, mean {metrics.get('train_loss')}",
-        f"- wall time: {metrics.get('runtime_s')} s; versions: torch {settings.get('versions', {}).get('torch')}, "
-        f"transformers {settings.get('versions', {}).get('transformers')}, trl "
-        f"{settings.get('versions', {}).get('trl')}",
-        "- weights are saved in float32 (the master precision of training).",
-        "",
-        "## Load",
-        "",
-        "```python",
-    ]
-    if kind == "adapter":
-        lines += ["from peft import AutoPeftModelForCausalLM",
-                  "model = AutoPeftModelForCausalLM.from_pretrained(PATH_TO_THIS_DIR)"]
-    else:
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "model = AutoModelForCausalLM.from_pretrained(PATH_TO_THIS_DIR)",
-                  "tokenizer = AutoTokenizer.from_pretrained(PATH_TO_THIS_DIR)"]
-    lines += ["```", ""]
-    if launch:
-        lines += ["## Distributed launch", "",
-                  f"Launched with `accelerate launch` ({launch['num_processes']} processes on "
-                  f"{launch['num_machines']} machine(s)); the config is `accelerate_config.yaml` in this "
-                  "directory.", ""]
-    return "\n".join(lines)
-
-
-def _finalize(request: TrainRequest, target: str, params: Mapping[str, Any], settings: Mapping[str, Any],
-              stats: DataStats, stage: Path, metrics: dict[str, Any], launch: Mapping[str, Any] | None) -> None:
-    lora = params["lora"]
-    kind = "model"
-    if lora:
-        kind = "merged" if lora["merge"] else "adapter"
-        if lora["merge"]:
-            merge_adapter(request.base_model, stage / ".scratch" / "adapter", stage)
-    shutil.rmtree(stage / ".scratch", ignore_errors=True)
-    if not (stage / "config.json").is_file() and not (stage / "adapter_config.json").is_file():
-        raise RunError(f"training finished but wrote no model into {stage}")
-    # Written last and over any card peft wrote: ours names the spec, data and mask policy.
-    (stage / "README.md").write_text(_model_card(request, target, params, settings, stats, metrics, kind, launch),
-                                     encoding="utf-8")
-    record = {
-        "specdsl_target": target, "target_version": TARGET_VERSION, "kind": kind,
-        "base_model": str(request.base_model), "dataset": str(request.dataset),
-        "card": dict(request.card or {}), "params": dict(params), "settings": dict(settings),
-        "data": stats.as_dict(), "metrics": metrics, "launch": dict(launch) if launch else None,
-    }
-    (stage / "specdsl_train.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,14 +76,14 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
         raise RunError("callbacks cannot travel to accelerate worker processes")
     output_dir = Path(request.output_dir)
     try:
-        stage = _staging_dir(output_dir)
+        stage = staging_dir(output_dir)
     except OSError as exc:
         raise RunError(f"cannot write beside the output directory {output_dir}: {exc}") from exc
     try:
         launch = None
         if distributed:
             metrics, launch = launch_distributed(request, params=params, settings=settings, stats=stats,
-                                                  seed=seed, stage=stage, progress=progress)
+                                                 seed=seed, stage=stage, progress=progress)
             if launch["machine_rank"] != 0:
                 # Machine 0 writes the output; the other machines only contributed their gradients. Their run
                 # ends here: no model exists on this machine for later steps to use, or for a cache to keep.
@@ -240,8 +99,8 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
             settings["max_tokens_per_batch"] = metrics["max_tokens_per_batch"]
             settings["reasons"].append(f"token budget lowered to {metrics['max_tokens_per_batch']} after running "
                                        f"out of memory ({len(metrics['oom_retries'])} restart(s))")
-        _finalize(request, target_name or device, params, settings, stats, stage, metrics, launch)
-        _publish(stage, output_dir)
+        finalize_output(request, target_name or device, params, settings, stats, stage, metrics, launch)
+        publish(stage, output_dir)
     except BaseException:
         # Whatever stopped us (an error, Ctrl-C), no partial directory is left to look like a model.
         shutil.rmtree(stage, ignore_errors=True)

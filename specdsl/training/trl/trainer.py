@@ -49,8 +49,8 @@ def _progress_callback_class():
 
 
 def build_trainer(*, base_model: Path, dataset, params: Mapping[str, Any], settings: Mapping[str, Any],
-                   stats: DataStats, seed: int, scratch: Path, callbacks: Sequence[Any] = (),
-                   model=None, tokenizer=None):
+                  stats: DataStats, seed: int, scratch: Path, callbacks: Sequence[Any] = (),
+                  model=None, tokenizer=None):
     """An SFTTrainer configured from resolved params + planned settings. Used by train() and the bench.
 
     ``model``/``tokenizer`` may be given (the benchmark builds a random-init model in memory); otherwise
@@ -185,7 +185,7 @@ def train_worker(*, base_model: Path, dataset: Path, stage: Path, params: Mappin
     while True:
         progress_cb = _progress_callback_class()(progress)
         trainer = build_trainer(base_model=base_model, dataset=ds, params=params, settings=settings, stats=stats,
-                                 seed=seed, scratch=scratch, callbacks=[progress_cb, *callbacks])
+                                seed=seed, scratch=scratch, callbacks=[progress_cb, *callbacks])
         t0 = time.time()
         smaller = None
         try:
@@ -264,6 +264,7 @@ def _release(trainer: Any) -> None:
 
 
 def merge_adapter(base_model: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """Write into ``out_dir`` the base model with the LoRA adapter in ``adapter_dir`` merged into its weights."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
