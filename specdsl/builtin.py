@@ -51,7 +51,7 @@ def register_backends(register):
 
 @hookimpl
 def register_training_targets(register):
-    from specdsl.training.trl.target import CpuTarget, CudaTarget
+    from specdsl.training.trl import CpuTarget, CudaTarget
 
     register(CpuTarget())
     register(CudaTarget())

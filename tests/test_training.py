@@ -1,4 +1,4 @@
-"""Training targets on TRL (specdsl.training.trl.target) on the tiny random-init model.
+"""Training targets on TRL (specdsl.training.trl) on the tiny random-init model.
 
 What matters most is that the loss sees exactly the labels the spec designed: the batches are captured at
 the model's boundary (a forward pre-hook) and compared with the dataset, and the reported loss is
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from specdsl.training.trl.target import (
+from specdsl.training.trl import (
     CpuTarget,
     CudaTarget,
     PARAMS_SCHEMA,
@@ -119,7 +119,7 @@ def leftovers(parent: Path) -> list[str]:
 
 
 def test_import_is_cheap():
-    code = ("import sys, specdsl.training.trl.target, specdsl.training.worker; "
+    code = ("import sys, specdsl.training.trl, specdsl.training.worker; "
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft', 'accelerate', 'pyarrow') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

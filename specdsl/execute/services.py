@@ -190,7 +190,7 @@ class Services:
     def training_target(self, name: str):
         targets = self.registry.targets
         if name == "auto":
-            from specdsl.training.trl.target import choose_target
+            from specdsl.training.trl import choose_target
 
             return choose_target("auto", targets)
         if name not in targets:

@@ -18,7 +18,7 @@ STEP_KEYS = ("from", "model", "target", "loss", "mask", "meta")
 
 
 def _target_params_schema() -> dict[str, Any]:
-    from specdsl.training.trl.target import PARAMS_SCHEMA
+    from specdsl.training.trl.config import PARAMS_SCHEMA
 
     return dict(PARAMS_SCHEMA.get("properties", {}))
 

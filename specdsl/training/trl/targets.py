@@ -1,28 +1,10 @@
-"""Training targets on TRL: ``cpu``, ``cuda`` and the ``auto`` choice between them.
+"""The TRL training targets ``cpu`` and ``cuda``, the ``auto`` choice between them, and one training run.
 
-A target receives a :class:`~specdsl.contract.hookspecs.TrainRequest` whose dataset is a Parquet table of
-*pre-tokenized* samples (``input_ids``, ``labels`` with -100 where no loss is taken, optionally
-``attention_mask``). The masks are the product of the spec (principle 6 of the design): TRL must train on
-exactly those labels, so this module never lets TRL tokenize, template or mask again. TRL 1.16's
-``SFTTrainer`` recognises a dataset with an ``input_ids`` column as processed and keeps a ``labels``
-column "as is" (``SFTTrainer._prepare_dataset``); its collator pads labels with -100 and, padding-free,
-only sets -100 on the first token of each sample, a position no causal loss ever reads. The tests assert
-this at the model's boundary.
-
-Output: a standard Hugging Face model directory (or a PEFT adapter directory, or with ``lora.merge`` a
-merged model) with the tokenizer, a ``README.md`` model card and ``specdsl_train.json`` (resolved
-parameters, what the target chose and why, metrics). It is trained in a staging directory beside
-``output_dir`` and renamed into place at the very end, so an interrupted run never looks complete.
-
-``processes: N`` (> 1) or ``nodes: M`` (> 1) runs the same training through ``accelerate launch`` with a
-generated config (kept in the output as ``accelerate_config.yaml``); each worker is
-``python -m specdsl.training.worker REQUEST.json``. With ``nodes: M`` the user starts the step on
-every node, each with ``SPECDSL_MACHINE_RANK`` (0 .. M-1) and ``SPECDSL_MAIN_PROCESS_IP`` (the address of
-machine 0) in its environment and the output directory on a filesystem machine 0 can write; machine 0
-writes the output, the others only train.
-
-Heavy imports (torch, transformers, trl, datasets, peft, accelerate, pyarrow) happen inside functions:
-importing this module must stay cheap (``specdsl validate``).
+:func:`run_training` is the whole run: resolve the parameters (:mod:`.config`), read the base model's
+config.json and check the table (:mod:`.data`), choose the settings (:mod:`.settings`), train in this
+process (:mod:`.trainer`) or through ``accelerate launch`` (:mod:`.launch`), then finish and publish the
+output directory (:mod:`.card`). Each target publishes :data:`~.config.PARAMS_SCHEMA` as its
+``params_schema``: the ``train`` step's parameters it accepts.
 """
 
 from __future__ import annotations
@@ -34,24 +16,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from specdsl.errors import RunError, StopRun
 from specdsl.contract.hookspecs import TrainRequest
-from specdsl.training.trl.config import PARAMS_SCHEMA, TARGET_VERSION, default_params, resolve_params
-from specdsl.training.trl.data import DataStats, inspect_dataset
-from specdsl.training.trl.settings import detect_capabilities, model_shape, plan_settings
-from specdsl.training.trl.launch import accelerate_config, launch_distributed
-from specdsl.training.trl.trainer import train_worker
-from specdsl.training.trl.card import finalize_output, publish, staging_dir
+from specdsl.errors import RunError, StopRun
 from specdsl.modelcache.config import context_length, read_model_config, vocab_size
+from specdsl.training.trl.card import finalize_output, publish, staging_dir
+from specdsl.training.trl.config import PARAMS_SCHEMA, TARGET_VERSION, resolve_params
+from specdsl.training.trl.data import inspect_dataset
+from specdsl.training.trl.launch import launch_distributed
+from specdsl.training.trl.settings import detect_capabilities, model_shape, plan_settings
+from specdsl.training.trl.trainer import train_worker
 
 log = logging.getLogger("specdsl.train")
-
-
-
-
-# --------------------------------------------------------------------------------------------------
-# The targets
-# --------------------------------------------------------------------------------------------------
 
 
 def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping[str, Any]], None] | None = None,
@@ -188,9 +163,3 @@ def choose_target(name: str, targets: Iterable[Any] | Mapping[str, Any]):
                        hint="use target: auto to fall back to the cpu" if name == "cuda" else None)
     return t
 
-
-__all__ = [
-    "CpuTarget", "CudaTarget", "choose_target", "run_training", "resolve_params", "plan_settings",
-    "detect_capabilities", "inspect_dataset", "accelerate_config", "DataStats", "PARAMS_SCHEMA",
-    "default_params", "TARGET_VERSION",
-]
