@@ -119,7 +119,7 @@ def leftovers(parent: Path) -> list[str]:
 
 
 def test_import_is_cheap():
-    code = ("import sys, specdsl.training.trl, specdsl.training.worker; "
+    code = ("import sys, specdsl.training.trl, specdsl.training.trl.worker; "
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft', 'accelerate', 'pyarrow') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -16,7 +16,7 @@ parameters, what the target chose and why, metrics). It is trained in a staging 
 
 ``processes: N`` (> 1) or ``nodes: M`` (> 1) runs the same training through ``accelerate launch`` with a
 generated config (kept in the output as ``accelerate_config.yaml``); each worker is
-``python -m specdsl.training.worker REQUEST.json``. With ``nodes: M`` the user starts the step on
+``python -m specdsl.training.trl.worker REQUEST.json``. With ``nodes: M`` the user starts the step on
 every node, each with ``SPECDSL_MACHINE_RANK`` (0 .. M-1) and ``SPECDSL_MAIN_PROCESS_IP`` (the address of
 machine 0) in its environment and the output directory on a filesystem machine 0 can write; machine 0
 writes the output, the others only train.
@@ -27,7 +27,7 @@ The package, in TRL's config-and-trainer style, one concern a module, each impor
 * :mod:`.data`: the tokenized Parquet table (checks, counts, reading it for TRL);
 * :mod:`.settings`: device, precision, batching, attention, kernels and the cuda token budget;
 * :mod:`.trainer`: building and running ``SFTTrainer``, the out-of-memory restart, merging LoRA;
-* :mod:`.launch`: ``accelerate launch`` for several processes or machines;
+* :mod:`.launch`: ``accelerate launch`` for several processes or machines; :mod:`.worker` is one process;
 * :mod:`.card`: the output directory (staging, model card, ``specdsl_train.json``, publishing);
 * :mod:`.targets`: :class:`CpuTarget`, :class:`CudaTarget`, :func:`choose_target`, :func:`run_training`.
 

@@ -2,8 +2,8 @@
 
 :func:`accelerate_config` writes the run's accelerate config (kept in the output as
 ``accelerate_config.yaml``); :func:`launch_distributed` starts ``accelerate launch`` with each worker
-being ``python -m specdsl.training.worker REQUEST.json``, relays the progress and errors the workers
-print behind :data:`WORKER_MARK`, and keeps the rest in ``train.log``. With ``nodes: M`` the user starts
+being ``python -m specdsl.training.trl.worker REQUEST.json``, relays the progress and errors the
+workers print behind :data:`WORKER_MARK`, and keeps the rest in ``train.log``. With ``nodes: M`` the user starts
 the step on every node, each with ``SPECDSL_MACHINE_RANK`` (0 .. M-1) and ``SPECDSL_MAIN_PROCESS_IP``
 (the address of machine 0) in its environment and the output directory on a filesystem machine 0 can
 write; machine 0 writes the output, the others only train.
@@ -122,7 +122,7 @@ def launch_distributed(request: TrainRequest, *, params: Mapping[str, Any], sett
         # its plain CPU path spawns one process unless mpirun is configured). use_cpu/ACCELERATE_USE_CPU keep
         # every worker on the CPU, where PartialState picks DDP over gloo.
         cmd.append("--multi_gpu")
-    cmd += ["-m", "specdsl.training.worker", str(req_path)]
+    cmd += ["-m", "specdsl.training.trl.worker", str(req_path)]
     env = dict(os.environ)
     import specdsl
 

@@ -1,6 +1,6 @@
 """The training itself: TRL's SFTTrainer built from the resolved parameters and planned settings, and run.
 
-Runs in the target's own process, or in each worker of an accelerate launch (:mod:`specdsl.training.worker`).
+Runs in the target's own process, or in each worker of an accelerate launch (:mod:`.worker`).
 The dataset is pre-tokenized: TRL 1.16's ``SFTTrainer`` recognises a dataset with an ``input_ids``
 column as processed and keeps its ``labels`` "as is", so TRL never tokenizes, templates or masks again.
 :func:`train_worker` starts again with half the token budget when an automatically sized budget runs
