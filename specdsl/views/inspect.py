@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from specdsl.errors import RunError, did_you_mean
 from specdsl.ir.plan import Plan, PlanNode
 
-IGNORE_INDEX = -100
+from specdsl.designs.masking import IGNORE_INDEX
 # Where the IN2 context starts inside a rendered sample (the FILM instruction, chat or [INST] format).
 CONTEXT_MARKER = "### Context:\n"
 # Untrained runs longer than this are shortened in the terminal (never key segments, never trained text).

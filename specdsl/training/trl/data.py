@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from specdsl.designs.masking import IGNORE_INDEX
 from specdsl.errors import RunError
 
 
@@ -105,7 +106,7 @@ def inspect_dataset(path: Path, *, vocab_size: int | None = None, max_length: in
                 raise RunError(f"training dataset {path}: token id {hi if hi >= vocab_size else lo} is outside "
                                f"the model's vocabulary (size {vocab_size})",
                                hint="the dataset was tokenized with another tokenizer than the base model's")
-        trained = (flat_labels != -100) & keep
+        trained = (flat_labels != IGNORE_INDEX) & keep
         if vocab_size is not None and trained.any():
             lab = flat_labels[trained]
             if int(lab.min()) < 0 or int(lab.max()) >= vocab_size:
@@ -170,5 +171,5 @@ def load_training_dataset(path: Path, stats: DataStats, cache_dir: Path):
         ds = ds.map(fix, batched=True, batch_size=512)
     ds = ds.select_columns(["input_ids", "labels"])
     if stats.fully_masked_rows:
-        ds = ds.filter(lambda b: [any(t != -100 for t in row) for row in b["labels"]], batched=True)
+        ds = ds.filter(lambda b: [any(t != IGNORE_INDEX for t in row) for row in b["labels"]], batched=True)
     return ds
