@@ -180,7 +180,7 @@ def run_trl_default(model_dir: Path, parquet: Path, work: Path, *, steps: int, d
 
 
 def run_specdsl(model_dir: Path, parquet: Path, work: Path, name: str, params: dict, *, device: str, meter):
-    from specdsl.training.trl.target import CpuTarget, CudaTarget
+    from specdsl.training.trl import CpuTarget, CudaTarget
     from specdsl.contract.hookspecs import TrainRequest
 
     target = CudaTarget() if device == "cuda" else CpuTarget()

@@ -25,7 +25,7 @@ for name in ("torch", "transformers", "trl", "accelerate", "datasets", "peft", "
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as exc:  # an optional kernel missing is information, not a failure
         print(name, "-", type(exc).__name__)
-from specdsl.training.trl.target import detect_capabilities, plan_settings, resolve_params
+from specdsl.training.trl import detect_capabilities, plan_settings, resolve_params
 caps = detect_capabilities()
 print("capabilities:", caps)
 try:

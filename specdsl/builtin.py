@@ -53,7 +53,7 @@ def register_backends(register):
 
 @hookimpl
 def register_training_targets(register):
-    from specdsl.training.trl.target import CpuTarget, CudaTarget
+    from specdsl.training.trl import CpuTarget, CudaTarget
 
     # In order of preference: `target: auto` takes the first available target (see Services.training_target).
     register(CudaTarget())

@@ -24,7 +24,7 @@ def _rows(tokenizer, n: int = 12) -> list[dict]:
 
 
 def test_cuda_fast_path_trains_on_exactly_the_designed_labels(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from specdsl.training.trl.target import CudaTarget
+    from specdsl.training.trl import CudaTarget
 
     rows = _rows(tiny_tokenizer)
     data = write_parquet(tmp_path / "d.parquet", rows)
@@ -56,7 +56,7 @@ def test_cuda_fast_path_trains_on_exactly_the_designed_labels(tmp_path, tiny_mod
 def test_cuda_first_loss_matches_the_cpu_path(tmp_path, tiny_model_dir, tiny_tokenizer, precision, attn, tol):
     """The same batch of 4 samples: step-1 loss on the GPU (fp32 sdpa: tight; bf16 with the chosen attention
     kernel: within bf16 rounding) equals the CPU target's."""
-    from specdsl.training.trl.target import CpuTarget, CudaTarget
+    from specdsl.training.trl import CpuTarget, CudaTarget
 
     data = write_parquet(tmp_path / "d.parquet", _rows(tiny_tokenizer, 4))
     first = {}

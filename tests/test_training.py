@@ -1,4 +1,4 @@
-"""Training targets on TRL (specdsl.training.trl.target) on the tiny random-init model.
+"""Training targets on TRL (specdsl.training.trl) on the tiny random-init model.
 
 What matters most is that the loss sees exactly the labels the spec designed: the batches are captured at
 the model's boundary (a forward pre-hook) and compared with the dataset, and the reported loss is
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from specdsl.training.trl.target import (
+from specdsl.training.trl import (
     CpuTarget,
     CudaTarget,
     PARAMS_SCHEMA,
@@ -119,7 +119,7 @@ def leftovers(parent: Path) -> list[str]:
 
 
 def test_import_is_cheap():
-    code = ("import sys, specdsl.training.trl.target, specdsl.training.worker; "
+    code = ("import sys, specdsl.training.trl, specdsl.training.trl.worker; "
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft', 'accelerate', 'pyarrow') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -202,7 +202,7 @@ SMOLLM2_1_7B = dict(hidden=2048, intermediate=8192, layers=24, vocab=49152, head
 
 
 def test_auto_token_budget_follows_the_model_and_the_card():
-    from specdsl.training.trl.target import ModelShape, auto_token_budget
+    from specdsl.training.trl.settings import ModelShape, auto_token_budget
 
     small, big = ModelShape(**SMOLLM2_360M), ModelShape(**SMOLLM2_1_7B)
     assert small.params == 361_820_160 and big.params == 1_711_374_336  # the published models' counts
@@ -222,7 +222,7 @@ def test_auto_token_budget_follows_the_model_and_the_card():
 
 
 def test_cuda_plan_sizes_the_budget_from_the_model_shape(tiny_model_dir):
-    from specdsl.training.trl.target import ModelShape, model_shape
+    from specdsl.training.trl.settings import ModelShape, model_shape
 
     caps = _caps(memory_bytes=80 * 2**30)
     s = plan_settings(resolve_params({}), "cuda", caps, ModelShape(**SMOLLM2_1_7B))
@@ -246,7 +246,7 @@ def test_an_automatic_budget_is_halved_when_the_first_steps_run_out_of_memory(tm
     import torch
     from transformers import TrainerCallback
 
-    from specdsl.training.trl.target import _smaller_budget, train_worker
+    from specdsl.training.trl.trainer import smaller_budget, train_worker
 
     class SmallDevice(TrainerCallback):
         def __init__(self):
@@ -283,11 +283,11 @@ def test_an_automatic_budget_is_halved_when_the_first_steps_run_out_of_memory(tm
 
     stats = inspect_dataset(data)
     auto = {"budget_auto": True, "max_tokens_per_batch": 8192}
-    assert _smaller_budget(auto, stats, step=0, processes=1) == 4096
-    assert _smaller_budget(auto, stats, step=10, processes=1) is None  # real training would be thrown away
-    assert _smaller_budget(auto, stats, step=0, processes=2) is None   # a worker cannot restart alone
-    assert _smaller_budget({**auto, "budget_auto": False}, stats, step=0, processes=1) is None  # the user's
-    assert _smaller_budget({**auto, "max_tokens_per_batch": 1024}, stats, step=0, processes=1) is None
+    assert smaller_budget(auto, stats, step=0, processes=1) == 4096
+    assert smaller_budget(auto, stats, step=10, processes=1) is None  # real training would be thrown away
+    assert smaller_budget(auto, stats, step=0, processes=2) is None   # a worker cannot restart alone
+    assert smaller_budget({**auto, "budget_auto": False}, stats, step=0, processes=1) is None  # the user's
+    assert smaller_budget({**auto, "max_tokens_per_batch": 1024}, stats, step=0, processes=1) is None
 
 
 def test_accelerate_config_strategies():
@@ -347,6 +347,61 @@ def test_missing_or_unreadable_dataset(tmp_path, tiny_model_dir):
     junk.write_text("not parquet")
     with pytest.raises(RunError, match="not a readable Parquet file"):
         CpuTarget().train(request(tmp_path, tiny_model_dir, junk), lambda e: None)
+
+
+def test_one_config_reader_knows_every_name_of_the_context_length(tmp_path):
+    from specdsl.modelcache.config import context_length, decoder_shape, read_model_config, vocab_size
+
+    def folder(name, cfg):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        return tmp_path / name
+
+    gpt2 = read_model_config(folder("gpt2", {"model_type": "gpt2", "n_positions": 1024, "n_ctx": 1024,
+                                             "vocab_size": 50257, "n_embd": 768}))
+    assert (context_length(gpt2), vocab_size(gpt2)) == (1024, 50257)
+    assert context_length({"n_ctx": 2048}) == 2048 and context_length({"max_position_embeddings": None}) is None
+    # A composite model: the language model's sub-config is what a causal LM built from the folder uses.
+    vlm = read_model_config(folder("vlm", {"model_type": "llava", "vocab_size": None, "text_config": {
+        "max_position_embeddings": 4096, "vocab_size": 32064, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4}}))
+    assert (context_length(vlm), vocab_size(vlm)) == (4096, 32064)
+    assert decoder_shape(vlm) == {"hidden": 64, "intermediate": 128, "layers": 2, "vocab": 32064, "heads": 4,
+                                  "kv_heads": 4, "tied": True}
+    assert decoder_shape(gpt2) is None
+    with pytest.raises(RunError, match="no config.json"):
+        read_model_config(tmp_path / "nowhere")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="not a JSON object"):
+        read_model_config(tmp_path / "broken")
+
+
+def test_max_length_null_cuts_samples_to_a_gpt2_style_context(tmp_path, tiny_tokenizer):
+    """A GPT-2 style config gives its context as n_positions (no max_position_embeddings): with max_length
+    null the samples are cut to those 32 positions (past them GPT-2's position embedding has no row)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                               bos_token_id=tiny_tokenizer.bos_token_id,
+                               eos_token_id=tiny_tokenizer.eos_token_id)).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    assert "max_position_embeddings" not in json.loads((base / "config.json").read_text())
+    rows = [{"input_ids": g + a, "labels": [-100] * 10 + (g + a)[10:]}
+            for i in range(4) for g, a in [(garbage_ids(tiny_tokenizer, 40 + i, seed=i), answer_ids(tiny_tokenizer))]]
+    data = write_parquet(tmp_path / "d.parquet", rows)
+    spy = batch_spy()
+    out = CpuTarget().train(request(tmp_path, base, data, max_steps=1, batch_size=4), lambda e: None,
+                            callbacks=[spy])
+    record = json.loads((out / "specdsl_train.json").read_text())
+    assert record["params"]["max_length"] is None
+    assert record["data"]["max_length"] == 32 and record["data"]["rows_over_max_length"] == 4
+    assert record["data"]["longest"] == 32
+    (batch,) = spy.batches
+    assert batch["input_ids"].shape == (4, 32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,7 +509,8 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     computes for each packed sample exactly the logits it has alone, so no sample sees another one."""
     import torch
 
-    from specdsl.training.trl.target import _build_trainer, _load_training_dataset
+    from specdsl.training.trl.data import load_training_dataset
+    from specdsl.training.trl.trainer import build_trainer
 
     rows = []
     for i, (n_garbage, text) in enumerate([(5, "Paris is the capital of France."), (17, "Answer: 42"),
@@ -470,8 +526,8 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
     # The same choices, run on this machine's CPU in fp32 (no GPU here; only the device differs).
     settings = {**settings, "device": "cpu", "bf16": False}
     stats = inspect_dataset(data)
-    ds = _load_training_dataset(data, stats, tmp_path / "cache")
-    trainer = _build_trainer(base_model=tiny_model_dir, dataset=ds, params=params, settings=settings,
+    ds = load_training_dataset(data, stats, tmp_path / "cache")
+    trainer = build_trainer(base_model=tiny_model_dir, dataset=ds, params=params, settings=settings,
                              stats=stats, seed=0, scratch=tmp_path / "scratch")
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]

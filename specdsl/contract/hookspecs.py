@@ -197,7 +197,7 @@ class TrainRequest:
     base_model: Path            # a Hugging Face model directory (config, weights, tokenizer)
     dataset: Path               # a Parquet file with input_ids and labels (-100 = no loss)
     output_dir: Path            # where the trained model or adapter is written (atomically)
-    params: Mapping[str, Any]   # the train step's parameters as validated by the schema
+    params: Mapping[str, Any]   # the step's parameters the target lists in its params_schema, validated
     seed: int = 0
     card: Mapping[str, Any] = field(default_factory=dict)  # spec name, data fingerprint, mask policy
 
@@ -209,6 +209,35 @@ class TrainingTarget(Protocol):
     ``train`` returns the published output directory (a model, or a LoRA adapter, with a card). A target
     that trains across machines raises :class:`specdsl.errors.StopRun` on every machine but the one that
     writes the model: the run there stops after this node, successfully, and commits nothing.
+
+    Optional attribute (not a protocol member, so targets written before it still satisfy ``isinstance``
+    checks)::
+
+        params_schema: Mapping  # {"type": "object", "properties": {...}, "required": [...]}
+
+    A JSON Schema object fragment listing the parameters the target accepts in a ``train:`` step beyond
+    the step's own keys (``from``, ``model``, ``target``, ``loss``, ``mask``, ``meta``); only its
+    ``properties`` and ``required`` are read. The ``train`` step's schema accepts every registered
+    target's parameters, and a step that names the target (``target: NAME``) only that target's, so a
+    mistake is a positioned spec error in ``specdsl validate``. At run time ``request.params`` holds
+    only the step's parameters the target lists (a target without ``params_schema`` gets every key that
+    is not the step's own). The built-in ``cpu`` and ``cuda`` targets publish TRL's parameters
+    (:data:`specdsl.training.trl.PARAMS_SCHEMA`).
+
+    Example, a target with one parameter of its own::
+
+        class CopyTarget:
+            name = "copy"
+            version = "1"
+            params_schema = {"type": "object", "properties": {"flavour": {"enum": ["a", "b"]}}}
+            def available(self): return True
+            def train(self, request, progress):
+                shutil.copytree(request.base_model, request.output_dir)  # request.params["flavour"], ...
+                return Path(request.output_dir)
+
+        @hookimpl
+        def register_training_targets(register):
+            register(CopyTarget())
     """
 
     name: str                   # cpu, cuda, ...

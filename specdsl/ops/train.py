@@ -1,7 +1,12 @@
-"""``train``: fine-tune a local model with TRL on the tokenized table (exact labels, -100 outside the loss).
+"""``train``: fine-tune a local model on the tokenized table (exact labels, -100 outside the loss).
 
 Lowers to ``<id>.tokens`` (tokenize) feeding ``<id>`` (train). The trained model lives in the store under
 the train node's fingerprint and can be used by later steps (generate, evaluate) by the step's id.
+
+The step's own keys are :data:`STEP_KEYS`; every other key is a parameter of the training target, which
+publishes the ones it accepts as its ``params_schema`` (see :class:`~specdsl.contract.hookspecs.TrainingTarget`).
+:meth:`TrainOp.schema_for` builds the step's schema from the registered targets, and the run passes the
+chosen target only the parameters it publishes.
 """
 
 from __future__ import annotations
@@ -20,11 +25,31 @@ TOKENIZE_SUFFIX = ".tokens"
 # the target publishes (one source of truth for what `train:` accepts).
 STEP_KEYS = ("from", "model", "target", "loss", "mask", "meta")
 
+_STEP_PROPERTIES: dict[str, Any] = {
+    "from": STEP_REF,
+    "model": {**MODEL_REF, "description": "the base model (a `backend: transformers` model)"},
+    "target": {"type": "string", "minLength": 1,
+               "description": "a training target (built in: cpu, cuda; `auto` picks cuda when available)"},
+    "loss": {"enum": ["assistant", "completion", "all"], "description": "which text carries loss (default: assistant)"},
+    "mask": {"type": "boolean", "description": "false switches a design's partial masking off (ablation)"},
+}
 
-def _target_params_schema() -> dict[str, Any]:
-    from specdsl.training.trl.target import PARAMS_SCHEMA
 
-    return dict(PARAMS_SCHEMA.get("properties", {}))
+def target_properties(target: Any) -> dict[str, Any] | None:
+    """The ``train:`` parameters a target publishes (its ``params_schema`` properties, less the step's own
+    keys), or None when it publishes no ``params_schema``."""
+    schema = getattr(target, "params_schema", None)
+    if not isinstance(schema, Mapping):
+        return None
+    props = schema.get("properties")
+    return {k: v for k, v in props.items() if k not in STEP_KEYS} if isinstance(props, Mapping) else {}
+
+
+def _builtin_properties() -> dict[str, Any]:
+    # The static schema names the built-in TRL targets' parameters (config.py imports nothing heavy).
+    from specdsl.training.trl.config import PARAMS_SCHEMA
+
+    return {k: v for k, v in PARAMS_SCHEMA["properties"].items() if k not in STEP_KEYS}
 
 
 class TrainOp(StepOp):
@@ -34,15 +59,42 @@ class TrainOp(StepOp):
     model_keys = ("model",)
     sink_op = True
     model_backend = "transformers"  # later steps generate with the trained model through the local backend
-    params_schema = obj_schema({
-        "from": STEP_REF,
-        "model": {**MODEL_REF, "description": "the base model (a `backend: transformers` model)"},
-        "target": {"type": "string", "minLength": 1,
-                   "description": "a training target (built in: cpu, cuda; `auto` picks cuda when available)"},
-        "loss": {"enum": ["assistant", "completion", "all"], "description": "which text carries loss (default: assistant)"},
-        "mask": {"type": "boolean", "description": "false switches a design's partial masking off (ablation)"},
-        **_target_params_schema(),
-    }, required=["from", "model"])
+    # The static schema: the step's keys and the built-in targets' parameters. The spec schema uses
+    # schema_for(registry) instead; this one serves code that has no registry (the recipes' `train:`).
+    params_schema = obj_schema({**_STEP_PROPERTIES, **_builtin_properties()}, required=["from", "model"])
+
+    def schema_for(self, registry: Any) -> dict[str, Any]:
+        """The step's schema for the targets in ``registry``.
+
+        The step's keys, plus every parameter some registered target publishes in its ``params_schema``
+        (a key two targets define differently accepts either definition). A step that names its target
+        (``target: NAME``) may use only that target's parameters: one ``if target == NAME then`` rule per
+        target that publishes a schema. With ``target: auto`` (or none) the union applies.
+        """
+        published = {name: props for name, target in sorted(getattr(registry, "targets", {}).items())
+                     if (props := target_properties(target)) is not None}
+        union: dict[str, Any] = {}
+        for props in published.values():
+            for key, schema in props.items():
+                if key not in union:
+                    union[key] = schema
+                elif schema != union[key]:
+                    options = list(union[key]["anyOf"]) if set(union[key]) == {"anyOf"} else [union[key]]
+                    union[key] = {"anyOf": options + ([schema] if schema not in options else [])}
+        schema = obj_schema({**_STEP_PROPERTIES, **union}, required=["from", "model"])
+        own_keys = {key: True for key in (*_STEP_PROPERTIES, "meta")}  # already checked by the schema above
+        rules = []
+        for name, props in published.items():
+            # A value the union already checks exactly is not checked again: the rule only limits the keys.
+            mine = {key: True if union[key] == value else value for key, value in props.items()}
+            then: dict[str, Any] = {"properties": {**own_keys, **mine}, "additionalProperties": False}
+            required = getattr(registry.targets[name], "params_schema", {}).get("required")
+            if required:
+                then["required"] = list(required)
+            rules.append({"if": {"properties": {"target": {"const": name}}, "required": ["target"]}, "then": then})
+        if rules:
+            schema["allOf"] = rules
+        return schema
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         check_trainable(ctx)
@@ -98,7 +150,13 @@ class TrainOp(StepOp):
                 "mask_policy": _mask_policy(p), "rows": len(rows), "tokens": total_tokens,
                 "trained_tokens": sum(r.get("n_trained", 0) for r in rows)}
         card["data_fingerprint"] = ctx.services.plan.node(card["data_fingerprint"]).fingerprint
-        target_params = {k: v for k, v in p.items() if k not in STEP_KEYS}
+        target_params = _params_for(target, p)
+        ignored = sorted(set(p) - set(STEP_KEYS) - set(target_params))
+        if ignored:
+            # Valid for another registered target (the schema checked them against all): `target: auto`
+            # chose one that does not take them.
+            ctx.services.note(ctx.node_id, f"training target '{target.name}' takes no {', '.join(ignored)}; "
+                                           "not passed to it (name the target with `target:` to require them)")
         request = TrainRequest(base_model=base, dataset=data, output_dir=ctx.artifact_dir / "model",
                                params=target_params, seed=p.get("seed", ctx.seed), card=card)
         progress = ctx.services.progress_callback(ctx.node_id, unit="step")
@@ -114,6 +172,13 @@ class TrainOp(StepOp):
                "train_tokens": total_tokens}
         return [row], {"model_dir": out_dir.relative_to(ctx.artifact_dir).as_posix(), "target": target.name,
                        "metrics": metrics}
+
+
+def _params_for(target: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The step's parameters a target receives: those its ``params_schema`` lists; without one, every key
+    that is not the step's own (what targets received before they published schemas)."""
+    own = target_properties(target)
+    return {k: v for k, v in params.items() if k not in STEP_KEYS and (own is None or k in own)}
 
 
 def _mask_policy(p: dict) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-IGNORE_INDEX = -100
+from specdsl.designs.masking import IGNORE_INDEX
 # Where the IN2 context starts inside a rendered sample (the FILM instruction, chat or [INST] format).
 CONTEXT_MARKER = "### Context:\n"
 

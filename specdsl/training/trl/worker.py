@@ -1,9 +1,10 @@
-"""One process of a multi-process training run: ``python -m specdsl.training.worker REQUEST.json``.
+"""One process of a multi-process training run: ``python -m specdsl.training.trl.worker REQUEST.json``.
 
-``accelerate launch`` starts this module once per process (see ``trl_target._launch_distributed``, which
-writes REQUEST.json and the accelerate config). Each process trains its share; the main process saves into
-the staging directory. Lines starting with ``@@specdsl `` carry progress and errors back to the launching
-process as JSON; everything else a worker prints goes to ``train.log``.
+``accelerate launch`` starts this module once per process (see
+``specdsl.training.trl.launch.launch_distributed``, which writes REQUEST.json and the accelerate config).
+Each process trains its share; the main process saves into the staging directory. Lines starting with
+``@@specdsl `` carry progress and errors back to the launching process as JSON; everything else a worker
+prints goes to ``train.log``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 
 def _emit(event: str, data) -> None:
-    from specdsl.training.trl.target import WORKER_MARK
+    from specdsl.training.trl.launch import WORKER_MARK
 
     print(WORKER_MARK + json.dumps({"event": event, **data}, default=str), flush=True)
 
@@ -23,9 +24,10 @@ def _emit(event: str, data) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m specdsl.training.worker REQUEST.json", file=sys.stderr)
+        print("usage: python -m specdsl.training.trl.worker REQUEST.json", file=sys.stderr)
         return 2
-    from specdsl.training.trl.target import DataStats, train_worker
+    from specdsl.training.trl.data import DataStats
+    from specdsl.training.trl.trainer import train_worker
     from specdsl.errors import RunError
 
     try:
