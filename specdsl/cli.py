@@ -140,20 +140,41 @@ def schema(output: Path | None) -> None:
 def plugins(as_json: bool) -> None:
     """List installed plugins and what each registers."""
     from specdsl.plugins import default_registry
+    from specdsl.requirements import STORE_REQUIRES, install_hint, is_installed, plugin_requirements
 
     reg = default_registry()
     if as_json:
         click.echo(json.dumps([{"name": p.name, "module": p.module, "version": p.version, "provides": p.provides,
-                                "error": p.error} for p in reg.plugins], indent=2))
+                                "requires": plugin_requirements(reg, p), "error": p.error} for p in reg.plugins],
+                              indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table("plugin", "version", "provides", "status")
+    table = Table("plugin", "version", "provides", "requires", "status")
+    missing_extras: set[str] = set()
     for p in reg.plugins:
         provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(p.provides.items()))
-        table.add_row(p.name, p.version, provides, "[red]" + p.error + "[/red]" if p.error else "ok")
-    Console().print(table)
+        requires = []
+        for kind, by_name in sorted(plugin_requirements(reg, p).items()):
+            for name, needs in by_name.items():
+                modules = ", ".join(r["module"] if r["installed"] else f"[red]{r['module']} missing[/red]"
+                                    for r in needs)
+                extras = ", ".join(dict.fromkeys(r["extra"] for r in needs))
+                requires.append(f"{kind[:-1]} {name}: {modules} [dim]({escape(extras)})[/dim]")
+                missing_extras.update(r["extra"] for r in needs if not r["installed"])
+        table.add_row(p.name, p.version, provides, "\n".join(requires),
+                      "[red]" + p.error + "[/red]" if p.error else "ok")
+    console = Console()
+    console.print(table)
+    for module, extra in STORE_REQUIRES:  # not a plugin's: every run writes its tables with it
+        there = is_installed(module)
+        console.print(f"every run: {module} ({extra}) " + ("ok" if there else "missing"), markup=False)
+        if not there:
+            missing_extras.add(extra)
+    if missing_extras:
+        console.print(f"to install what is missing: {install_hint(missing_extras)}", markup=False)
 
 
 @main.group()

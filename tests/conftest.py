@@ -13,6 +13,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The markers of the heavy tiers (pyproject.toml): a test with none of them is in the fast tier.
+HEAVY_TIERS = ("slow", "training", "multiprocess", "ray", "browser")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `pytest -m fast` must see the marker
+def pytest_collection_modifyitems(config, items):
+    """Mark every test outside the heavy tiers `fast`, so the quick loop is one short `pytest -m fast`
+    (the same tests as `-m "not slow and not training and not multiprocess and not ray and not browser"`)."""
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in HEAVY_TIERS):
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

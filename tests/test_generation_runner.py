@@ -183,6 +183,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multiprocess
 def test_resume_after_sigkill_reissues_no_completed_request(tmp_path):
     path = tmp_path / "journal.sqlite"
     n = 120

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.ray  # every test here shares a local Ray cluster (seconds to start)
+
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'specdsl[ray]')")
 
 from specdsl import api  # noqa: E402

@@ -349,6 +349,7 @@ def assert_readable_screenshot(path: Path, must_show: tuple[int, int, int]) -> N
     assert counts.get(must_show, 0) > 20, f"colour {must_show} not visible"
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_inspect_page_in_chromium(report_run, tmp_path):
     from specdsl.views.inspect import inspect_node
@@ -371,6 +372,7 @@ def test_inspect_page_in_chromium(report_run, tmp_path):
     assert_readable_screenshot(shot, TRAINED_RGB)
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_report_in_chromium(report_run, tmp_path):
     plan, result = report_run

@@ -176,6 +176,7 @@ def _journal_count(store: Path) -> int:
         return 0
 
 
+@pytest.mark.multiprocess
 def test_sigkill_mid_generation_then_rerun_reissues_nothing_and_matches(tmp_path):
     """A real `specdsl run` subprocess is SIGKILLed mid-generation; the rerun re-sends zero completed requests."""
     n = 24

@@ -238,6 +238,7 @@ def test_cuda_plan_sizes_the_budget_from_the_model_shape(tiny_model_dir):
     assert model_shape(tiny_model_dir / "nowhere") is None
 
 
+@pytest.mark.training
 def test_an_automatic_budget_is_halved_when_the_first_steps_run_out_of_memory(tmp_path, tiny_model_dir,
                                                                                tiny_tokenizer):
     """The device is the boundary faked here: a forward pre-hook plays a GPU with room for 1,500 tokens and
@@ -409,6 +410,7 @@ def test_max_length_null_cuts_samples_to_a_gpt2_style_context(tmp_path, tiny_tok
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.training
 def test_full_finetune_learns_only_the_labelled_tokens(tmp_path, tiny_model_dir, tiny_tokenizer):
     """A repeated sample: random garbage (-100) then an answer (trained). Loss falls on the answer only,
     the labels the model receives are ours, and the first reported loss is the masked mean by hand."""
@@ -462,6 +464,7 @@ def test_full_finetune_learns_only_the_labelled_tokens(tmp_path, tiny_model_dir,
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.training
 def test_packed_padding_free_batches_match_padded_ones(tmp_path, tiny_model_dir, tiny_tokenizer):
     """Packing concatenates samples into one padding-free row. With position_ids restarting per sample the
     attention must stay inside each sample: the step-1 loss equals the padded batch's to float precision."""
@@ -500,6 +503,7 @@ def test_packed_padding_free_batches_match_padded_ones(tmp_path, tiny_model_dir,
         assert set(row_labels[n:].tolist()) <= {-100}
 
 
+@pytest.mark.training
 def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir, tiny_tokenizer):
     """The cuda target's default batches, built by the same trainer set-up on the CPU: bfd packing into
     one padding-free row padded to the full token budget (one shape for flex attention's compiled kernels).
@@ -550,6 +554,7 @@ def test_cuda_flex_attention_batches_keep_samples_apart(tmp_path, tiny_model_dir
             assert torch.allclose(packed_logits[s:e], alone, atol=1e-5), "a packed sample attended to another"
 
 
+@pytest.mark.training
 def test_lora_adapter_and_merge(tmp_path, tiny_model_dir, tiny_tokenizer):
     import torch
     from peft import PeftConfig, PeftModel
@@ -581,6 +586,7 @@ def test_lora_adapter_and_merge(tmp_path, tiny_model_dir, tiny_tokenizer):
         assert torch.allclose(m(input_ids=x).logits, peft_model.eval()(input_ids=x).logits, atol=1e-4)
 
 
+@pytest.mark.training
 def test_interrupted_training_never_looks_complete(tmp_path, tiny_model_dir, tiny_tokenizer):
     from transformers import TrainerCallback
 
@@ -600,6 +606,8 @@ def test_interrupted_training_never_looks_complete(tmp_path, tiny_model_dir, tin
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.training
+@pytest.mark.multiprocess
 def test_two_processes_through_accelerate_launch(tmp_path, tiny_model_dir, tiny_tokenizer):
     """processes: 2 runs accelerate launch: two CPU workers, DDP over gloo, one output."""
     from transformers import AutoModelForCausalLM
@@ -629,6 +637,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.training
+@pytest.mark.multiprocess
 def test_two_machines_each_run_the_spec_and_only_machine_0_goes_on(tmp_path, tiny_model_dir):
     """nodes: 2, played by two `specdsl run` processes on this machine (machine ranks 0 and 1, each with its
     own store, as two machines would be). They train together over gloo; machine 0 commits the model and

@@ -17,6 +17,14 @@ Rules every registered object follows:
   may do those; ``validate`` never calls it). Backends without the method keep working.
 * Secrets only arrive resolved at run time; ``identity()`` must never include them (it feeds the
   fingerprint, which is stored in plans, caches and manifests).
+* What an object needs beyond the core install it names in an optional class attribute ``requires``:
+  ``(module, extra)`` pairs, a top-level import name and what brings it, one of specdsl's extras
+  (``run``, ``local``, ``train``, ``litellm``, ``report``, ``ray``) or, for a plugin's own libraries, a
+  pip requirement (``"spacy>=3"``). Before any node runs, ``specdsl run`` asks ``find_spec`` (no import)
+  for every module the uncached nodes' ops, backends, training targets, probes and executor require, and
+  stops with one error naming each missing module and the ``pip install`` line; ``specdsl plugins``
+  lists them. E.g. ``requires = (("transformers", "local"), ("torch", "local"))``
+  (see ``specdsl/requirements.py``).
 
 Example, a complete third-party backend::
 

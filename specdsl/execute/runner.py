@@ -109,6 +109,11 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
     if executor not in registry.executors:
         raise RunError(f"unknown executor '{executor}'",
                        hint=f"installed: {', '.join(sorted(registry.executors))} (Ray: pip install 'specdsl[ray]')")
+    if not dry_run:  # what the nodes that will run need installed, checked before any of them starts
+        from specdsl.requirements import check_requirements
+
+        check_requirements(plan, registry, nodes=selected, executor=registry.executors[executor],
+                           cached=lambda n: store.has(n.fingerprint) and only != n.id)
     services = Services(plan, store, registry, progress=display, fail_fast=fail_fast,
                         executor=registry.executors[executor])
     outputs: dict[str, list[dict[str, Any]]] = {}

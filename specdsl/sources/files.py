@@ -41,8 +41,11 @@ def peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
         with path.open(encoding="utf-8") as fh:
             return first_json_record_columns(fh, path.name)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:  # a core install (the pre-commit hook's): say how to go on
+            raise ValueError('reading a Parquet file\'s columns needs pyarrow: pip install "specdsl[run]", '
+                             "or declare the source's `columns:`") from None
         return tuple(pq.read_schema(path).names)
     raise ValueError(f"unknown format {fmt!r}")
 
