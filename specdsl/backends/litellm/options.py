@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from specdsl.secrets import ENV_REF_PATTERN, env_ref_name, resolved_secrets
@@ -108,9 +108,11 @@ OPTIONS_SCHEMA: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Settings:
+    """What one run reads from a model's options, defaults filled in and the key resolved."""
+
     model: str
     api_base: str | None
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     api_key_env: str | None
     defaults: Mapping[str, Any]          # decoding defaults sent unless a request overrides them
     timeout_s: float
@@ -122,9 +124,8 @@ class Settings:
     extra_headers: Mapping[str, str]
     drop_params: bool
     transport: str
-    secrets: tuple[str, ...] = ()        # every secret value these settings hold: redacted from messages
-
-    """What one run reads from a model's options, defaults filled in and the key resolved."""
+    # Every secret value these settings hold, redacted from messages. Neither it nor the key is in repr().
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Settings":
