@@ -103,7 +103,7 @@ def broken_site(tmp_path):
 
 
 def _cli(*args, site: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SPECDSL_PLUGINS": "tp_broken_contract",
+    env = {**os.environ, "SPECDSL_PLUGINS": "tp_broken_contract", "COLUMNS": "400",
            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "specdsl", *args], capture_output=True, text=True, env=env,
                           timeout=180)
