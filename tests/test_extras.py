@@ -149,6 +149,17 @@ def test_validate_and_plan_run_with_every_heavy_library_hidden(specs):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_run_without_the_train_extra_names_it_and_does_nothing(specs):
+    proc = _cli(("transformers", "trl"), "run", "orca_erasure.yaml", cwd=specs)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert 'pip install "specdsl[train]"' in out  # train includes local: one extra named
+    assert "transformers (specdsl[local])" in out and "trl (specdsl[train])" in out
+    assert "training target cpu" in out and "op tokenize" in out
+    assert _store_writes(specs) == []
+
+
 def test_run_without_pyarrow_names_the_run_extra(specs):
     proc = _cli(("pyarrow",), "run", "orca_erasure.yaml", cwd=specs)
     out = proc.stdout + proc.stderr
@@ -250,3 +261,25 @@ def test_is_installed_imports_nothing():
     before = set(sys.modules)
     is_installed("this")  # importing `this` prints the Zen of Python: find_spec must not
     assert "this" not in set(sys.modules) - before
+
+
+def test_built_in_objects_declare_what_they_need():
+    registry = build_registry()
+    wanted = {("backends", "transformers"): {"torch", "transformers"}, ("backends", "litellm"): {"litellm"},
+              ("targets", "cpu"): {"torch", "transformers", "trl"}, ("ops", "tokenize"): {"transformers"},
+              ("probes", "position"): {"matplotlib"}}
+    for (kind, name), modules in wanted.items():
+        declared = {r["module"] for r in describe_requirements(getattr(registry, kind)[name])}
+        assert modules <= declared, (kind, name, declared)
+    assert describe_requirements(registry.ops["filter"]) == []  # pure-Python ops need only the core
+
+
+def test_specdsl_plugins_shows_requirements(tmp_path):
+    proc = _cli(("trl",), "plugins", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    builtin = next(p for p in json.loads(proc.stdout) if p["name"] == "builtin")
+    trl = next(r for r in builtin["requires"]["targets"]["cpu"] if r["module"] == "trl")
+    assert trl == {"module": "trl", "extra": "train", "installed": False}
+    proc = _cli(("trl",), "plugins", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "trl" in proc.stdout and "missing" in proc.stdout

@@ -138,6 +138,7 @@ def _counter(tokenizer):
 
 class SegmentOp(StepOp):
     name = "segment"
+    requires = (("transformers", "local"),)  # the model's tokenizer counts tokens
     description = "IN2: cut texts into segments of at least min_tokens tokens (leftover merged into the last)"
     model_keys = ("model",)
     drops_rows = True  # an empty text has no segment (and a long one has several)
@@ -183,6 +184,7 @@ class SegmentOp(StepOp):
 
 class InterleaveOp(StepOp):
     name = "interleave"
+    requires = (("transformers", "local"),)  # the model's tokenizer assembles contexts
     description = "IN2: hide the key segment(s) of each QA pair at a random position among segments of other " \
                   "texts, in a context of a length drawn uniformly from [min_tokens, max_tokens]"
     input_keys = ("from", "pool")

@@ -172,6 +172,7 @@ class SelfCorrectionProbe:
 
 class PositionProbe:
     name = "position"
+    requires = (("transformers", "local"), ("matplotlib", "report"))  # the tokenizer; the PNG plot
     # What a spec may leave out (the tasks default to all of them); the planner's estimate uses these too,
     # through settings().
     DEFAULTS: Mapping[str, int] = MappingProxyType({"context_tokens": 2000, "buckets": 8, "per_bucket": 4})

@@ -18,6 +18,7 @@ TOKENIZE_PASSTHROUGH = ("key_positions", "erased_system")
 
 class TokenizeOp(StepOp):
     name = "tokenize"
+    requires = (("transformers", "local"),)  # the model's tokenizer
     description = "render samples with the model's chat template; labels are -100 outside the trained spans"
     model_keys = ("model",)
     params_schema = obj_schema({

@@ -689,6 +689,7 @@ class LiteLLMBackend:
     """Chat completions against any provider litellm supports (see the module docstring)."""
 
     name = "litellm"
+    requires = (("litellm", "litellm"), ("aiohttp", "litellm"))
     version = BACKEND_VERSION
     options_schema = OPTIONS_SCHEMA
 

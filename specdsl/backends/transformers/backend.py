@@ -98,6 +98,7 @@ class TransformersBackend:
     """The ``transformers`` generation backend (see the module docstring)."""
 
     name = "transformers"
+    requires = (("torch", "local"), ("transformers", "local"), ("gguf", "local"))  # gguf: the embedded model
     # Bump when a change here changes outputs for the same identity (decoding, seeding, templates).
     version = "1"
     options_schema = OPTIONS_SCHEMA

@@ -1238,6 +1238,7 @@ def run_training(request: TrainRequest, device: str, progress: Callable[[Mapping
 
 class _TrlTarget(abc.ABC):
     name = "?"
+    requires = tuple((module, "train") for module in ("torch", "transformers", "trl", "datasets", "peft", "accelerate"))
     device = "cpu"
     version = TARGET_VERSION
     params_schema = PARAMS_SCHEMA
