@@ -53,7 +53,7 @@ def compile_spec(path: str | Path, *, registry: Any | None = None, passes: bool 
     registry = _registry(registry)
     spec = load_spec(path, registry=registry)
     plan = lower(spec, registry, identities=identities)
-    return run_passes(plan) if passes else plan
+    return run_passes(plan, registry) if passes else plan
 
 
 def validate_paths(paths: Iterable[str | Path], *, registry: Any | None = None) -> dict[str, SpecErrors | None]:

@@ -280,6 +280,10 @@ class OpDef(Protocol):
     * ``drops_rows`` (False, or a function of the step's params): it may output fewer rows than it reads,
       so the plan's estimates downstream of it are upper bounds.
     * ``spec_step`` (True): False for an op only the compiler places (``source``); steps cannot name it.
+    * ``selects_rows`` (False, or a function of the params): its output rows are some of its input rows,
+      unchanged (a filter without ``into:``); the push-filters pass may run it ahead of a generation.
+    * ``keeps_row_ids`` (True, or a function of the params): each output row keeps its input row's id
+      (generate with ``n: 1``; with ``n: 3`` ids become ``id#k``).
     * ``model_backend`` (None): the op's output is a model that later steps may name like a declared one,
       served by the generation backend of that name (``train``: ``transformers``).
 

@@ -167,6 +167,12 @@ class StepOp(abc.ABC):
     model_backend: str | None = None
     # False for an op only the compiler places (source): a spec's steps cannot name it.
     spec_step: bool = True
+    # Its output rows are some of its input rows, unchanged (a filter without `into:`), so a pass may run it
+    # ahead of the generation before it. A function of the step's params where they decide.
+    selects_rows: bool | Callable[[Mapping[str, Any]], bool] = False
+    # Every output row carries the id of the input row it came from (generate with n: 1); a function of the
+    # params where they decide.
+    keeps_row_ids: bool | Callable[[Mapping[str, Any]], bool] = True
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         """Op-specific compile-time rules; returns the output columns."""

@@ -45,6 +45,9 @@ class FilterOp(StepOp):
         """A filter with `into:` writes its verdict into a column and keeps every row."""
         return not params.get("into")
 
+    # Without `into:` its rows are some of its input's, unchanged: the push-filters pass may run it earlier.
+    selects_rows = drops_rows
+
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         p = ctx.params
         if not p.get("match") and not p.get("where"):

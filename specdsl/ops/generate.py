@@ -52,6 +52,11 @@ class GenerateOp(StepOp):
     template_keys = ("system", "user", "where")
     reads_known = True
     drops_rows = True  # a failed request leaves its row out
+
+    @staticmethod
+    def keeps_row_ids(params: Mapping[str, Any]) -> bool:
+        """One output row per input row, with its id: n samples per row rewrite ids (id#k)."""
+        return params.get("n", 1) == 1
     params_schema = obj_schema({
         "from": STEP_REF,
         "model": MODEL_REF,

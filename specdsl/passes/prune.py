@@ -8,13 +8,14 @@ wants its last table). Everything that does not feed a sink is dropped, so it is
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from specdsl.ir.plan import Plan
 
 SINK_KINDS = ("train", "evaluate", "export")
 
 
-def prune_unused(plan: Plan) -> Plan:
+def prune_unused(plan: Plan, registry: Any = None) -> Plan:
     if not plan.nodes:
         return plan
     steps = [n for n in plan.nodes if n.kind != "source"]

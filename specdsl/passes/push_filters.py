@@ -8,19 +8,30 @@ sent to a model, never paid for.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, Mapping
 
 from specdsl.ir.plan import Plan, refingerprint, topo_sort
 
 
-def push_filters_before_generation(plan: Plan) -> Plan:
+def _holds(op: Any, attribute: str, params: Mapping[str, Any], default: bool) -> bool:
+    """An op attribute that is a bool or a function of the step's params (see StepOp)."""
+    value = getattr(op, attribute, default)
+    return bool(value(params)) if callable(value) else bool(value)
+
+
+def push_filters_before_generation(plan: Plan, registry: Any = None) -> Plan:
+    if registry is None:
+        from specdsl.plugins import default_registry
+
+        registry = default_registry()
     nodes = {n.id: n for n in plan.nodes}
     notes = list(plan.notes)
     changed = True
     while changed:
         changed = False
         for f in list(nodes.values()):
-            if f.op != "filter" or f.reads is None or f.params.get("into"):
-                continue  # unknown reads; or a verdict column (it drops nothing, so moving it saves nothing)
+            if f.reads is None or not _holds(registry.ops.get(f.op), "selects_rows", f.params, False):
+                continue  # unknown reads; or not a row selector (a filter writing a verdict drops nothing)
             g_id = f.input("from")
             g = nodes.get(g_id)
             if g is None or g.kind != "generate" or len(f.inputs) != 1:
@@ -30,7 +41,7 @@ def push_filters_before_generation(plan: Plan) -> Plan:
                 continue
             if not set(f.reads) <= set(nodes[upstream].columns):
                 continue  # the filter reads generated text: it must stay after generation
-            if "id" in f.reads and g.params.get("n", 1) != 1:
+            if "id" in f.reads and not _holds(registry.ops.get(g.op), "keeps_row_ids", g.params, True):
                 continue  # generating n samples per row rewrites `id` (id#k): the filter would see other ids
             consumers = [n for n in nodes.values() if any(src == g_id for _, src in n.inputs)]
             if [c.id for c in consumers] != [f.id]:
