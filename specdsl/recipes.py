@@ -18,12 +18,36 @@ RULE = {"enum": ["exact", "contains", "regex", "number"]}
 STR = {"type": "string", "minLength": 1}
 
 
+class _TrainsAtTheEnd:
+    """A recipe whose last step trains: its ``train`` parameter takes what the train step takes for the
+    installed training targets (a plugin target's parameters too), not only the built-in TRL ones."""
+
+    params_schema: Mapping[str, Any]
+
+    def schema_for(self, registry: Any) -> dict[str, Any]:
+        import copy
+
+        train_op = registry.ops.get("train")
+        build = getattr(train_op, "schema_for", None)
+        if not callable(build):
+            return dict(self.params_schema)
+        train = build(registry)
+        fragment: dict[str, Any] = {
+            "type": "object", "additionalProperties": False, "description": TRAIN["description"],
+            "properties": {k: v for k, v in train["properties"].items() if k not in ("from", "model", "meta")}}
+        if train.get("allOf"):
+            fragment["allOf"] = copy.deepcopy(train["allOf"])  # a named target takes only its own keys
+        schema = copy.deepcopy(dict(self.params_schema))
+        schema["properties"]["train"] = fragment
+        return schema
+
+
 def _strict(properties: Mapping[str, Any], required: list[str]) -> dict:
     return {"type": "object", "properties": {**properties, "meta": {"type": "object"}}, "required": required,
             "additionalProperties": False}
 
 
-class PromptErasureRecipe:
+class PromptErasureRecipe(_TrainsAtTheEnd):
     name = "orca.prompt_erasure"
     description = ("Orca 2 prompt erasure: the teacher answers under a per-category strategy instruction, answers "
                    "that match gold are kept, the instruction is replaced by a generic one, the student is trained "
@@ -71,7 +95,7 @@ CORRECTION_PROMPT = ("Question: {{ row.QUESTION }}\n\nA student answered:\n{{ ro
                      "wrong. Solve the problem again correctly, step by step, and end with 'Answer: <number>'.")
 
 
-class SelfCorrectionRecipe:
+class SelfCorrectionRecipe(_TrainsAtTheEnd):
     name = "isc.pam"
     description = ("Intrinsic self-correction with partial answer masking: initial answers are checked against gold; "
                    "wrong ones get a teacher's correction; samples chain answer, verification and correction; the "
@@ -128,7 +152,7 @@ PARSE = {"question": "{{ row.qa | regex_search('Question:\\\\s*(.*?)\\\\s*Answer
          "answer": "{{ row.qa | regex_search('Answer:\\\\s*(.*)', 1) }}"}
 
 
-class LongContextRecipe:
+class LongContextRecipe(_TrainsAtTheEnd):
     name = "in2.long_context"
     description = ("IN2 (FILM): segment texts, have a teacher write QA about one segment (type 1) and about several "
                    "segments of one text (type 2), hide the key segments among other texts' segments in contexts of "

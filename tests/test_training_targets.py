@@ -186,3 +186,35 @@ def test_auto_passes_the_chosen_target_only_its_own_parameters_and_says_so(tmp_p
     record = json.loads(record.read_text())
     assert record["specdsl_target"] in ("cpu", "cuda") and record["metrics"]["global_step"] == 1
     assert "flavour" not in record["params"]
+
+
+def test_a_recipe_passes_a_plugin_targets_parameters_to_its_train_step(tmp_path, tiny_model_dir):
+    """A recipe's `train:` takes what the train step takes for the installed targets, checked the same way."""
+    registry = registry_with(copy_plugin())
+    (tmp_path / "problems.jsonl").write_text(
+        '{"id": "p1", "category": "add", "question": "2+2?", "answer": "4"}\n')
+
+    def spec(train: str) -> Path:
+        path = tmp_path / "r.yaml"
+        path.write_text(f"""specdsl: 1
+name: recipe-plugin-target
+models:
+  student: {{backend: transformers, model: {tiny_model_dir}}}
+sources:
+  problems: {{path: problems.jsonl}}
+vars:
+  strategies: {{add: "Add."}}
+steps:
+  - id: orca
+    use: orca.prompt_erasure
+    with: {{source: problems, teacher: student, student: student, strategies: strategies, train: {train}}}
+""")
+        return path
+
+    plan = api.compile_spec(spec("{target: copy, flavour: b}"), registry=registry, identities=False)
+    assert plan.node("orca").params["flavour"] == "b"
+    errors = spec_errors(spec("{target: copy, flavour: c}"), registry)
+    assert errors.codes == ["S103"] and errors.errors[0].pos.line == 12  # at the value, in the recipe's `with:`
+    assert "allowed: 'a', 'b'" in errors.errors[0].hint
+    # Without the plugin, `flavour` is no train parameter at all.
+    assert spec_errors(spec("{target: copy, flavour: b}"), registry_with()).codes

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from specdsl.errors import ErrorSink
 from specdsl.frontend.load import LoadedDoc
-from specdsl.frontend.schema import validate_fragment
+from specdsl.frontend.schema import fragment_for, validate_fragment
 from specdsl.frontend.spec import DEFAULT_BACKEND, ModelDecl, SourceDecl, Spec, StepDecl
 
 _STEP_KEYS = ("id", "meta", "use", "with")
@@ -80,7 +80,7 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
         return None
     params = raw.get("with") or {}
     before = len(sink.errors)
-    validate_fragment(params, recipe.params_schema, doc, ("steps", index, "with"), sink, registry)
+    validate_fragment(params, fragment_for(name, recipe, registry), doc, ("steps", index, "with"), sink, registry)
     if len(sink.errors) > before:
         return None
     try:
@@ -110,7 +110,7 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
     from jsonschema import Draft202012Validator
 
     for s in out:
-        schema = registry.ops[s.op].params_schema
+        schema = fragment_for(s.op, registry.ops[s.op], registry)
         for err in Draft202012Validator(dict(schema)).iter_errors(dict(s.params)):
             sink.add("S211", f"recipe '{name}' produced step '{s.id}' with invalid {s.op} parameters: {err.message}",
                      doc.pos(("steps", index, "use")), ("steps", index), hint="check the recipe's parameters")

@@ -66,11 +66,11 @@ def build_schema(registry: Any) -> dict:
         "additionalProperties": False,
     }
     # An op whose parameters depend on other plugins (evaluate's probes) builds its fragment from the registry.
-    op_props = {name: _op_schema(name, op, registry) for name, op in sorted(registry.ops.items())
+    op_props = {name: fragment_for(name, op, registry) for name, op in sorted(registry.ops.items())
                 if getattr(op, "spec_step", True)}
     recipe_rules = [
         {"if": {"properties": {"use": {"const": name}}, "required": ["use"]},
-         "then": {"properties": {"with": recipe.params_schema}}}
+         "then": {"properties": {"with": fragment_for(name, recipe, registry)}}}
         for name, recipe in sorted(registry.recipes.items())
     ]
     step = {
@@ -110,10 +110,11 @@ def build_schema(registry: Any) -> dict:
     }
 
 
-def _op_schema(name: str, op: Any, registry: Any) -> Mapping[str, Any]:
-    """The op's parameter schema; built from the registry when the op has ``schema_for``. A ``schema_for``
-    that raises or builds an invalid schema falls back to the op's static ``params_schema`` (checked when
-    the plugin registered), so one plugin's broken fragment never breaks the schema of every spec."""
+def fragment_for(name: str, obj: Any, registry: Any) -> Mapping[str, Any]:
+    """An op's or recipe's parameter schema; built from the registry when it has ``schema_for``. A
+    ``schema_for`` that raises or builds an invalid schema falls back to the static ``params_schema``
+    (checked when the plugin registered), so one plugin's broken fragment never breaks every spec's schema."""
+    op = obj
     build = getattr(op, "schema_for", None)
     if not callable(build):
         return op.params_schema
@@ -128,7 +129,7 @@ def _op_schema(name: str, op: Any, registry: Any) -> Mapping[str, Any]:
         return schema
     import warnings
 
-    warnings.warn(f"op '{name}' ({type(op).__module__}): schema_for(registry) {problem}; using its params_schema",
+    warnings.warn(f"'{name}' ({type(op).__module__}): schema_for(registry) {problem}; using its params_schema",
                   RuntimeWarning, stacklevel=2)
     return op.params_schema
 
