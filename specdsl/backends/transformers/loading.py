@@ -151,11 +151,12 @@ def _adapter_base_tokenizer(path: Path) -> Any | None:
 def context_length_of(model: Any, tokenizer: Any) -> int | None:
     """The most tokens (prompt + answer) the model takes: its config's position limit, else the
     tokenizer's model_max_length when that is a real number; None when neither says."""
+    from specdsl.modelcache.config import context_length  # the one rule for every name of the limit
+
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    found = context_length(config.to_dict())
+    if found:
+        return found
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 10**9 else None
 
