@@ -87,6 +87,11 @@ class ProbeCheckContext:
         self.step.error(code, message, "probes", self.index, *keys, hint=hint)
 
 
+def _interval_text(interval: Sequence[float] | None) -> str | None:
+    """A 95% interval as the tables show it: ``62.1-91.1``."""
+    return None if interval is None else f"{interval[0]:.1f}-{interval[1]:.1f}"
+
+
 class AccuracyProbe:
     name = "accuracy"
     params_schema = obj_schema({
@@ -103,12 +108,12 @@ class AccuracyProbe:
     }, required=["probe"])
 
     def run(self, ctx: ProbeContext) -> dict[str, Any]:
-        from specdsl.probes.accuracy import score_accuracy
+        from specdsl.probes.accuracy import paired_comparisons, score_accuracy
 
         p = ctx.params
         q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
         conditions = p.get("conditions") or [{"name": m, "model": m} for m in ctx.models]
-        results, table = {}, []
+        results, table, scored = {}, [], {}
         match = ctx.matcher()
         for cond in conditions:
             prompts = []
@@ -120,14 +125,21 @@ class AccuracyProbe:
                 prompts.append(messages)
             answers = ctx.answer(cond["model"], prompts)
             res = score_accuracy(ctx.rows, answers, match, gold)
+            scored[cond["name"]] = res
             results[cond["name"]] = res.to_dict()
-            table.append({"condition": cond["name"], "model": cond["model"], "n": res.n, "accuracy": res.accuracy})
+            table.append({"condition": cond["name"], "model": cond["model"], "n": res.n, "accuracy": res.accuracy,
+                          "ci95": _interval_text(results[cond["name"]]["ci95"])})
         base = p.get("baseline", conditions[-1]["name"] if len(conditions) > 1 else None)
+        paired = paired_comparisons(scored, base)
         if base:
             ref = next(r["accuracy"] for r in table if r["condition"] == base)
+            by_condition = {c["condition"]: c for c in paired}
             for r in table:
                 r["delta"] = None if r["accuracy"] is None or ref is None else r["accuracy"] - ref
-        return {"probe": "accuracy", "results": results, "table": table}
+                if r["condition"] in by_condition:  # the same items under both: a paired comparison
+                    r["delta_ci95"] = _interval_text(by_condition[r["condition"]]["ci95"])
+                    r["p_mcnemar"] = by_condition[r["condition"]]["p_mcnemar"]
+        return {"probe": "accuracy", "results": results, "table": table, "paired": paired}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
                  rows: int | None, services: Any) -> list[dict[str, Any]]:
@@ -174,7 +186,8 @@ class SelfCorrectionProbe:
             res = score_self_correction([{**r, "answer": r[gold]} for r in ctx.rows], outputs, match)
             d = res.to_dict()
             results[model] = d
-            table.append({"model": model, **{k: v for k, v in d.items() if not isinstance(v, (list, dict))}})
+            table.append({"model": model, **{k: _interval_text(v) if k.endswith("_ci95") else v for k, v in d.items()
+                                             if k.endswith("_ci95") or not isinstance(v, (list, dict))}})
         return {"probe": "self_correction", "results": results, "table": table}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from specdsl.probes.stats import paired_difference, percent_interval
 from specdsl.tables import format_table
 
 AnswerFn = Callable[[list[list[dict]]], list[str]]
@@ -26,7 +27,7 @@ Match = Callable[[str, str], bool]
 
 __all__ = [
     "AccuracyResult", "Condition", "GroupAccuracy", "accuracy_table", "build_accuracy_prompts",
-    "compare_conditions", "format_table", "prompt_erasure_conditions", "score_accuracy",
+    "compare_conditions", "format_table", "paired_comparisons", "prompt_erasure_conditions", "score_accuracy",
 ]
 
 
@@ -38,7 +39,7 @@ class GroupAccuracy:
     accuracy: float  # percent
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "ci95": percent_interval(self.correct, self.n)}
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,24 @@ class AccuracyResult:
 
     def to_dict(self, *, with_flags: bool = False) -> dict:
         out = {"n": self.n, "correct": self.correct, "accuracy": self.accuracy,
-               "groups": [g.to_dict() for g in self.groups]}
+               "ci95": percent_interval(self.correct, self.n), "groups": [g.to_dict() for g in self.groups]}
         if with_flags:
             out["correct_flags"] = list(self.correct_flags)
         return out
+
+
+def paired_comparisons(results: Mapping[str, AccuracyResult], baseline: str | None) -> list[dict]:
+    """Each condition against ``baseline`` on the same items: the difference in points with a paired
+    bootstrap interval and the exact McNemar test. Conditions scored on other items are not paired."""
+    if baseline is None or baseline not in results:
+        return []
+    base = results[baseline]
+    out = []
+    for name, res in results.items():
+        if name == baseline or len(res.correct_flags) != len(base.correct_flags) or not res.correct_flags:
+            continue
+        out.append({"condition": name, "vs": baseline, **paired_difference(res.correct_flags, base.correct_flags)})
+    return out
 
 
 def build_accuracy_prompts(

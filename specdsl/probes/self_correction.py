@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from specdsl.probes.stats import mcnemar_exact, percent_interval
+
 Parse = Callable[[str], "tuple[str | None, bool | None, str | None]"]
 Match = Callable[[str, str], bool]
 
@@ -156,9 +158,23 @@ class SelfCorrectionResult:
         """Final minus initial accuracy, in points."""
         return self.final_accuracy - self.initial_accuracy
 
+    def intervals(self) -> dict:
+        """95% Wilson intervals of the accuracies and flip rates, and the exact McNemar test of final vs
+        initial correctness (the same items answered twice: wrong->right against right->wrong)."""
+        initially_right = round(self.initial_accuracy * self.n / 100)
+        finally_right = round(self.final_accuracy * self.n / 100)
+        return {
+            "initial_ci95": percent_interval(initially_right, self.n),
+            "final_ci95": percent_interval(finally_right, self.n),
+            "wrong_to_right_ci95": percent_interval(self.wrong_to_right, self.n - initially_right),
+            "right_to_wrong_ci95": percent_interval(self.right_to_wrong, initially_right),
+            "p_mcnemar": round(mcnemar_exact(self.wrong_to_right, self.right_to_wrong), 4),
+        }
+
     def to_dict(self, *, with_cases: bool = False) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "cases"}
         out["improvement"] = self.improvement
+        out.update(self.intervals())
         if with_cases:
             out["cases"] = [case.to_dict() for case in self.cases]
         return out

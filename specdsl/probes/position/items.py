@@ -102,6 +102,7 @@ class PositionResult:
     avg: float
     gap: float
     n: int
+    bucket_scores: tuple[tuple[float, ...], ...] = ()  # each item's score (0-1) per bucket, for intervals
 
     @property
     def n_buckets(self) -> int:
@@ -115,7 +116,27 @@ class PositionResult:
             "avg": None if math.isnan(self.avg) else self.avg,
             "gap": None if math.isnan(self.gap) else self.gap,
             "n": self.n,
+            **self.intervals(),
         }
+
+    def intervals(self) -> dict:
+        """95% intervals: per bucket (Wilson when items score 0 or 1, else a bootstrap of the mean) and
+        of the max-min gap (items resampled within their buckets). Empty without item scores."""
+        from specdsl.probes.stats import bootstrap_interval, max_min_gap, percent_interval
+
+        if not self.bucket_scores:
+            return {}
+        per_bucket = []
+        for scores in self.bucket_scores:
+            if not scores:
+                per_bucket.append(None)
+            elif all(s in (0.0, 1.0) for s in scores):
+                per_bucket.append(percent_interval(int(sum(scores)), len(scores)))
+            else:
+                per_bucket.append(bootstrap_interval([[100 * s for s in scores]], lambda g: sum(g[0]) / len(g[0])))
+        filled = [[100 * s for s in scores] for scores in self.bucket_scores if scores]
+        gap = bootstrap_interval(filled, max_min_gap) if len(filled) > 1 else None
+        return {"per_bucket_ci95": per_bucket, "gap_ci95": gap}
 
 
 def check_task(task: str) -> None:

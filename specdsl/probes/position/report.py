@@ -39,6 +39,9 @@ def results_table(results: ResultsByModel, *, digits: int = 1) -> list[dict[str,
             result = per_task.get(task)
             row[f"{task} avg"] = None if result is None else round(result.avg, digits)
             row[f"{task} gap"] = None if result is None else round(result.gap, digits)
+            interval = result.intervals().get("gap_ci95") if result is not None else None
+            if interval is not None:  # scored from items: the gap's 95% bootstrap interval
+                row[f"{task} gap 95%"] = f"{interval[0]:.{digits}f}-{interval[1]:.{digits}f}"
         if len(tasks) > 1:
             present = [per_task[t] for t in tasks if t in per_task]
             overall = combine_position_results(present)
@@ -71,8 +74,16 @@ def plot_position_results(results: ResultsByModel, path: str | Path, *, title: s
                 continue
             n = result.n_buckets
             x = [100.0 * (b + 0.5) / n for b in range(n)]
-            ax.plot(x, list(result.per_bucket), marker="o", linewidth=2,
-                    label=f"{label} (avg {result.avg:.1f}, gap {result.gap:.1f})")
+            intervals = result.intervals().get("per_bucket_ci95")
+            label_text = f"{label} (avg {result.avg:.1f}, gap {result.gap:.1f})"
+            if intervals and all(i is not None for i in intervals):
+                # 95% interval error bars, so a dip within the noise of a few items reads as such.
+                below = [max(0.0, v - i[0]) for v, i in zip(result.per_bucket, intervals)]
+                above = [max(0.0, i[1] - v) for v, i in zip(result.per_bucket, intervals)]
+                ax.errorbar(x, list(result.per_bucket), yerr=[below, above], marker="o", linewidth=2, capsize=3,
+                            label=label_text)
+            else:
+                ax.plot(x, list(result.per_bucket), marker="o", linewidth=2, label=label_text)
         ax.set_title(task)
         ax.set_xlim(0, 100)
         ax.set_ylim(-2, 102)

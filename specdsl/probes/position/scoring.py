@@ -44,14 +44,18 @@ def score_position_probe(items: Sequence[ProbeItem], answers: Sequence[str]) -> 
         raise ValueError("items come from probes with different n_buckets")
     sums = [0.0] * n_buckets
     counts = [0] * n_buckets
+    scores: list[list[float]] = [[] for _ in range(n_buckets)]
     for item, answer in zip(items, answers):
-        sums[item.bucket] += score_answer(item.task, answer, item.expected)
+        score = score_answer(item.task, answer, item.expected)
+        sums[item.bucket] += score
         counts[item.bucket] += 1
+        scores[item.bucket].append(score)
     per_bucket = tuple(100.0 * s / c if c else math.nan for s, c in zip(sums, counts))
     filled = [v for v in per_bucket if not math.isnan(v)]
     tasks = "+".join(dict.fromkeys(item.task for item in items))
     return PositionResult(task=tasks, per_bucket=per_bucket, counts=tuple(counts),
-                          avg=sum(filled) / len(filled), gap=max(filled) - min(filled), n=len(items))
+                          avg=sum(filled) / len(filled), gap=max(filled) - min(filled), n=len(items),
+                          bucket_scores=tuple(tuple(s) for s in scores))
 
 
 def combine_position_results(results: Sequence[PositionResult], task: str = "all") -> PositionResult:
