@@ -81,6 +81,12 @@ def build_schema(registry: Any) -> dict:
             "meta": _meta(),
             "use": {"enum": sorted(registry.recipes), "description": "a recipe to expand here"},
             "with": {"type": "object", "description": "the recipe's parameters"},
+            "matrix": {"type": "object", "minProperties": 1,
+                       "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"},
+                       "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 64},
+                       "description": "one variant of this step per combination of these values: each key is a "
+                                      "parameter of the op (or of the recipe's `with:`), each value a list; "
+                                      "later steps follow the variants (docs/spec.md, Variants)"},
             **op_props,
         },
         "additionalProperties": False,

@@ -43,7 +43,7 @@ class StepDecl:
     params: Mapping[str, Any]
     path: KeyPath                # where the op mapping sits in the document
     recipe: str | None = None    # the recipe this step came from, if any
-    recipe_step: str | None = None  # the id of the `use:` step it was expanded from
+    recipe_step: str | None = None  # the spec step it was expanded from (a `use:` step, or a `matrix:` step)
     exact_positions: bool = True    # False for recipe output: positions point at the `use:` step
 
 
