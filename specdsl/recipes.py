@@ -7,6 +7,7 @@ use the trained model by that id.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from specdsl.ops.train import TrainOp
@@ -93,6 +94,10 @@ INITIAL_PROMPT = ("{{ row.QUESTION }}\n\nSolve the problem step by step, then gi
                   "as 'Answer: <number>'.")
 CORRECTION_PROMPT = ("Question: {{ row.QUESTION }}\n\nA student answered:\n{{ row.initial_answer }}\n\nThat answer is "
                      "wrong. Solve the problem again correctly, step by step, and end with 'Answer: <number>'.")
+# STaR-style rationalisation (reveal_gold: true): the teacher is shown the gold answer and asked to explain it.
+RATIONALIZE_PROMPT = ("Question: {{ row.QUESTION }}\n\nThe correct answer is {{ row.GOLD }}. Explain briefly how to get "
+                      "it, then write 'Answer: {{ row.GOLD }}'.")
+REVEALED_GOLD_NOTE = "STaR rationalisation: the teacher's correction prompt shows the gold answer (reveal_gold: true)"
 
 
 class SelfCorrectionRecipe(_TrainsAtTheEnd):
@@ -111,6 +116,10 @@ class SelfCorrectionRecipe(_TrainsAtTheEnd):
         "mask": {"type": "boolean", "description": "partial answer masking (false = the paper's ablation)"},
         "initial_prompt": {"type": "string"},
         "correction_prompt": {"type": "string"},
+        "reveal_gold": {"type": "boolean",
+                        "description": "STaR-style rationalisation: show the teacher the gold answer in its correction "
+                                       "prompt (a weak teacher then still writes right corrections). Off by default; "
+                                       "a correction_prompt that quotes the gold column needs it set"},
         "max_tokens": {"type": "integer", "minimum": 1},
         "train": TRAIN,
     }, ["source", "model", "teacher", "student"])
@@ -125,9 +134,18 @@ class SelfCorrectionRecipe(_TrainsAtTheEnd):
             initial["temperature"] = p.get("temperature", 0.8)
         elif "temperature" in p:
             initial["temperature"] = p["temperature"]
-        correction = {"from": f"{step_id}.judged", "model": p["teacher"],
-                      "user": p.get("correction_prompt", CORRECTION_PROMPT).replace("QUESTION", q),
+        reveal = p.get("reveal_gold", False)
+        default_prompt = RATIONALIZE_PROMPT.replace("GOLD", gold) if reveal else CORRECTION_PROMPT
+        prompt = p.get("correction_prompt", default_prompt).replace("QUESTION", q)
+        if not reveal and re.search(r"\brow\.%s\b|row\[['\"]%s['\"]\]" % (re.escape(gold), re.escape(gold)), prompt):
+            raise ValueError(f"the correction prompt shows the teacher the gold answer (row.{gold}): that is STaR-style "
+                             "rationalisation, not a correction; set `reveal_gold: true` to say so, or leave the gold "
+                             "out of the prompt")
+        correction = {"from": f"{step_id}.judged", "model": p["teacher"], "user": prompt,
                       "where": "{{ not row.initial_correct }}", "into": "corrected_answer"}
+        corrections: dict[str, Any] = {"id": f"{step_id}.corrections", "generate": correction}
+        if reveal:  # in the plan for everyone to see: these corrections had help
+            corrections["note"] = REVEALED_GOLD_NOTE
         if "max_tokens" in p:
             initial["max_tokens"] = correction["max_tokens"] = p["max_tokens"]
         pam = {"from": f"{step_id}.corrections", "question": q, "gold": gold, "initial": "initial_answer",
@@ -136,7 +154,7 @@ class SelfCorrectionRecipe(_TrainsAtTheEnd):
             {"id": f"{step_id}.initial", "generate": initial},
             {"id": f"{step_id}.judged", "filter": {"from": f"{step_id}.initial", "into": "initial_correct",
                                                    "match": {"field": "initial_answer", "gold": gold, "rule": rule}}},
-            {"id": f"{step_id}.corrections", "generate": correction},
+            corrections,
             {"id": f"{step_id}.samples", "pam": pam},
             {"id": step_id, "train": {"from": f"{step_id}.samples", "model": p["student"], "mask": p.get("mask", True),
                                       **(p.get("train") or {})}},

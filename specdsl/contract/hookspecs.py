@@ -309,7 +309,11 @@ class OpDef(Protocol):
 
 @runtime_checkable
 class RecipeDef(Protocol):
-    """A macro: parameters in, a list of primitive step mappings out (ids prefixed by the caller)."""
+    """A macro: parameters in, a list of primitive step mappings out (ids prefixed by the caller).
+
+    A produced step may carry ``note: TEXT``: something the user must know about it (help the data got, a
+    shortcut taken); ``specdsl plan`` prints it and the plan JSON keeps it under ``notes``.
+    """
 
     name: str
     params_schema: Mapping[str, Any]

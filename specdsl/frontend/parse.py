@@ -195,13 +195,15 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
         return None
     out = []
     for step in produced:
-        op_keys = [k for k in step if k not in _STEP_KEYS]
+        op_keys = [k for k in step if k not in _STEP_KEYS + ("note",)]
         if len(op_keys) != 1 or op_keys[0] not in registry.step_ops():
             sink.add("S211", f"recipe '{name}' produced an invalid step {step.get('id')!r} (ops: {op_keys})",
                      doc.pos(("steps", index, "use")), ("steps", index))
             return None
+        note = step.get("note")
         out.append(StepDecl(step["id"], op_keys[0], step[op_keys[0]], ("steps", index), recipe=name,
-                            recipe_step=raw["id"], exact_positions=False))
+                            recipe_step=raw["id"], exact_positions=False,
+                            note=str(note) if note else None))
     # The expansion is checked against the same schema as hand-written steps.
     from jsonschema import Draft202012Validator
 

@@ -45,6 +45,7 @@ class StepDecl:
     recipe: str | None = None    # the recipe this step came from, if any
     recipe_step: str | None = None  # the spec step it was expanded from (a `use:` step, or a `matrix:` step)
     exact_positions: bool = True    # False for recipe output: positions point at the `use:` step
+    note: str | None = None         # what a recipe says the user must know about this step (plan shows it)
 
 
 @dataclass(frozen=True)

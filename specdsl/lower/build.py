@@ -224,7 +224,8 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
     ordered = topo_sort(nodes.values())
     plan = Plan(name=spec.name, spec_file=str(spec.file), spec_hash=_spec_hash(spec), nodes=refingerprint(ordered),
                 models=tuple(model_refs.values()), vars_json=canonical_json(dict(spec.vars)), seed=spec.seed,
-                store=spec.store, expansions=tuple(spec.expansions.items()))
+                store=spec.store, expansions=tuple(spec.expansions.items()),
+                notes=tuple(f"{s.id}: {s.note}" for s in spec.steps if s.note))
     return plan
 
 
