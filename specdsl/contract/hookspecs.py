@@ -275,8 +275,10 @@ class OpDef(Protocol):
     * ``sink_op`` (False): kept by the prune pass even when nothing reads its output.
     * ``reads_known`` (False): the op reads only the columns it names through ``ctx.column()`` and
       ``ctx.template()``, so passes may reason about which columns it depends on.
-    * ``row_parallel`` (False): stateless per row; an executor other than the local one may run it on
-      chunks of rows, in other processes or machines.
+    * ``row_parallel`` (False): stateless per row. The local executor runs it one batch of its input at a
+      time (``ctx.rows`` is a batch; each batch of output is written as it comes, so peak memory is a
+      batch, not the table); another executor may run the batches in other processes or machines. An op
+      without it gets its whole input table.
     * ``drops_rows`` (False, or a function of the step's params): it may output fewer rows than it reads,
       so the plan's estimates downstream of it are upper bounds.
     * ``spec_step`` (True): False for an op only the compiler places (``source``); steps cannot name it.
@@ -291,6 +293,8 @@ class OpDef(Protocol):
 
     * ``estimate(params, input_rows, services) -> Estimate | None``: what ``specdsl plan`` shows (see
       ``StepOp.estimate``); None passes the input's row count on.
+    * ``run_batches(ctx) -> Iterator[rows]``: an op that produces its output in batches itself (the
+      built-in ``source``); the runner writes each batch as it comes and never calls ``run``.
     * ``expand(ctx) -> Sequence[HelperNode]``: nodes to put in front of the step when it is lowered
       (``train`` puts ``tokenize`` in front of itself).
     * ``backend_label(params) -> str | None``: what ``plan`` shows as the node's backend.
@@ -352,6 +356,8 @@ class SourceDef(Protocol):
     return None when counting would cost a full read. ``identity`` is the content fingerprint of the
     data (a changed file re-runs everything downstream of it). Errors in the data are
     :class:`specdsl.errors.RunError` naming ``display`` (the path as the spec wrote it) and the row.
+    An optional ``iter_batches(path, *, id_column, limit, display, size)`` yields the same rows ``size``
+    at a time, so a large source streams into the run store instead of being read whole.
     """
 
     name: str

@@ -185,25 +185,31 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
         if op is None:
             raise RunError(f"op '{node.op}' is not installed", node=node.id,
                            hint="install the plugin that provides it (see `specdsl plugins`)")
-        inputs = {param: load(src) for param, src in node.inputs}
-        ctx = RunContext(node_id=node.id, params=node.params, inputs=inputs, vars=plan.vars, seed=plan.seed,
-                         services=services, artifact_dir=staging)
-        if getattr(op, "row_parallel", False) and not getattr(services.executor, "in_process", False) \
-                and len(inputs) == 1:
-            # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
-            fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
-            result = services.executor.map_rows(fn, ctx.rows)
+        meta_extra: dict[str, Any] = {}
+        written: tuple[int, list[str]] | None = None  # (rows, JSON-text columns) of a table written in batches
+        if _streams(op, node, services):
+            written = _run_in_batches(plan, node, op, services, staging, store, outputs)
+            rows_out = written[0]
         else:
-            result = op.run(ctx)
-        meta_extra = {}
-        if isinstance(result, tuple):  # (rows, meta) for ops that produce artifacts (train, evaluate)
-            rows, meta_extra = result
-        else:
-            rows = result
-        outputs[node.id] = rows
+            inputs = {param: load(src) for param, src in node.inputs}
+            ctx = RunContext(node_id=node.id, params=node.params, inputs=inputs, vars=plan.vars, seed=plan.seed,
+                             services=services, artifact_dir=staging)
+            if getattr(op, "row_parallel", False) and not getattr(services.executor, "in_process", False) \
+                    and len(inputs) == 1:
+                # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
+                fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
+                result = services.executor.map_rows(fn, ctx.rows)
+            else:
+                result = op.run(ctx)
+            if isinstance(result, tuple):  # (rows, meta) for ops that produce artifacts (train, evaluate)
+                rows, meta_extra = result
+            else:
+                rows = result
+            outputs[node.id] = rows
+            rows_out = len(rows)
         stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else {}
         incomplete = bool(stats_dict.get("failed"))
-        report = NodeReport(node.id, node.op, node.fingerprint, "incomplete" if incomplete else "ran", len(rows),
+        report = NodeReport(node.id, node.op, node.fingerprint, "incomplete" if incomplete else "ran", rows_out,
                             stats=stats_dict)
         if "evaluation" in meta_extra:
             report.stats["evaluation"] = meta_extra["evaluation"]
@@ -218,13 +224,55 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
             return report
         meta = {"node": node.id, "op": node.op, "params": node.params, "columns": list(node.columns),
                 "stats": stats_dict, **meta_extra}
-        store.commit(node.fingerprint, rows, meta, staging)
+        if written is not None:
+            store.commit_written(node.fingerprint, written[0], written[1], meta, staging)
+        else:
+            store.commit(node.fingerprint, rows, meta, staging)
         return report
     except BaseException:
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _streams(op: Any, node: PlanNode, services: Services) -> bool:
+    """Whether the node runs batch by batch: an op that yields its own batches (``run_batches``: a
+    source), or a row-parallel op reading one input on this process. Everything else (generation,
+    training, evaluation, an op that needs its whole table) gets its inputs whole."""
+    if callable(getattr(op, "run_batches", None)):
+        return True
+    return bool(getattr(op, "row_parallel", False)) and getattr(services.executor, "in_process", False) \
+        and [param for param, _src in node.inputs] == ["from"]
+
+
+def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, staging: Path, store: Store,
+                    outputs: Mapping[str, list[dict[str, Any]]]) -> tuple[int, list[str]]:
+    """Run a streaming node: each batch of output is written as it comes (peak memory: a batch)."""
+    from specdsl.execute.batches import TableWriter, batch_rows, chunks
+
+    def context(rows: list[dict[str, Any]]) -> RunContext:
+        return RunContext(node_id=node.id, params=node.params, inputs={"from": rows} if node.inputs else {},
+                          vars=plan.vars, seed=plan.seed, services=services, artifact_dir=staging)
+
+    writer = TableWriter(staging)
+    if callable(getattr(op, "run_batches", None)):
+        for rows in op.run_batches(context([])):
+            writer.write(rows)
+    else:
+        src = node.input("from")
+        size = batch_rows()
+        if src in outputs:  # already in memory (an upstream node computed whole this run)
+            batches = chunks(outputs[src], size)
+        else:
+            fingerprint = plan.node(src).fingerprint
+            if not store.has(fingerprint):
+                raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
+            batches = store.iter_batches(fingerprint, size)
+        for chunk in batches:
+            result = op.run(context(chunk))
+            writer.write(result[0] if isinstance(result, tuple) else result)
+    return writer.rows, writer.close()
 
 
 def _prepare_models(plan: Plan, registry: Any) -> None:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from specdsl.errors import RunError
 
@@ -60,7 +60,18 @@ class Store:
         """Write ``rows`` and ``meta`` into ``staging`` and rename it into place atomically."""
         try:
             json_columns = write_table(staging / DATA, rows)
-            meta = {**meta, "rows": len(rows), "json_columns": json_columns, "fingerprint": fingerprint,
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RunError(f"cannot write to the run store {self.root}: {exc.strerror or exc}",
+                           hint="free some disk space; every finished node and request is kept") from None
+        return self.commit_written(fingerprint, len(rows), json_columns, meta, staging)
+
+    def commit_written(self, fingerprint: str, rows: int, json_columns: list[str], meta: dict[str, Any],
+                       staging: Path) -> Path:
+        """Commit a node whose table is already in ``staging`` (written batch by batch, see
+        specdsl.execute.batches): add ``meta`` and rename the folder into place atomically."""
+        try:
+            meta = {**meta, "rows": rows, "json_columns": json_columns, "fingerprint": fingerprint,
                     "committed_at": time.time()}
             (staging / META).write_text(json.dumps(meta, indent=2, default=str))
             final = self.node_dir(fingerprint)
@@ -81,6 +92,12 @@ class Store:
         d = self.node_dir(fingerprint)
         meta = json.loads((d / META).read_text())
         return read_table(d / DATA, meta.get("json_columns", []))
+
+    def iter_batches(self, fingerprint: str, size: int | None = None) -> Iterator[Rows]:
+        """A node's rows a batch at a time (peak memory: one batch, not the table)."""
+        d = self.node_dir(fingerprint)
+        meta = json.loads((d / META).read_text())
+        yield from read_batches(d / DATA, meta.get("json_columns", []), size)
 
     def clean_tmp(self, older_than_s: float = 0) -> None:
         now = time.time()
@@ -131,3 +148,19 @@ def read_table(path: Path, json_columns: Iterable[str] = ()) -> Rows:
                 if row.get(c) is not None:
                     row[c] = json.loads(row[c])
     return rows
+
+
+def read_batches(path: Path, json_columns: Iterable[str] = (), size: int | None = None) -> Iterator[Rows]:
+    """A stored table's rows, ``size`` at a time (default 8192), JSON-text columns decoded."""
+    import pyarrow.parquet as pq
+
+    json_columns = list(json_columns)
+    with pq.ParquetFile(path) as parquet:
+        for batch in parquet.iter_batches(batch_size=size or 8192):
+            rows = batch.to_pylist()
+            if json_columns:
+                for row in rows:
+                    for c in json_columns:
+                        if row.get(c) is not None:
+                            row[c] = json.loads(row[c])
+            yield rows

@@ -4,7 +4,7 @@ registered format (``register_sources``), so a plugin's data format is read exac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from specdsl.contract.ops import SOURCE_OP, Estimate, Rows, RunContext, StepOp, obj_schema
 from specdsl.errors import RunError
@@ -49,6 +49,20 @@ class SourceOp(StepOp):
             except Exception:  # noqa: BLE001 - estimates never fail a plan
                 sample = []
         return Estimate(rows=count, rows_unknown=count is None, details={"rows": count}, sample_rows=sample)
+
+    def run_batches(self, ctx: RunContext) -> Iterator[Rows]:
+        """The rows a batch at a time, for formats that can (``iter_batches``); else the whole read as one
+        batch. The runner writes each batch as it comes: a large source never sits whole in memory."""
+        from specdsl.execute.batches import batch_rows
+
+        p = ctx.params
+        path = Path(ctx.services.plan.spec_file).parent / p["path"]
+        reader = _reader(ctx.services.registry, p["format"])
+        options = {"id_column": p.get("id"), "limit": p.get("limit"), "display": p["path"]}
+        if callable(getattr(reader, "iter_batches", None)):
+            yield from reader.iter_batches(path, size=batch_rows(), **options)
+        else:
+            yield reader.read(path, **options)
 
     def run(self, ctx: RunContext) -> Rows:
         p = ctx.params

@@ -305,12 +305,33 @@ def _count(items: Iterator[Any], limit: int | None = None) -> int:
 def read_rows(path: Path, fmt: str, *, id_column: str | None = None, limit: int | None = None,
               display: str | None = None) -> Rows:
     """Read a source into rows, each with a string ``id`` (the id column, or the row number)."""
+    return [row for batch in iter_row_batches(path, fmt, id_column=id_column, limit=limit, display=display,
+                                              size=None) for row in batch]
+
+
+def iter_row_batches(path: Path, fmt: str, *, id_column: str | None = None, limit: int | None = None,
+                     display: str | None = None, size: int | None = 8192) -> Iterator[Rows]:
+    """A source's rows ``size`` at a time (None: all in one batch), each with a string ``id``; ids are
+    checked for repeats across the whole file. A JSON array is parsed whole (its records are read in
+    batches afterwards); JSON lines, CSV and Parquet are read as they go."""
     path = Path(path)
     display = display or str(path)
     if not path.exists():
         raise RunError(f"source file '{display}' does not exist", hint="check `path:` (relative to the spec file)")
-    rows: Rows = []
+    ids = IdAssigner(id_column, display)
+    batch: Rows = []
+    for record in _records(path, fmt, limit, display):
+        batch.append(record)
+        if size and len(batch) >= size:
+            yield ids.assign(batch)
+            batch = []
+    if batch or not size:
+        yield ids.assign(batch)
+
+
+def _records(path: Path, fmt: str, limit: int | None, display: str) -> Iterator[dict[str, Any]]:
     if fmt == "jsonl":
+        count = 0
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
@@ -322,12 +343,14 @@ def read_rows(path: Path, fmt: str, *, id_column: str | None = None, limit: int 
                                    hint="fix or remove that line; each line holds one JSON object") from None
                 if not isinstance(row, dict):
                     raise RunError(f"{display}:{lineno}: each line must be a JSON object, not {type(row).__name__}")
-                rows.append(row)
-                if limit and len(rows) >= limit:
-                    break
+                yield row
+                count += 1
+                if limit and count >= limit:
+                    return
     elif fmt == "csv":
         with path.open(encoding="utf-8", newline="") as fh:
-            rows = [dict(r) for r in itertools.islice(csv.DictReader(fh), limit or None)]
+            for row in itertools.islice(csv.DictReader(fh), limit or None):
+                yield dict(row)
     elif fmt == "json":
         with path.open(encoding="utf-8") as fh:
             try:
@@ -337,26 +360,37 @@ def read_rows(path: Path, fmt: str, *, id_column: str | None = None, limit: int 
             except NotAListOfObjects as exc:
                 where = f":{exc.lineno}" if exc.lineno else ""
                 raise RunError(f"{display}{where}: a JSON source must be a list of objects") from None
+        yield from rows
     elif fmt == "parquet":
-        rows = _parquet_rows(path, limit)
-    return assign_ids(rows, id_column, display)
+        yield from _parquet_records(path, limit)
+
+
+class IdAssigner:
+    """Gives each row a string ``id`` (the id column's value, or the row number) across the batches of one
+    read, and refuses an id that repeats: ids key caches and reports."""
+
+    def __init__(self, id_column: str | None, display: str):
+        self.key, self.display = id_column or "id", display
+        self.seen: set[str] = set()
+        self.count = 0
+
+    def assign(self, rows: Rows) -> Rows:
+        out = []
+        for row in rows:
+            row = dict(row)
+            row["id"] = str(row[self.key]) if self.key in row and row[self.key] is not None else str(self.count)
+            self.count += 1
+            if row["id"] in self.seen:
+                raise RunError(f"{self.display}: id '{row['id']}' appears more than once",
+                               hint="ids identify rows in caches and reports; make them unique")
+            self.seen.add(row["id"])
+            out.append(row)
+        return out
 
 
 def assign_ids(rows: Rows, id_column: str | None, display: str) -> Rows:
     """Each row with a string ``id``: the id column's value, or the row number; ids must be unique."""
-    key = id_column or "id"
-    out = []
-    for i, row in enumerate(rows):
-        row = dict(row)
-        row["id"] = str(row[key]) if key in row and row[key] is not None else str(i)
-        out.append(row)
-    seen: set[str] = set()
-    for row in out:
-        if row["id"] in seen:
-            raise RunError(f"{display}: id '{row['id']}' appears more than once",
-                           hint="ids identify rows in caches and reports; make them unique")
-        seen.add(row["id"])
-    return out
+    return IdAssigner(id_column, display).assign(rows)
 
 
 def _json_rows(fh: Any, limit: int | None) -> Rows:
@@ -375,16 +409,15 @@ def _json_rows(fh: Any, limit: int | None) -> Rows:
     return list(iter_json_records(fh))  # raises NotAListOfObjects with the record's line
 
 
-def _parquet_rows(path: Path, limit: int | None) -> Rows:
-    """A parquet file's rows; with a limit, only the first batches are decoded."""
+def _parquet_records(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
+    """A parquet file's rows, decoded a batch at a time (with a limit, only the first batches)."""
     import pyarrow.parquet as pq
 
-    if not limit:
-        return pq.read_table(path).to_pylist()
-    rows: Rows = []
+    count = 0
     with pq.ParquetFile(path) as parquet:
-        for batch in parquet.iter_batches(batch_size=min(limit, 1 << 16)):
-            rows += batch.to_pylist()[: limit - len(rows)]
-            if len(rows) >= limit:
-                break
-    return rows
+        for batch in parquet.iter_batches(batch_size=min(limit, 1 << 16) if limit else 1 << 16):
+            for row in batch.to_pylist():
+                yield row
+                count += 1
+                if limit and count >= limit:
+                    return

@@ -42,6 +42,13 @@ class _FileSource:
                            hint="point `path:` at the file, or set `format: parquet_dir` / `hf_dataset` for a folder")
         return files.read_rows(path, self.name, id_column=id_column, limit=limit, display=display)
 
+    def iter_batches(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
+                     display: str | None = None, size: int = 8192) -> Iterator[Rows]:
+        if Path(path).is_dir():
+            self.read(path, display=display)  # the same error as a whole read
+        yield from files.iter_row_batches(path, self.name, id_column=id_column, limit=limit, display=display,
+                                          size=size)
+
     def identity(self, path: Path) -> Mapping[str, Any]:
         return files.source_identity(path)
 
@@ -67,13 +74,24 @@ def _folder_identity(paths: list[Path], root: Path) -> dict[str, Any]:
     return {"sha256": h.hexdigest(), "bytes": size, "files": len(paths)}
 
 
-def _limited(batches: Iterator[Any], limit: int | None) -> Rows:
-    rows: Rows = []
+def _limited(batches: Iterator[Any], limit: int | None, ids: "files.IdAssigner",
+             size: int | None) -> Iterator[Rows]:
+    """Arrow record batches -> batches of rows with ids, at most ``limit`` rows in all."""
+    pending: Rows = []
+    taken = 0
     for batch in batches:
-        rows += batch.to_pylist()
-        if limit and len(rows) >= limit:
-            return rows[:limit]
-    return rows
+        rows = batch.to_pylist()
+        if limit:
+            rows = rows[: limit - taken]
+        taken += len(rows)
+        pending += rows
+        while size and len(pending) >= size:
+            yield ids.assign(pending[:size])
+            pending = pending[size:]
+        if limit and taken >= limit:
+            break
+    if pending or not size:
+        yield ids.assign(pending)
 
 
 class ParquetFolderSource:
@@ -111,6 +129,11 @@ class ParquetFolderSource:
 
     def read(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
              display: str | None = None) -> Rows:
+        return [row for rows in self.iter_batches(path, id_column=id_column, limit=limit, display=display, size=0)
+                for row in rows]
+
+    def iter_batches(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
+                     display: str | None = None, size: int = 8192) -> Iterator[Rows]:
         import pyarrow.parquet as pq
 
         display = display or str(path)
@@ -130,7 +153,7 @@ class ParquetFolderSource:
                                        hint="every Parquet file of a parquet_dir source has the same columns")
                     yield from parquet.iter_batches(batch_size=1 << 16)
 
-        return files.assign_ids(_limited(batches(), limit), id_column, display)
+        yield from _limited(batches(), limit, files.IdAssigner(id_column, display), size)
 
     def identity(self, path: Path) -> Mapping[str, Any]:
         path = Path(path)
@@ -193,6 +216,11 @@ class SavedDatasetSource:
 
     def read(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
              display: str | None = None) -> Rows:
+        return [row for rows in self.iter_batches(path, id_column=id_column, limit=limit, display=display, size=0)
+                for row in rows]
+
+    def iter_batches(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
+                     display: str | None = None, size: int = 8192) -> Iterator[Rows]:
         import pyarrow as pa
 
         display = display or str(path)
@@ -211,7 +239,7 @@ class SavedDatasetSource:
                     raise RunError(f"{display}/{part.name}: not a readable Arrow file ({exc})",
                                    hint="save the dataset again with save_to_disk") from None
 
-        return files.assign_ids(_limited(batches(), limit), id_column, display)
+        yield from _limited(batches(), limit, files.IdAssigner(id_column, display), size)
 
     def identity(self, path: Path) -> Mapping[str, Any]:
         path = Path(path)

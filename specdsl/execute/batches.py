@@ -1,0 +1,105 @@
+"""Tables that stream: a node's output written batch by batch, and read back batch by batch.
+
+A row-parallel op (``row_parallel = True``) runs on one batch of its input at a time and each batch of
+output goes to disk as it comes, so peak memory is set by the batch size, not by the table. The store's
+layout does not change: :class:`TableWriter` writes each batch as a Parquet part in the node's staging
+folder, then merges the parts into the one ``data.parquet`` (one row group per batch) that every reader
+already knows. A column may come out as JSON text in one batch (chat content that is sometimes a list of
+parts) and as a plain column in another: the merge stores it as JSON text throughout, as the store does
+for a whole table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+Rows = list[dict[str, Any]]
+
+# Rows per batch: small enough that a batch of long texts stays in tens of MB, large enough that the
+# per-batch costs (a Parquet part, a Python call into the op) vanish. SPECDSL_BATCH_ROWS overrides it.
+DEFAULT_BATCH_ROWS = 8192
+
+
+def batch_rows() -> int:
+    try:
+        return max(1, int(os.environ.get("SPECDSL_BATCH_ROWS", DEFAULT_BATCH_ROWS)))
+    except ValueError:
+        return DEFAULT_BATCH_ROWS
+
+
+def chunks(rows: list[dict[str, Any]], size: int) -> Iterator[Rows]:
+    """Consecutive slices of ``rows`` (a table already in memory), ``size`` rows each."""
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+class TableWriter:
+    """Writes a table batch by batch into ``folder``; :meth:`close` leaves ``folder/name`` and returns
+    (rows written, the columns stored as JSON text)."""
+
+    def __init__(self, folder: Path, name: str = "data.parquet"):
+        self.folder, self.name = Path(folder), name
+        self._parts: list[tuple[Path, list[str]]] = []
+        self.rows = 0
+
+    def write(self, rows: Rows) -> None:
+        from specdsl.execute.store import write_table
+
+        if not rows:
+            return
+        part = self.folder / f".part-{len(self._parts):06d}.parquet"
+        self._parts.append((part, write_table(part, rows)))
+        self.rows += len(rows)
+
+    def close(self) -> list[str]:
+        """Merge the parts into one file (one row group per part); returns the JSON-text columns."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from specdsl.execute.store import write_table
+
+        target = self.folder / self.name
+        if not self._parts:
+            write_table(target, [])
+            return []
+        if len(self._parts) == 1:  # the common small table: exactly what a whole-table write gives
+            part, json_columns = self._parts[0]
+            os.replace(part, target)
+            return json_columns
+        json_columns = sorted({c for _part, cols in self._parts for c in cols})
+        schemas = []
+        for part, _cols in self._parts:  # footers only: the data is read once, below
+            part_schema = pq.read_schema(part)
+            for name in json_columns:
+                if name in part_schema.names:
+                    i = part_schema.get_field_index(name)
+                    part_schema = part_schema.set(i, pa.field(name, pa.string()))
+            schemas.append(part_schema)
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        with pq.ParquetWriter(target, schema) as writer:
+            for part, cols in self._parts:
+                table = self._as_json(pq.ParquetFile(part).read(), cols, json_columns)
+                for name in schema.names:  # a column some batches lack is null there
+                    if name not in table.column_names:
+                        table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+                writer.write_table(table.select(schema.names).cast(schema))
+                part.unlink()
+        return json_columns
+
+    @staticmethod
+    def _as_json(table: Any, part_json: Iterable[str], json_columns: list[str]) -> Any:
+        """``table`` with every column that is JSON text anywhere stored as JSON text here too."""
+        import pyarrow as pa
+
+        part_json = set(part_json)
+        for name in json_columns:
+            if name in part_json or name not in table.column_names:
+                continue
+            values = table.column(name).to_pylist()
+            encoded = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values],
+                               type=pa.string())
+            table = table.set_column(table.column_names.index(name), name, encoded)
+        return table
