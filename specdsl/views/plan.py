@@ -17,18 +17,19 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
     from rich.console import Console
     from rich.markup import escape
 
-    from specdsl.execute.runner import default_store_dir
+    from specdsl.execute.runner import cached_nodes, default_store_dir
     from specdsl.execute.store import Store
 
     console = console or Console()
     root = Path(store_dir) if store_dir else default_store_dir(plan)
     store = Store(root) if root.exists() else None
+    cached_ids = cached_nodes(plan, store) if store is not None else set()  # inputs cached too
     console.print(f"[bold]plan[/bold] {plan.name}: {len(plan.nodes)} nodes")
     total_cost, unknown_cost, total_requests, upper_bound = 0.0, False, 0, False
     for n in plan.nodes:
         est = n.estimate or {}
         ins = ", ".join(src for _, src in n.inputs) or n.params.get("path", "-")
-        cached = store is not None and store.has(n.fingerprint)
+        cached = n.id in cached_ids
         console.print(f"[bold cyan]{escape(n.id)}[/bold cyan] [magenta]{n.op}[/magenta]  {escape(ins)} -> "
                       f"{escape(', '.join(n.columns))}")
         facts = []
