@@ -326,7 +326,9 @@ def _manifest(plan: Plan, store: Store, reports: list[NodeReport], started: floa
             "failed_requests": sum(r.stats.get("failed", 0) for r in reports),
             "input_tokens": sum(r.stats.get("input_tokens", 0) for r in reports),
             "output_tokens": sum(r.stats.get("output_tokens", 0) for r in reports),
-            "cost": round(sum(r.stats.get("cost", 0.0) for r in reports), 6),
+            # Unknown (null) as soon as one node's is: a partial sum would read as the whole cost.
+            "cost": None if any(r.stats.get("requests") and r.stats.get("cost", 0.0) is None for r in reports)
+            else round(sum(r.stats.get("cost") or 0.0 for r in reports), 6),
         },
         "plan": plan.to_dict(),
         **extra,

@@ -107,6 +107,11 @@ def _escape_markup(text: str) -> str:
     return escape(text)
 
 
+def _fmt_cost(stats: dict[str, Any]) -> str:
+    cost = stats.get("cost", 0)
+    return "unknown" if cost is None else f"${cost:.4f}"  # a model that cannot be priced is not free
+
+
 def render_run_summary(result: Any, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -121,7 +126,7 @@ def render_run_summary(result: Any, console: Any = None) -> None:
         tok = f"{s.get('input_tokens', 0):,}/{s.get('output_tokens', 0):,}" if s.get("requests") else ""
         status = {"cached": "[dim]cached[/dim]", "ran": "[green]ran[/green]",
                   "incomplete": "[red]incomplete[/red]"}.get(r.status, r.status)
-        table.add_row(r.id, r.op, status, _fmt_int(r.rows), req, tok, f"${s.get('cost', 0):.4f}" if s.get("requests") else "",
+        table.add_row(r.id, r.op, status, _fmt_int(r.rows), req, tok, _fmt_cost(s) if s.get("requests") else "",
                       f"{r.seconds:.1f}")
     console.print(table)
     for r in result.nodes:
