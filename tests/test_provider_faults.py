@@ -156,3 +156,17 @@ steps:
     assert "unknown" in table and "$0.0000" not in table
     report = (result.manifest_path.parent / "report.html").read_text()
     assert "unknown" in report
+
+
+def test_fail_fast_journals_the_answers_in_flight_at_the_first_failure(tmp_path):
+    from specdsl.errors import RunError
+    from specdsl.execute.generation import run_requests
+    from specdsl.execute.journal import RequestJournal
+
+    with FakeServer(latency=0.5, fault_fn=lambda prompt, attempt: "400" if prompt == "prompt 0" else None) as srv:
+        options = {"model": "hosted_vllm/fake", "api_base": srv.api_base, "concurrency": 4, "timeout_s": 5}
+        with RequestJournal(tmp_path / "j.sqlite") as journal:
+            with pytest.raises(RunError, match="row 0"):
+                run_requests(LiteLLMBackend(), options, [req(i) for i in range(40)], journal, fail_fast=True)
+            assert srv.request_count == 4  # nothing new was sent after the failure
+            assert sorted(journal.keys()) == ["key-1", "key-2", "key-3"]  # the three in flight were kept

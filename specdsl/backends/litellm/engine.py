@@ -95,6 +95,7 @@ class Engine:
         self.fatal: str | None = None
         self.unreachable_run = 0     # consecutive attempts that could not connect (the circuit breaker)
         self._stop: Any = None       # an asyncio.Event set when the batch must stop: wakes backoff sleeps
+        self.drain_error: BaseException | None = None  # on_result asked to stop after in-flight requests
 
     def stop_all(self, message: str) -> None:
         """Fail every request not yet answered with ``message`` (once), waking those that back off."""
@@ -125,12 +126,22 @@ class Engine:
         async def worker() -> None:
             nonlocal stopped
             for req in it:
+                if self.drain_error is not None:
+                    return  # the caller asked to stop sending: nothing new goes out
                 res = await self._one(req)
                 if stopped:
                     return  # on_result has raised: the caller wants no more results
                 try:
                     self.on_result(res)
-                except BaseException:
+                except BaseException as exc:
+                    if getattr(exc, "drain", False):
+                        # "Stop, but keep what is in flight" (--fail-fast): those answers are paid for;
+                        # they are still delivered, then this exception is raised.
+                        if self.drain_error is None:
+                            self.drain_error = exc
+                            if self._stop is not None:
+                                self._stop.set()  # wake requests backing off: they are not retried
+                        continue
                     stopped = True  # other workers may finish a request before this task is reaped
                     raise
 
@@ -151,6 +162,8 @@ class Engine:
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()
+        if self.drain_error is not None:
+            raise self.drain_error
 
     def _backoff(self, attempt: int) -> float:
         base = min(MAX_BACKOFF_S, self.s.retry_backoff_s * (2 ** attempt))
@@ -211,7 +224,7 @@ class Engine:
                     self.unreachable_run = 0  # something answered, even if with an error
                 if self.fatal is not None:
                     return GenResult(key=req.key, error=self.fatal, latency_s=time.monotonic() - t0)
-                if not f.retryable or attempt >= s.max_retries:
+                if not f.retryable or attempt >= s.max_retries or self.drain_error is not None:
                     tries = f" (after {attempt + 1} attempts)" if attempt else ""
                     return GenResult(key=req.key, error=f"{f.message}{tries}",
                                      latency_s=time.monotonic() - t0)
@@ -228,6 +241,9 @@ class Engine:
                 _log.debug("retrying %s in %.2fs: %s", req.row_id or req.key[:12], delay, f.message)
                 attempt += 1
                 await self._sleep(delay)
+                if self.drain_error is not None:
+                    return GenResult(key=req.key, error=f"{f.message} (not retried: the run stopped at the "
+                                     "first failure)", latency_s=time.monotonic() - t0)
                 continue
             self.unreachable_run = 0
             cost = self.price(in_tok, out_tok)
