@@ -125,3 +125,16 @@ def test_a_second_run_of_a_store_refuses_and_a_killed_runs_staging_is_cleaned(tm
         assert third.returncode == 0, third.stdout + third.stderr
         assert not any(p.exists() for p in left)
         assert len((tmp_path / "out" / "data.jsonl").read_text().splitlines()) == 20
+
+
+def test_inspect_never_prints_terminal_escapes_from_row_text(tmp_path):
+    hostile = "plain \x1b]0;pwned\x07 \x1b[31mred\x1b[0m \x9b2J end"
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"id": "a", "text": hostile}) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("specdsl: 1\nname: esc\nsources:\n  rows: {path: rows.jsonl}\nsteps:\n"
+                    "  - id: copy\n    map: {from: rows, columns: {t: \"{{ row.text }}\"}}\n")
+    assert api.run_plan(api.compile_spec(spec), progress=False).ok
+    shown = cli("inspect", str(spec), "--node", "copy")
+    assert shown.returncode == 0, shown.stderr
+    assert "end" in shown.stdout and "plain" in shown.stdout
+    assert not any(c in shown.stdout for c in "\x1b\x07\x9b"), repr(shown.stdout)
