@@ -138,3 +138,14 @@ def test_inspect_never_prints_terminal_escapes_from_row_text(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "end" in shown.stdout and "plain" in shown.stdout
     assert not any(c in shown.stdout for c in "\x1b\x07\x9b"), repr(shown.stdout)
+
+
+def test_a_key_cut_by_a_schema_message_is_redacted_before_the_cut(tmp_path):
+    key = "sk-proj-" + "Ab3" * 30  # long: the schema message is cut inside it
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("specdsl: 1\nname: leak\nmodels:\n  m: {backend: litellm, model: openai/x, api_key: "
+                    f"'{'x' * 140}{key}'}}\nsteps: []\n")
+    done = cli("validate", str(spec))
+    assert done.returncode == 2
+    for i in range(0, len(key) - 12, 6):
+        assert key[i:i + 12] not in done.stdout + done.stderr, (key[i:i + 12], done.stderr)
