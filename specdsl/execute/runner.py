@@ -105,6 +105,15 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
         registry = default_registry()
     store = Store(Path(store_dir) if store_dir else default_store_dir(plan))
     selected = select_nodes(plan, only=only, until=until)
+    if executor not in registry.executors:
+        raise RunError(f"unknown executor '{executor}'",
+                       hint=f"installed: {', '.join(sorted(registry.executors))} (Ray: pip install 'specdsl[ray]')")
+    if not dry_run:  # what the nodes that will run need installed, checked before anything is written
+        from specdsl.requirements import check_requirements
+
+        cached = cached_nodes(plan, store)
+        check_requirements(plan, registry, nodes=selected, executor=registry.executors[executor],
+                           cached=lambda n: n.id in cached and only != n.id)
     if dry_run:
         return _run_locked(plan, store, selected, only=only, until=until, dry_run=True, fail_fast=fail_fast,
                            registry=registry, progress=progress, console=console, executor=executor,
@@ -137,15 +146,7 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
     from specdsl.execute.progress import Display
 
     display = Display(console=console, enabled=progress)
-    if executor not in registry.executors:
-        raise RunError(f"unknown executor '{executor}'",
-                       hint=f"installed: {', '.join(sorted(registry.executors))} (Ray: pip install 'specdsl[ray]')")
     cached = cached_nodes(plan, store, verify=not dry_run)
-    if not dry_run:  # what the nodes that will run need installed, checked before any of them starts
-        from specdsl.requirements import check_requirements
-
-        check_requirements(plan, registry, nodes=selected, executor=registry.executors[executor],
-                           cached=lambda n: n.id in cached and only != n.id)
     services = Services(plan, store, registry, progress=display, fail_fast=fail_fast,
                         executor=registry.executors[executor])
     outputs: dict[str, list[dict[str, Any]]] = {}

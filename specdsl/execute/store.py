@@ -83,7 +83,9 @@ class Store:
             return False
         try:
             import pyarrow.parquet as pq
-
+        except ImportError:
+            return True  # nothing to read it with (a fully cached run needs no pyarrow): the meta must do
+        try:
             rows = pq.read_metadata(self.node_dir(fingerprint) / DATA).num_rows
         except Exception:  # truncated, garbage, missing: all mean "not stored"
             return False
