@@ -30,6 +30,9 @@ message. Outcomes:
 ``401``     an authentication failure
 ``echo-auth[:N]``  a 400 whose error message quotes the request's Authorization header at character N
             of the message (default 290), as a careless provider or proxy might; for redaction tests
+``detail``  a 400 in FastAPI's shape, ``{"detail": "..."}`` (what ``transformers serve`` answers a wrong model)
+``vllm-400`` a 400 in vLLM's shape, ``{"object": "error", "message": "...", "code": 400}``
+``nonjson-auth``  a 200 whose body is not JSON and quotes the Authorization header (redaction tests)
 ``hang``    sleep ``hang_s`` seconds before answering (clients time out first)
 ``drop``    close the connection without a response
 
@@ -333,6 +336,16 @@ class FakeServer:
             lead = (lead * (int(at or 290) // len(lead) + 1))[: int(at or 290)]
             quoted = request.headers.get("Authorization", "")
             return error(400, f"{lead}{quoted} (end of the headers)", "invalid_request_error")
+        if outcome == "detail":
+            return web.json_response({"detail": f"The model {body.get('model')!r} is not served here"},
+                                     status=400)
+        if outcome == "vllm-400":
+            return web.json_response({"object": "error", "message": f"The model `{body.get('model')}` does "
+                                      "not exist.", "type": "NotFoundError", "param": None, "code": 404},
+                                     status=404)
+        if outcome == "nonjson-auth":
+            quoted = request.headers.get("Authorization", "")
+            return web.Response(text=f"<html>proxy debug: Authorization: {quoted}</html>", status=200)
         if outcome == "drop":
             # Close the socket with no response at all: the client sees a disconnect, not a 5xx.
             if request.transport is not None:

@@ -104,7 +104,11 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
             if not first_failure:
                 first_failure.append(res)
             # Raising here asks the backend to stop sending; a backend that swallows it is caught below.
-            raise _fail_fast_error(res, unique[res.key])
+            # ``drain``: a backend that knows it still delivers the answers in flight (paid for) first,
+            # and they are journaled above like any other.
+            err = _fail_fast_error(res, unique[res.key])
+            err.drain = True
+            raise err
 
     if progress is not None:
         progress(event(None))

@@ -3,8 +3,12 @@
 * A node whose fingerprint is in the store is a cache hit: no model call, no recomputation.
 * Generation goes through the request journal, so a killed run resumes without re-issuing a request.
 * A generate node with failed requests is not committed (its failures are retried next run); what it
-  did complete stays in the journal. Nodes downstream of it still run, so the user sees everything
-  that can be computed, but are not committed either.
+  did complete stays in the journal. Transforms downstream of it still run, so the user sees everything
+  that can be computed, but are never committed; exports, training and evaluation downstream of it are
+  skipped (a partial dataset is never written, a model never trained on part of its data).
+* A node is taken from the store only when its inputs are too (:func:`cached_nodes`): a node cached
+  while an input is not (a partial result an older version committed) is quarantined and recomputed.
+* One run at a time per store (:class:`specdsl.execute.store.RunLock`): a second run refuses at once.
 * Every run writes a manifest (``run.json``): spec hash, plan, per-node fingerprints, rows, tokens,
   cost, durations, seeds and package versions.
 """
@@ -100,20 +104,49 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
 
         registry = default_registry()
     store = Store(Path(store_dir) if store_dir else default_store_dir(plan))
-    store.clean_tmp(older_than_s=3600)
     selected = select_nodes(plan, only=only, until=until)
+    if executor not in registry.executors:
+        raise RunError(f"unknown executor '{executor}'",
+                       hint=f"installed: {', '.join(sorted(registry.executors))} (Ray: pip install 'specdsl[ray]')")
+    if not dry_run:  # what the nodes that will run need installed, checked before anything is written
+        from specdsl.requirements import check_requirements
+
+        cached = cached_nodes(plan, store)
+        check_requirements(plan, registry, nodes=selected, executor=registry.executors[executor],
+                           cached=lambda n: n.id in cached and only != n.id)
+    if dry_run:
+        return _run_locked(plan, store, selected, only=only, until=until, dry_run=True, fail_fast=fail_fast,
+                           registry=registry, progress=progress, console=console, executor=executor,
+                           on_manifest=on_manifest)
+    with store.lock():
+        store.clean_tmp(older_than_s=3600)  # the lock is ours: no live run owns what a dead one left
+        return _run_locked(plan, store, selected, only=only, until=until, dry_run=False, fail_fast=fail_fast,
+                           registry=registry, progress=progress, console=console, executor=executor,
+                           on_manifest=on_manifest)
+
+
+def cached_nodes(plan: Plan, store: Store, *, verify: bool = False) -> set[str]:
+    """The nodes a run may take from ``store``: stored, and every input (steps and trained models) taken
+    from it too. A node stored while an input is not was committed from something a run no longer has
+    (an incomplete upstream, by an older specdsl): it is not trusted. ``verify`` also reads each table's
+    footer (a run does; ``plan`` only looks)."""
+    trusted: set[str] = set()
+    for node in plan.nodes:  # topological order
+        deps = [src for _, src in node.inputs] + [ref for _, ref in node.models]
+        if all(d in trusted for d in deps) and store.has(node.fingerprint) and \
+                (not verify or store.verify(node.fingerprint)):
+            trusted.add(node.id)
+    return trusted
+
+
+def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str | None, until: str | None,
+                dry_run: bool, fail_fast: bool, registry: Any, progress: bool, console: Any, executor: str,
+                on_manifest: Callable[[Mapping[str, Any], Path, Path], Any] | None) -> RunResult:
     reports: list[NodeReport] = []
     from specdsl.execute.progress import Display
 
     display = Display(console=console, enabled=progress)
-    if executor not in registry.executors:
-        raise RunError(f"unknown executor '{executor}'",
-                       hint=f"installed: {', '.join(sorted(registry.executors))} (Ray: pip install 'specdsl[ray]')")
-    if not dry_run:  # what the nodes that will run need installed, checked before any of them starts
-        from specdsl.requirements import check_requirements
-
-        check_requirements(plan, registry, nodes=selected, executor=registry.executors[executor],
-                           cached=lambda n: store.has(n.fingerprint) and only != n.id)
+    cached = cached_nodes(plan, store, verify=not dry_run)
     services = Services(plan, store, registry, progress=display, fail_fast=fail_fast,
                         executor=registry.executors[executor])
     outputs: dict[str, list[dict[str, Any]]] = {}
@@ -124,18 +157,18 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
     def load(node_id: str) -> list[dict[str, Any]]:
         if node_id not in outputs:
             fp = plan.node(node_id).fingerprint
-            if not store.has(fp):
+            if node_id not in cached:
                 raise RunError(f"input '{node_id}' is not in the store", hint=f"run with --until {node_id} first")
             outputs[node_id] = store.load(fp)
         return outputs[node_id]
 
-    if not dry_run and any(not store.has(n.fingerprint) for n in selected):
+    if not dry_run and any(n.id not in cached for n in selected):
         _prepare_models(plan, registry)
     try:
         with display:
             for index, node in enumerate(selected):
                 t0 = time.monotonic()
-                if store.has(node.fingerprint) and only != node.id:
+                if node.id in cached and only != node.id:
                     meta = store.meta(node.fingerprint)
                     reports.append(NodeReport(node.id, node.op, node.fingerprint, "cached", meta.get("rows"),
                                               note="; ".join(meta.get("notes", []))))
@@ -146,10 +179,17 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                     reports.append(NodeReport(node.id, node.op, node.fingerprint, "would-run",
                                               note="not in the store"))
                     continue
-                upstream_tainted = any(src in tainted for _, src in node.inputs) or \
-                    any(ref in tainted for _, ref in node.models)
+                upstream_tainted = [src for _, src in node.inputs if src in tainted] + \
+                    [ref for _, ref in node.models if ref in tainted]
+                if upstream_tainted and _writes_beyond_its_table(node, registry):
+                    tainted.add(node.id)
+                    reports.append(NodeReport(node.id, node.op, node.fingerprint, "skipped",
+                                              note=f"not run: its input '{upstream_tainted[0]}' is incomplete; "
+                                                   "rerun to finish it"))
+                    continue
                 try:
-                    report = _run_node(plan, node, store, services, registry, load, outputs)
+                    report = _run_node(plan, node, store, services, registry, load, outputs,
+                                       commit=not upstream_tainted)
                 except StopRun as stop:
                     # This machine's share is done (see StopRun): nothing is committed, and the later nodes
                     # are another machine's, so they are reported, not run.
@@ -160,6 +200,8 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                                    for n in selected[index + 1:])
                     break
                 report.seconds = time.monotonic() - t0
+                if report.status == "ran" and not upstream_tainted:
+                    cached.add(node.id)  # committed this run: later nodes may read it from the store
                 if report.status == "incomplete" or upstream_tainted:
                     tainted.add(node.id)
                     if report.status == "ran":
@@ -177,7 +219,16 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
     return RunResult(plan, store, reports, manifest_path, evaluations)
 
 
-def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, registry: Any, load, outputs) -> NodeReport:
+def _writes_beyond_its_table(node: PlanNode, registry: Any) -> bool:
+    """Exports, training and evaluation: what they write or cost is not worth doing on partial inputs."""
+    op = registry.ops.get(node.op)
+    return node.kind in ("export", "train", "evaluate") or bool(getattr(op, "sink_op", False))
+
+
+def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, registry: Any, load, outputs,
+              *, commit: bool = True) -> NodeReport:
+    """Run one node; commit its output unless it failed requests or ``commit`` is False (an input is
+    incomplete: the output is shown, never stored)."""
     staging = store.staging(node.fingerprint)
     stats = services.stats.setdefault(node.id, _new_stats())
     try:
@@ -216,12 +267,19 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
         if services.notes.get(node.id):
             report.note = "; ".join(services.notes[node.id])
             meta_extra = {**meta_extra, "notes": services.notes[node.id]}
-        if incomplete:
-            report.note = f"{stats_dict['failed']} request(s) failed; rerun to retry them"
+        if incomplete or not commit:
+            if incomplete:
+                report.note = f"{stats_dict['failed']} request(s) failed; rerun to retry them"
+            if written is not None:  # never stored, so the nodes after it read it from memory this run
+                from specdsl.execute.store import DATA, read_table
+
+                outputs[node.id] = read_table(staging / DATA, written[1])
             import shutil
 
             shutil.rmtree(staging, ignore_errors=True)
             return report
+        if store.node_dir(node.fingerprint).exists():
+            store.quarantine(node.fingerprint)  # stale or broken (see cached_nodes): the new output wins
         meta = {"node": node.id, "op": node.op, "params": node.params, "columns": list(node.columns),
                 "stats": stats_dict, **meta_extra}
         if written is not None:
@@ -323,7 +381,9 @@ def _manifest(plan: Plan, store: Store, reports: list[NodeReport], started: floa
             "failed_requests": sum(r.stats.get("failed", 0) for r in reports),
             "input_tokens": sum(r.stats.get("input_tokens", 0) for r in reports),
             "output_tokens": sum(r.stats.get("output_tokens", 0) for r in reports),
-            "cost": round(sum(r.stats.get("cost", 0.0) for r in reports), 6),
+            # Unknown (null) as soon as one node's is: a partial sum would read as the whole cost.
+            "cost": None if any(r.stats.get("requests") and r.stats.get("cost", 0.0) is None for r in reports)
+            else round(sum(r.stats.get("cost") or 0.0 for r in reports), 6),
         },
         "plan": plan.to_dict(),
         **extra,

@@ -27,16 +27,36 @@ class NodeStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
+    cost_unknown: bool = False  # a model the backend cannot price answered: the cost is unknown, not 0
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "cached_requests": self.cached_requests, "failed": self.failed,
-                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "cost": round(self.cost, 6),
-                "errors": self.errors[:20]}
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cost": None if self.cost_unknown else round(self.cost, 6), "errors": self.errors[:20]}
 
 
-def _row_of(requests: Sequence[GenRequest], key: str) -> str:
-    return next((r.row_id for r in requests if r.key == key), key[:12])
+def grouped_errors(failures: Sequence[tuple[str, str]], shown_rows: int = 3) -> list[str]:
+    """``(row, message)`` pairs as one line per distinct message: a server that is down fails 10,000 rows
+    with one message, shown once with a count and the first rows, not 10,000 times."""
+    by_message: dict[str, list[str]] = {}
+    for row, message in failures:
+        by_message.setdefault(message, []).append(row)
+    out = []
+    for message, rows in by_message.items():
+        if len(rows) == 1:
+            out.append(f"row {rows[0]}: {message}")
+        else:
+            more = f" and {len(rows) - shown_rows} more" if len(rows) > shown_rows else ""
+            out.append(f"{len(rows)} rows ({', '.join(rows[:shown_rows])}{more}): {message}")
+    return out
+
+
+def _priced(backend: Any, options: Mapping[str, Any]) -> bool:
+    try:
+        return backend.price(options, 1, 1) is not None
+    except Exception:
+        return False
 
 
 class Services:
@@ -166,11 +186,16 @@ class Services:
                     stats.input_tokens += ev.input_tokens
                     stats.output_tokens += ev.output_tokens
                     stats.cost += ev.cost
+        rows_of: dict[str, str] = {}
+        for r in requests:
+            rows_of.setdefault(r.key, r.row_id or r.key[:12])
+        failures = [(rows_of.get(k, k[:12]), secrets.redact(str(res.error), resolved))
+                    for k, res in results.items() if not res.ok]
         with self._lock:
-            for res in results.values():
-                if not res.ok:
-                    stats.failed += 1
-                    stats.errors.append(secrets.redact(f"row {_row_of(requests, res.key)}: {res.error}", resolved))
+            if requests and not _priced(backend, resolved):
+                stats.cost_unknown = True
+            stats.failed += len(failures)
+            stats.errors.extend(grouped_errors(failures))
         return results
 
     def answer(self, node_id: str, model_ref: str, prompts: Sequence[Sequence[Mapping[str, str]]],

@@ -10,6 +10,11 @@ Layout (default ``.specdsl/`` beside the spec)::
 
 A node directory appears only complete: it is written under ``tmp/`` and renamed into place, so an
 interrupted run never leaves a table a later run could mistake for finished work.
+
+A node counts as stored only when its meta parses and its table is there (:meth:`Store.has`); a run also
+reads the table's footer before it trusts a cached node (:meth:`Store.verify`). A folder that fails either
+check (a truncated ``data.parquet``, garbage or a deleted ``meta.json``) is moved to ``quarantine/`` and
+the node is computed again, never thrown away in favour of the broken copy.
 """
 
 from __future__ import annotations
@@ -32,8 +37,15 @@ META = "meta.json"
 class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
-        (self.root / "nodes").mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / "nodes").mkdir(parents=True, exist_ok=True)
+            (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RunError(f"the run store {self.root} is not a folder (a file of that name is in the way)",
+                           hint="move the file away, or pass --store with another folder") from None
+        except OSError as exc:
+            raise RunError(f"cannot create the run store {self.root}: {exc.strerror or exc}",
+                           hint="pass --store with a folder you can write") from None
 
     # -- paths ----------------------------------------------------------------------------------------
 
@@ -45,16 +57,60 @@ class Store:
         return self.root / "journal.sqlite"
 
     def has(self, fingerprint: str) -> bool:
-        return (self.node_dir(fingerprint) / META).exists()
+        """The node's folder holds a meta that parses and a table (cheap: no table is read)."""
+        d = self.node_dir(fingerprint)
+        return (d / DATA).is_file() and self._read_meta(d) is not None
 
     def meta(self, fingerprint: str) -> dict[str, Any]:
-        return json.loads((self.node_dir(fingerprint) / META).read_text())
+        meta = self._read_meta(self.node_dir(fingerprint))
+        if meta is None:
+            raise RunError(f"the stored node {fingerprint[:12]} has no readable meta.json",
+                           hint="run again: the node is recomputed")
+        return meta
+
+    @staticmethod
+    def _read_meta(d: Path) -> dict[str, Any] | None:
+        try:
+            meta = json.loads((d / META).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def verify(self, fingerprint: str) -> bool:
+        """The stored table's footer reads and holds the rows the meta says (what a cache hit trusts)."""
+        meta = self._read_meta(self.node_dir(fingerprint))
+        if meta is None:
+            return False
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            return True  # nothing to read it with (a fully cached run needs no pyarrow): the meta must do
+        try:
+            rows = pq.read_metadata(self.node_dir(fingerprint) / DATA).num_rows
+        except Exception:  # truncated, garbage, missing: all mean "not stored"
+            return False
+        return meta.get("rows") is None or rows == meta.get("rows")
+
+    def quarantine(self, fingerprint: str) -> Path | None:
+        """Move a node's folder that cannot be trusted out of the way (kept for a post-mortem)."""
+        d = self.node_dir(fingerprint)
+        if not d.exists():
+            return None
+        target = self.root / "quarantine" / f"{fingerprint}-{int(time.time() * 1000)}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(d, target)
+        except OSError:
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        return target
 
     # -- writing --------------------------------------------------------------------------------------
 
     def staging(self, fingerprint: str) -> Path:
-        """A fresh private folder for a node being computed (artifacts go here before the commit)."""
-        return Path(tempfile.mkdtemp(prefix=f"{fingerprint[:12]}-", dir=self.root / "tmp"))
+        """A fresh private folder for a node being computed (artifacts go here before the commit). Its name
+        carries the owner's pid, so a later run can tell a killed run's leftovers from live work."""
+        return Path(tempfile.mkdtemp(prefix=f"{fingerprint[:12]}-p{os.getpid()}-", dir=self.root / "tmp"))
 
     def commit(self, fingerprint: str, rows: Rows, meta: dict[str, Any], staging: Path) -> Path:
         """Write ``rows`` and ``meta`` into ``staging`` and rename it into place atomically."""
@@ -76,9 +132,12 @@ class Store:
             (staging / META).write_text(json.dumps(meta, indent=2, default=str))
             final = self.node_dir(fingerprint)
             final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():  # a concurrent run finished the same node first: identical by construction
-                shutil.rmtree(staging, ignore_errors=True)
-                return final
+            if final.exists():
+                if self.verify(fingerprint):
+                    # A concurrent run finished the same node first: identical by construction.
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return final
+                self.quarantine(fingerprint)  # a broken copy never wins over the new output
             os.replace(staging, final)
             return final
         except OSError as exc:
@@ -90,20 +149,111 @@ class Store:
 
     def load(self, fingerprint: str) -> Rows:
         d = self.node_dir(fingerprint)
-        meta = json.loads((d / META).read_text())
-        return read_table(d / DATA, meta.get("json_columns", []))
+        meta = self.meta(fingerprint)
+        try:
+            return read_table(d / DATA, meta.get("json_columns", []))
+        except Exception as exc:
+            moved = self.quarantine(fingerprint)
+            raise RunError(f"the stored table {d / DATA} cannot be read ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})" + (f"; moved to {moved}" if moved else ""),
+                           hint="run again: the node is recomputed") from None
 
     def iter_batches(self, fingerprint: str, size: int | None = None) -> Iterator[Rows]:
         """A node's rows a batch at a time (peak memory: one batch, not the table)."""
         d = self.node_dir(fingerprint)
-        meta = json.loads((d / META).read_text())
+        meta = self.meta(fingerprint)
         yield from read_batches(d / DATA, meta.get("json_columns", []), size)
 
-    def clean_tmp(self, older_than_s: float = 0) -> None:
+    def clean_tmp(self, older_than_s: float = 0) -> list[Path]:
+        """Remove staging folders no live process owns: the owner's pid (in the name) is gone, or, for a
+        folder without one, it is older than ``older_than_s``. Returns what was removed."""
         now = time.time()
+        removed = []
         for p in (self.root / "tmp").iterdir():
-            if now - p.stat().st_mtime >= older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
+            owner = staging_owner(p.name)
+            try:
+                stale = (not pid_alive(owner)) if owner is not None else now - p.stat().st_mtime >= older_than_s
+            except OSError:
+                continue  # removed meanwhile
+            if stale:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
+
+    # -- one writer at a time ----------------------------------------------------------------------------
+
+    def lock(self) -> "RunLock":
+        """The store's run lock (see :class:`RunLock`); take it with ``with store.lock(): ...``."""
+        return RunLock(self.root / LOCK)
+
+
+LOCK = "run.lock"
+
+
+def staging_owner(name: str) -> int | None:
+    """The pid in a staging folder's name (``<fp12>-p<pid>-<random>``), None for an older name."""
+    parts = name.split("-")
+    if len(parts) >= 3 and parts[1].startswith("p") and parts[1][1:].isdigit():
+        return int(parts[1][1:])
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    except OSError:
+        return False
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run store, held for a whole run: two runs of one store at once would send the
+    same requests twice and write the same nodes twice. The second run refuses at once with the first one's
+    pid (waiting could hang a CI job behind a stuck run). The OS drops the lock when its process dies, so a
+    killed run never leaves the store locked. On a platform without ``fcntl`` the lock is advisory only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs are not guarded there
+            return self
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            store = self.path.parent
+            raise RunError(f"another run is using the run store {store} ({holder})",
+                           hint="wait for it to finish (it keeps every answer it gets), or give this run "
+                                "its own store with --store") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            import fcntl
+
+            self._file.seek(0)
+            self._file.truncate()
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 def write_table(path: Path, rows: Rows) -> list[str]:

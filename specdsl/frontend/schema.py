@@ -306,6 +306,11 @@ def _translate_plain(err: Any, path: tuple, schema: Mapping[str, Any], prefix: b
 
 
 def _short(message: str) -> str:
+    """A jsonschema message cut to length, secrets redacted first: a key quoted across the cut would
+    otherwise survive in part, where ErrorSink's later redaction cannot recognise it."""
+    from specdsl.secret_shapes import redact_secrets
+
+    message = redact_secrets(message)
     return message if len(message) < 160 else message[:157] + "..."
 
 

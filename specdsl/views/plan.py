@@ -17,18 +17,19 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
     from rich.console import Console
     from rich.markup import escape
 
-    from specdsl.execute.runner import default_store_dir
+    from specdsl.execute.runner import cached_nodes, default_store_dir
     from specdsl.execute.store import Store
 
     console = console or Console()
     root = Path(store_dir) if store_dir else default_store_dir(plan)
     store = Store(root) if root.exists() else None
+    cached_ids = cached_nodes(plan, store) if store is not None else set()  # inputs cached too
     console.print(f"[bold]plan[/bold] {plan.name}: {len(plan.nodes)} nodes")
     total_cost, unknown_cost, total_requests, upper_bound = 0.0, False, 0, False
     for n in plan.nodes:
         est = n.estimate or {}
         ins = ", ".join(src for _, src in n.inputs) or n.params.get("path", "-")
-        cached = store is not None and store.has(n.fingerprint)
+        cached = n.id in cached_ids
         console.print(f"[bold cyan]{escape(n.id)}[/bold cyan] [magenta]{n.op}[/magenta]  {escape(ins)} -> "
                       f"{escape(', '.join(n.columns))}")
         facts = []
@@ -106,6 +107,11 @@ def _escape_markup(text: str) -> str:
     return escape(text)
 
 
+def _fmt_cost(stats: dict[str, Any]) -> str:
+    cost = stats.get("cost", 0)
+    return "unknown" if cost is None else f"${cost:.4f}"  # a model that cannot be priced is not free
+
+
 def render_run_summary(result: Any, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -120,7 +126,7 @@ def render_run_summary(result: Any, console: Any = None) -> None:
         tok = f"{s.get('input_tokens', 0):,}/{s.get('output_tokens', 0):,}" if s.get("requests") else ""
         status = {"cached": "[dim]cached[/dim]", "ran": "[green]ran[/green]",
                   "incomplete": "[red]incomplete[/red]"}.get(r.status, r.status)
-        table.add_row(r.id, r.op, status, _fmt_int(r.rows), req, tok, f"${s.get('cost', 0):.4f}" if s.get("requests") else "",
+        table.add_row(r.id, r.op, status, _fmt_int(r.rows), req, tok, _fmt_cost(s) if s.get("requests") else "",
                       f"{r.seconds:.1f}")
     console.print(table)
     for r in result.nodes:

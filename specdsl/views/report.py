@@ -261,7 +261,8 @@ def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: i
         _card(f"{totals.get('requests', 0):,} ({totals.get('cached_requests', 0):,})", "requests (cached)"),
         _card(f"{totals.get('failed_requests', 0):,}", "failed requests"),
         _card(f"{totals.get('input_tokens', 0):,} / {totals.get('output_tokens', 0):,}", "tokens in / out"),
-        _card(f"${float(totals.get('cost') or 0):.4f}", "cost"),
+        _card("unknown" if totals.get("requests") and totals.get("cost", 0) is None
+              else f"${float(totals.get('cost') or 0):.4f}", "cost"),
         _card(f"{float(manifest.get('seconds') or 0):.1f} s", "duration")]) + "</div>")
 
     # The graph.
@@ -312,7 +313,7 @@ def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: i
             f'<tr id="node-{esc(i)}"><td><b>{esc(i)}</b>{link}</td><td>{esc(n.get("op"))}</td>'
             f'<td><span class="status" style="background:{fill};border-color:{stroke}">{esc(st)}</span></td>'
             f'<td class=num>{esc(format_cell(rows.get(i)))}</td><td>{esc(req)}</td><td>{esc(tok)}</td><td>{esc(trained)}</td>'
-            f'<td class=num>{"$%.4f" % r["cost"] if r.get("cost") else ""}</td>'
+            f'<td class=num>{"$%.4f" % r["cost"] if r.get("cost") else ("unknown" if r.get("requests") and "cost" in r and r["cost"] is None else "")}</td>'
             f'<td class=num>{esc(format_cell(r.get("seconds")) if i in run_nodes else "")}</td>'
             f'<td><code>{esc(str(n.get("fingerprint", ""))[:12])}</code></td><td>{esc(note)}</td></tr>')
         for e in (r.get("errors") or [])[:5]:

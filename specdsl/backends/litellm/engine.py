@@ -2,6 +2,11 @@
 and jitter, ``Retry-After`` honoured for everyone on the key, and failures classified (retry, give up,
 or stop the run when the key itself is refused).
 
+A circuit breaker stops the batch when the server cannot be reached at all: after
+``BREAKER_THRESHOLD`` consecutive attempts that could not connect (connection refused, no route, unknown
+host) with no answer in between, every request still waiting fails at once with one message, instead of
+each retrying with backoff on its own (minutes for 64 rows, hours for 10,000).
+
 A transport supplies one coroutine, ``send(request, params) -> (text, input_tokens, output_tokens)``,
 that raises :class:`Failure` for a failed attempt. asyncio is imported where the loop runs.
 """
@@ -23,6 +28,9 @@ RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 AUTH_STATUS = frozenset({401, 403})
 MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 600.0
+# Consecutive attempts that could not connect, none answered in between, before the batch stops: a
+# restarting server answers again within a few of them; a server that is down never does.
+BREAKER_THRESHOLD = 8
 
 _log = logging.getLogger(__name__)
 
@@ -31,13 +39,14 @@ class Failure(Exception):
     """One failed attempt, classified: may it be retried, after how long, does it doom the run?"""
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None,
-                 retry_after: float | None = None, fatal: bool = False):
+                 retry_after: float | None = None, fatal: bool = False, unreachable: bool = False):
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.status = status
         self.retry_after = retry_after
         self.fatal = fatal  # every other request would fail the same way (bad key): stop sending
+        self.unreachable = unreachable  # no connection was made at all (refused, no route, unknown host)
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -84,10 +93,32 @@ class Engine:
         self.limiter = limiter       # None: no limit to wait for, nothing to pay per request
         self.pause_until = 0.0       # set by a 429 with Retry-After: the whole key is throttled
         self.fatal: str | None = None
+        self.unreachable_run = 0     # consecutive attempts that could not connect (the circuit breaker)
+        self._stop: Any = None       # an asyncio.Event set when the batch must stop: wakes backoff sleeps
+        self.drain_error: BaseException | None = None  # on_result asked to stop after in-flight requests
+
+    def stop_all(self, message: str) -> None:
+        """Fail every request not yet answered with ``message`` (once), waking those that back off."""
+        if self.fatal is None:
+            self.fatal = message
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        import asyncio
+
+        if self._stop is None:
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def run(self, requests: Sequence[GenRequest]) -> None:
         import asyncio
 
+        self._stop = asyncio.Event()
         it = iter(requests)  # workers share one iterator; the event loop makes next() atomic
 
         stopped = False
@@ -95,12 +126,22 @@ class Engine:
         async def worker() -> None:
             nonlocal stopped
             for req in it:
+                if self.drain_error is not None:
+                    return  # the caller asked to stop sending: nothing new goes out
                 res = await self._one(req)
                 if stopped:
                     return  # on_result has raised: the caller wants no more results
                 try:
                     self.on_result(res)
-                except BaseException:
+                except BaseException as exc:
+                    if getattr(exc, "drain", False):
+                        # "Stop, but keep what is in flight" (--fail-fast): those answers are paid for;
+                        # they are still delivered, then this exception is raised.
+                        if self.drain_error is None:
+                            self.drain_error = exc
+                            if self._stop is not None:
+                                self._stop.set()  # wake requests backing off: they are not retried
+                        continue
                     stopped = True  # other workers may finish a request before this task is reaped
                     raise
 
@@ -121,6 +162,8 @@ class Engine:
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()
+        if self.drain_error is not None:
+            raise self.drain_error
 
     def _backoff(self, attempt: int) -> float:
         base = min(MAX_BACKOFF_S, self.s.retry_backoff_s * (2 ** attempt))
@@ -140,7 +183,8 @@ class Engine:
                 return GenResult(key=req.key, error=self.fatal, latency_s=time.monotonic() - t0)
             wait = self.pause_until - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
+                continue  # the pause may have ended in a stop
             if limiter is not None:
                 await limiter.acquire(est)
             used = est  # what the attempt cost, until the response says better
@@ -170,8 +214,17 @@ class Engine:
             if failure is not None:
                 f = failure
                 if f.fatal:
-                    self.fatal = f.message
-                if not f.retryable or attempt >= s.max_retries:
+                    self.stop_all(f.message)
+                if f.unreachable:
+                    self.unreachable_run += 1
+                    if self.unreachable_run >= BREAKER_THRESHOLD:
+                        self.stop_all(f"cannot reach {self.describe}: {f.message} ({self.unreachable_run} "
+                                      "attempts in a row could not connect; is the server running?)")
+                else:
+                    self.unreachable_run = 0  # something answered, even if with an error
+                if self.fatal is not None:
+                    return GenResult(key=req.key, error=self.fatal, latency_s=time.monotonic() - t0)
+                if not f.retryable or attempt >= s.max_retries or self.drain_error is not None:
                     tries = f" (after {attempt + 1} attempts)" if attempt else ""
                     return GenResult(key=req.key, error=f"{f.message}{tries}",
                                      latency_s=time.monotonic() - t0)
@@ -187,8 +240,12 @@ class Engine:
                     delay = self._backoff(attempt)
                 _log.debug("retrying %s in %.2fs: %s", req.row_id or req.key[:12], delay, f.message)
                 attempt += 1
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
+                if self.drain_error is not None:
+                    return GenResult(key=req.key, error=f"{f.message} (not retried: the run stopped at the "
+                                     "first failure)", latency_s=time.monotonic() - t0)
                 continue
+            self.unreachable_run = 0
             cost = self.price(in_tok, out_tok)
             return GenResult(key=req.key, text=text, input_tokens=in_tok, output_tokens=out_tok,
                              cost=cost or 0.0, latency_s=time.monotonic() - t0)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 from typing import Any, Callable, Mapping, Sequence
 
 from specdsl.backends.litellm.engine import AUTH_STATUS, RETRYABLE_STATUS, Failure, first_line, parse_retry_after
@@ -33,19 +35,38 @@ from specdsl.secrets import redact_values
 
 
 def error_detail(raw: bytes, secrets: Sequence[str]) -> str:
-    """The provider's error message, short, from an OpenAI-style error body (or the raw text).
+    """The provider's error message, short, from the error body's usual shapes, else the raw body.
 
-    Secrets are redacted before the message is cut: a key the body quotes across the cut would otherwise
-    survive in part, where no later redaction can recognise it.
+    Shapes: OpenAI and the litellm proxy ``{"error": {"message": ...}}``; vLLM ``{"object": "error",
+    "message": ...}``; FastAPI, as ``transformers serve`` answers, ``{"detail": "..."}`` or a list of
+    ``{"loc", "msg"}``; TGI ``{"error": "..."}``. Secrets are redacted before the message is cut: a key the
+    body quotes across the cut would otherwise survive in part, where no later redaction can recognise it.
     """
+    text = raw.decode("utf-8", "replace").strip()
     try:
-        data = json.loads(raw)
-        err = data.get("error", data) if isinstance(data, dict) else data
-        msg = err.get("message") if isinstance(err, dict) else err
-        text = str(msg)
+        message = _message_of(json.loads(raw))
     except Exception:
-        text = raw.decode("utf-8", "replace")
-    return redact_values(text.strip(), secrets)[:300]
+        message = None
+    return redact_values((message or text or "(empty body)").strip(), secrets)[:300]
+
+
+def _message_of(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    err = data.get("error")
+    if isinstance(err, dict):
+        return _message_of(err) or _message_of({"message": err.get("type")})
+    for key in ("message", "detail", "error", "msg"):
+        value = data.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, list) and value:  # FastAPI validation errors
+            parts = [f"{'.'.join(str(x) for x in v.get('loc', []))}: {v.get('msg')}" if isinstance(v, dict)
+                     else str(v) for v in value]
+            return "; ".join(parts)
+        if isinstance(value, dict) and (inner := _message_of(value)):
+            return inner
+    return None
 
 
 class DirectTransport:
@@ -96,10 +117,14 @@ class DirectTransport:
                 headers = resp.headers
         except TimeoutError:  # asyncio.TimeoutError is TimeoutError since Python 3.11
             raise Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True) from None
+        except aiohttp.ClientConnectorError as exc:  # no connection made: refused, no route, unknown host
+            raise Failure(f"connection error: {type(exc).__name__}: {exc}", retryable=True,
+                          unreachable=True) from None
         except aiohttp.ClientError as exc:
             raise Failure(f"connection error: {type(exc).__name__}: {exc}", retryable=True) from None
         except OSError as exc:
-            raise Failure(f"connection error: {exc}", retryable=True) from None
+            raise Failure(f"connection error: {exc}", retryable=True,
+                          unreachable=isinstance(exc, (ConnectionRefusedError, socket.gaierror))) from None
         if status >= 400:
             detail = error_detail(raw, self.s.secrets)
             if status in AUTH_STATUS:
@@ -156,6 +181,12 @@ class LiteLLMTransport:
         detail = redact_values(str(getattr(exc, "message", None) or exc), self.s.secrets)[:300]
         if isinstance(exc, (lt.Timeout, TimeoutError)):
             return Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True, status=408)
+        if is_missing_credentials(exc):
+            # litellm raises this before any request is made (as an "HTTP 500" for openai/): retrying
+            # cannot help, and every other request would fail the same way.
+            return Failure(missing_key_message(self.s, detail), retryable=False, fatal=True)
+        if could_not_connect(exc):
+            return Failure(f"connection error: {detail}", retryable=True, status=status, unreachable=True)
         if isinstance(exc, (lt.AuthenticationError, lt.PermissionDeniedError)) or status in AUTH_STATUS:
             return Failure(self.engine_ref[0].auth_message(status, detail), retryable=False,
                            status=status, fatal=True)
@@ -190,6 +221,46 @@ class LiteLLMTransport:
         in_tok = int(getattr(usage, "prompt_tokens", 0) or 0)
         out_tok = int(getattr(usage, "completion_tokens", 0) or 0)
         return text, in_tok, out_tok
+
+
+_MISSING_KEY = re.compile(r"(?i)missing credentials|missing [\w ]*api[ _]key|api_key client option must be set|"
+                          r"no api key|api key (?:is )?(?:not set|required)")
+_NO_CONNECTION = re.compile(r"(?i)connection refused|cannot connect to host|connect call failed|"
+                            r"all connection attempts failed|name or service not known|nodename nor servname|"
+                            r"no route to host|network is unreachable|^(?:\S+: )*connection error\.?$")
+
+
+def is_missing_credentials(exc: BaseException) -> bool:
+    """litellm's configuration errors about a key (none given, none in the environment)."""
+    return bool(_MISSING_KEY.search(str(getattr(exc, "message", None) or exc)))
+
+
+def could_not_connect(exc: BaseException) -> bool:
+    """No connection was made at all: refused, no route, unknown host (anywhere in the exception chain)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (ConnectionRefusedError, socket.gaierror)) or \
+                type(cur).__name__ in ("ConnectError", "ClientConnectorError", "ClientConnectorDNSError"):
+            return True
+        text = str(getattr(cur, "message", None) or cur).strip()
+        if _NO_CONNECTION.search(text.rsplit(" - ", 1)[-1]) or _NO_CONNECTION.search(text):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def missing_key_message(s: Settings, detail: str) -> str:
+    """A configuration error naming where the key should come from."""
+    provider = s.model.partition("/")[0] if "/" in s.model else "the provider"
+    env = s.api_key_env or {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY",
+                            "gemini": "GEMINI_API_KEY", "hosted_vllm": "HOSTED_VLLM_API_KEY",
+                            "mistral": "MISTRAL_API_KEY", "groq": "GROQ_API_KEY"}.get(provider)
+    where = (f"set `api_key: ${{env:{env}}}` on the model and export {env}" if env
+             else "set `api_key: ${env:NAME}` on the model and export NAME")
+    return (f"no API key for model {s.model!r} (a configuration error; no request was sent): {where}"
+            + (f" [{detail}]" if detail else ""))
 
 
 def resolve_transport(s: Settings) -> tuple[str, str, str]:

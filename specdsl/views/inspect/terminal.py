@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
+from specdsl.errors import printable
 from specdsl.views.inspect.sample import ANSWER_LABELS, MARKUP, Sample, char_runs
 
 # Untrained runs longer than this are shortened in the terminal (never key segments, never trained text).
@@ -55,9 +56,9 @@ def render_sample_terminal(sample: Sample, *, max_run: int = TERMINAL_MAX_RUN):
     for s, e, label, trained, key in char_runs(sample):
         style = _terminal_style(label, trained, key is not None)
         if pieces and pieces[-1][1] == style:
-            pieces[-1][0] += sample.text[s:e]
+            pieces[-1][0] += printable(sample.text[s:e])  # row text never drives the terminal
         else:
-            pieces.append([sample.text[s:e], style])
+            pieces.append([printable(sample.text[s:e]), style])
     for chunk, style in pieces:
         if style in (STYLE_PROMPT, STYLE_MARKUP) and len(chunk) > max_run:
             body.append(chunk[:keep], style=style)
@@ -69,7 +70,7 @@ def render_sample_terminal(sample: Sample, *, max_run: int = TERMINAL_MAX_RUN):
     erased = sample.row.get("erased_system")
     if erased:
         line = Text("erased: ", style="dim")
-        line.append(str(erased), style=STYLE_ERASED)
+        line.append(printable(str(erased)), style=STYLE_ERASED)
         if str(erased) in sample.text:
             line.append("  LEAK: the erased instruction appears in the training text", style="bold red")
         else:
@@ -98,7 +99,7 @@ def render_sample_terminal(sample: Sample, *, max_run: int = TERMINAL_MAX_RUN):
 
 def short_text(value: Any, width: int = 80) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = text.replace("\n", "⏎")
+    text = printable(text.replace("\n", "⏎"))  # escapes in data must not retitle or recolour the terminal
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -108,7 +109,7 @@ def print_rows_table(console: Any, rows: Sequence[Mapping[str, Any]], columns: S
 
     table = Table(show_lines=True)
     for c in columns:
-        table.add_column(Text(c), overflow="fold")
+        table.add_column(Text(printable(c)), overflow="fold")
     for row in rows:  # Text, not markup: data may hold brackets
         table.add_row(*[Text(short_text(row.get(c), width) if row.get(c) is not None else "") for c in columns])
     console.print(table)
