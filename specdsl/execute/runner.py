@@ -113,7 +113,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
         from specdsl.requirements import check_requirements
 
         check_requirements(plan, registry, nodes=selected, executor=registry.executors[executor],
-                           cached=lambda n: store.has(n.fingerprint) and only != n.id)
+                           cached=lambda n: is_cached(plan, n, store, registry) and only != n.id)
     services = Services(plan, store, registry, progress=display, fail_fast=fail_fast,
                         executor=registry.executors[executor])
     outputs: dict[str, list[dict[str, Any]]] = {}
@@ -135,9 +135,10 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
         with display:
             for index, node in enumerate(selected):
                 t0 = time.monotonic()
-                if store.has(node.fingerprint) and only != node.id:
+                if is_cached(plan, node, store, registry) and only != node.id:
                     meta = store.meta(node.fingerprint)
                     reports.append(NodeReport(node.id, node.op, node.fingerprint, "cached", meta.get("rows"),
+                                              stats=artifacts_of(meta, store.node_dir(node.fingerprint)),
                                               note="; ".join(meta.get("notes", []))))
                     if meta.get("evaluation") is not None:
                         evaluations[node.id] = meta["evaluation"]
@@ -207,6 +208,7 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
                             stats=stats_dict)
         if "evaluation" in meta_extra:
             report.stats["evaluation"] = meta_extra["evaluation"]
+        report.stats.update(artifacts_of(meta_extra, store.node_dir(node.fingerprint)))
         if services.notes.get(node.id):
             report.note = "; ".join(services.notes[node.id])
             meta_extra = {**meta_extra, "notes": services.notes[node.id]}
@@ -225,6 +227,30 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def is_cached(plan: Plan, node: PlanNode, store: Store, registry: Any) -> bool:
+    """The node is in the store and, for an op that writes files outside it (an export, a train step's
+    ``output:``), those files are still there unchanged (the op's optional ``outputs_current``)."""
+    if not store.has(node.fingerprint):
+        return False
+    current = getattr(registry.ops.get(node.op), "outputs_current", None)
+    if not callable(current):
+        return True
+    try:
+        return bool(current(node.params, node.fingerprint, plan.spec_file))
+    except Exception:  # noqa: BLE001 - outputs that cannot be checked are written again
+        return False
+
+
+def artifacts_of(meta: Mapping[str, Any], node_dir: Path) -> dict[str, Any]:
+    """``{"artifacts": [...]}`` for a node's report: each artifact an op listed in its meta (``kind``,
+    ``path``), a path inside the node's store folder made absolute; empty when it listed none."""
+    found = []
+    for item in meta.get("artifacts") or []:
+        path = Path(item["path"])
+        found.append({**item, "path": str(path if path.is_absolute() else node_dir / path)})
+    return {"artifacts": found} if found else {}
 
 
 def _prepare_models(plan: Plan, registry: Any) -> None:
@@ -277,6 +303,7 @@ def _manifest(plan: Plan, store: Store, reports: list[NodeReport], started: floa
             "output_tokens": sum(r.stats.get("output_tokens", 0) for r in reports),
             "cost": round(sum(r.stats.get("cost", 0.0) for r in reports), 6),
         },
+        "artifacts": [{"node": r.id, **a} for r in reports for a in r.stats.get("artifacts", [])],
         "plan": plan.to_dict(),
         **extra,
     }
