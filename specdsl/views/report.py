@@ -264,6 +264,11 @@ def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: i
         _card(f"${float(totals.get('cost') or 0):.4f}", "cost"),
         _card(f"{float(manifest.get('seconds') or 0):.1f} s", "duration")]) + "</div>")
 
+    artifacts = list(manifest.get("artifacts") or [])
+    if artifacts:
+        parts.append("<h2>Artifacts</h2>")
+        parts.append(artifacts_html(artifacts))
+
     # The graph.
     legend = " ".join(f'<span class="status" style="background:{f};border-color:{s}">{esc(k)}</span>'
                       for k, (f, s) in STATUS_COLOURS.items() if k in set(status.values()))
@@ -373,6 +378,24 @@ def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: i
                      + "</ul></details>")
     body_html = "\n".join(parts)
     return page(f"specdsl report: {name}", body_html).replace("</style>", REPORT_CSS + "</style>", 1)
+
+
+ARTIFACT_KINDS = {"export": "exported dataset", "model": "trained model (store)",
+                  "model output": "trained model (output folder)", "evaluation rows": "per-row evaluation table",
+                  "plot": "plot"}
+
+
+def artifacts_html(artifacts: Sequence[Mapping[str, Any]]) -> str:
+    """Every file or folder a run made that people take elsewhere: node, what it is, its path (a link)."""
+    rows = []
+    for a in artifacts:
+        path = str(a.get("path", ""))
+        href = Path(path).as_uri() if Path(path).is_absolute() else path
+        rows.append(f'<tr><td><a href="#node-{esc(a.get("node", ""))}">{esc(a.get("node", ""))}</a></td>'
+                    f'<td>{esc(ARTIFACT_KINDS.get(a.get("kind"), a.get("kind", "")))}</td>'
+                    f'<td><a href="{esc(href)}"><code>{esc(path)}</code></a></td></tr>')
+    return ('<table class="grid"><tr><th>node</th><th>artifact</th><th>path</th></tr>' + "".join(rows)
+            + "</table>")
 
 
 def write_report(run: Any, path: str | Path | None = None, *, store_dir: str | Path | None = None,
