@@ -117,6 +117,21 @@ def test_auto_transport_choice(backend):
     assert backend.transport_for({"model": "openai/fake", "transport": "litellm"}) == "litellm"
 
 
+def test_auto_sends_provider_apis_through_litellm(backend, monkeypatch):
+    """`auto` takes the direct path only to a self-hosted server: a provider's own API goes through litellm
+    (its headers, callbacks and parameter rules), even for an OpenAI-wire provider."""
+    for env in ("OPENAI_BASE_URL", "OPENAI_API_BASE", "HOSTED_VLLM_API_BASE"):
+        monkeypatch.delenv(env, raising=False)
+    assert backend.transport_for({"model": "openai/gpt-4o-mini"}) == "litellm"
+    assert backend.transport_for({"model": "openai/gpt-4o-mini", "api_base": "https://api.openai.com/v1"}) == "litellm"
+    assert backend.transport_for({"model": "custom_openai/m", "api_base": "http://127.0.0.1:8000/v1"}) == "direct"
+    # An explicit `transport: direct` is still honoured for OpenAI's API.
+    assert backend.transport_for({"model": "openai/gpt-4o-mini", "transport": "direct"}) == "direct"
+    # The provider's base-URL variable names a self-hosted server as well as the option does.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://gateway.internal:4000/v1")
+    assert backend.transport_for({"model": "openai/gpt-4o-mini"}) == "direct"
+
+
 # --------------------------------------------------------------------------------------------------
 # Behaviour over HTTP, on both transports
 # --------------------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def test_the_step_schema_is_the_union_of_the_targets_and_each_named_target_gets_
     assert props["flavour"] == {"anyOf": [{"enum": ["a", "b"], "description": "which copy"}, {"type": "integer"}]}
     rules = {rule["if"]["properties"]["target"]["const"]: rule["then"] for rule in schema["allOf"]}
     assert set(rules) == {"cpu", "cuda", "copy", "copy2"}
-    assert set(rules["copy"]["properties"]) == {"from", "model", "target", "loss", "mask", "meta", "flavour"}
+    assert set(rules["copy"]["properties"]) == {"from", "model", "target", "loss", "mask", "output", "allow_outside",
+                                                "meta", "flavour"}
     assert rules["copy"]["properties"]["flavour"] == {"enum": ["a", "b"], "description": "which copy"}
     assert rules["copy2"]["required"] == ["flavour"] and rules["cpu"]["additionalProperties"] is False
 

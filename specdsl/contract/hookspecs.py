@@ -300,6 +300,11 @@ class OpDef(Protocol):
     * ``backend_label(params) -> str | None``: what ``plan`` shows as the node's backend.
     * ``schema_for(registry) -> dict``: the op's parameter schema when it depends on other plugins (the
       probes ``evaluate`` accepts, the training targets ``train`` accepts); ``params_schema`` otherwise.
+    * ``outputs_current(params, fingerprint, spec_file) -> bool`` (no default: absent means True): for an
+      op that writes files outside the store (``export``, ``train`` with ``output:``), whether a cached
+      node's files are still there unchanged; False makes the node run again (see specdsl.ops.outputs).
+      An op may also list ``artifacts`` (``[{"kind", "path"}]``, a path relative to the node's folder or
+      absolute) in the meta it returns: the run summary, run.json and report.html show their paths.
     """
 
     name: str

@@ -111,7 +111,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
     if not dry_run:  # what the nodes that will run need installed, checked before anything is written
         from specdsl.requirements import check_requirements
 
-        cached = cached_nodes(plan, store)
+        cached = cached_nodes(plan, store, registry=registry)
         check_requirements(plan, registry, nodes=selected, executor=registry.executors[executor],
                            cached=lambda n: n.id in cached and only != n.id)
     if dry_run:
@@ -125,7 +125,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                            on_manifest=on_manifest)
 
 
-def cached_nodes(plan: Plan, store: Store, *, verify: bool = False) -> set[str]:
+def cached_nodes(plan: Plan, store: Store, *, verify: bool = False, registry: Any = None) -> set[str]:
     """The nodes a run may take from ``store``: stored, and every input (steps and trained models) taken
     from it too. A node stored while an input is not was committed from something a run no longer has
     (an incomplete upstream, by an older specdsl): it is not trusted. ``verify`` also reads each table's
@@ -134,7 +134,8 @@ def cached_nodes(plan: Plan, store: Store, *, verify: bool = False) -> set[str]:
     for node in plan.nodes:  # topological order
         deps = [src for _, src in node.inputs] + [ref for _, ref in node.models]
         if all(d in trusted for d in deps) and store.has(node.fingerprint) and \
-                (not verify or store.verify(node.fingerprint)):
+                (not verify or store.verify(node.fingerprint)) and \
+                (registry is None or is_cached(plan, node, store, registry)):
             trusted.add(node.id)
     return trusted
 
@@ -146,7 +147,7 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
     from specdsl.execute.progress import Display
 
     display = Display(console=console, enabled=progress)
-    cached = cached_nodes(plan, store, verify=not dry_run)
+    cached = cached_nodes(plan, store, verify=not dry_run, registry=registry)
     services = Services(plan, store, registry, progress=display, fail_fast=fail_fast,
                         executor=registry.executors[executor])
     outputs: dict[str, list[dict[str, Any]]] = {}
@@ -171,6 +172,7 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
                 if node.id in cached and only != node.id:
                     meta = store.meta(node.fingerprint)
                     reports.append(NodeReport(node.id, node.op, node.fingerprint, "cached", meta.get("rows"),
+                                              stats=artifacts_of(meta, store.node_dir(node.fingerprint)),
                                               note="; ".join(meta.get("notes", []))))
                     if meta.get("evaluation") is not None:
                         evaluations[node.id] = meta["evaluation"]
@@ -264,6 +266,7 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
                             stats=stats_dict)
         if "evaluation" in meta_extra:
             report.stats["evaluation"] = meta_extra["evaluation"]
+        report.stats.update(artifacts_of(meta_extra, store.node_dir(node.fingerprint)))
         if services.notes.get(node.id):
             report.note = "; ".join(services.notes[node.id])
             meta_extra = {**meta_extra, "notes": services.notes[node.id]}
@@ -333,6 +336,30 @@ def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, sta
     return writer.rows, writer.close()
 
 
+def is_cached(plan: Plan, node: PlanNode, store: Store, registry: Any) -> bool:
+    """The node is in the store and, for an op that writes files outside it (an export, a train step's
+    ``output:``), those files are still there unchanged (the op's optional ``outputs_current``)."""
+    if not store.has(node.fingerprint):
+        return False
+    current = getattr(registry.ops.get(node.op), "outputs_current", None)
+    if not callable(current):
+        return True
+    try:
+        return bool(current(node.params, node.fingerprint, plan.spec_file))
+    except Exception:  # noqa: BLE001 - outputs that cannot be checked are written again
+        return False
+
+
+def artifacts_of(meta: Mapping[str, Any], node_dir: Path) -> dict[str, Any]:
+    """``{"artifacts": [...]}`` for a node's report: each artifact an op listed in its meta (``kind``,
+    ``path``), a path inside the node's store folder made absolute; empty when it listed none."""
+    found = []
+    for item in meta.get("artifacts") or []:
+        path = Path(item["path"])
+        found.append({**item, "path": str(path if path.is_absolute() else node_dir / path)})
+    return {"artifacts": found} if found else {}
+
+
 def _prepare_models(plan: Plan, registry: Any) -> None:
     """Let each model's backend fetch what it needs (``prepare(options)``, optional: a named local model
     is pulled once) before the live display starts: a first pull draws its own progress."""
@@ -385,6 +412,7 @@ def _manifest(plan: Plan, store: Store, reports: list[NodeReport], started: floa
             "cost": None if any(r.stats.get("requests") and r.stats.get("cost", 0.0) is None for r in reports)
             else round(sum(r.stats.get("cost") or 0.0 for r in reports), 6),
         },
+        "artifacts": [{"node": r.id, **a} for r in reports for a in r.stats.get("artifacts", [])],
         "plan": plan.to_dict(),
         **extra,
     }

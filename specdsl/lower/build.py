@@ -99,6 +99,10 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
     # Dependencies between steps, for cycle detection and order.
     deps: dict[str, list[tuple[str, str]]] = {}
     unresolved: set[str] = set()  # steps with an input that names nothing
+    # Inputs naming a helper node (`from: sft.tokens`): the helper's id -> the step that makes it. Helpers
+    # exist only once their step is checked, so order and cycles go by that step; the helper itself is
+    # looked up when the reading step is built.
+    helper_refs: dict[str, str] = {}
     for step in step_ids.values():
         op = registry.ops.get(step.op)
         if op is None:
@@ -113,6 +117,11 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
             items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
             for i, (param, ref) in enumerate(items):
                 if ref in step_ids or ref in spec.sources:
+                    refs.append((param, ref))
+                    continue
+                owner = _helper_owner(ref, step_ids)
+                if owner is not None and owner != step.id:
+                    helper_refs[ref] = owner
                     refs.append((param, ref))
                     continue
                 unresolved.add(step.id)
@@ -134,7 +143,9 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 sink.add("S201", f"unknown model '{ref}'", spec.step_pos(step, key), (step.id, key),
                          hint=hint or "define it under `models:` or name a train step")
         deps[step.id] = refs
-    cycle = _find_cycle(deps)
+    # Order and cycles see a helper reference as one to the step that makes the helper.
+    step_deps = {sid: [(key, helper_refs.get(ref, ref)) for key, ref in refs] for sid, refs in deps.items()}
+    cycle = _find_cycle(step_deps)
     if cycle:
         first = step_ids[cycle[0]]
         shown = cycle + [cycle[0]] if len(cycle) <= 8 else cycle[:4] + [f"... ({len(cycle)} steps) ..."] + cycle[-2:] \
@@ -143,7 +154,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                  (first.id,), hint="a step can only read steps that do not read it back")
         raise SpecErrors(_sorted(sink.errors), {spec.doc.file: spec.doc.lines})
 
-    order = _topo(list(step_ids), deps)
+    order = _topo(list(step_ids), step_deps)
     model_kinds = {name: decl.backend for name, decl in spec.models.items()}
     model_kinds.update({s.id: "trained" for s in step_ids.values() if _makes_model(registry, s)})
     var_names = frozenset(spec.vars)
@@ -152,11 +163,21 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         op = registry.ops.get(step.op)
         if op is None:
             continue
+        for key, ref in deps.get(sid, []):
+            if ref in helper_refs and ref not in nodes and helper_refs[ref] not in unknown_columns:
+                # The step exists but makes no such helper node: say which ones it makes.
+                owner = helper_refs[ref]
+                made = sorted(n for n in nodes if n.startswith(owner + ".") and nodes[n].step == owner)
+                base_key, _, index = key.partition("[")
+                keys = (base_key, int(index.rstrip("]"))) if index else (base_key,)
+                sink.add("S203", f"step '{owner}' makes no node '{ref}'", spec.step_pos(step, *keys),
+                         (sid,) + keys, hint=f"its nodes: {', '.join(made + [owner])}")
+                unresolved.add(sid)
         inputs = {key: columns.get(ref, ()) for key, ref in deps.get(sid, []) if key.split("[")[0] in op.input_keys}
         # When an input's columns are unknown (it names nothing, its file is missing, its op failed), every
         # column check here would only echo that first error: keep the step's other errors, drop those.
-        blind = sid in unresolved or any(ref in unknown_columns for key, ref in deps.get(sid, [])
-                                         if key.split("[")[0] in op.input_keys)
+        blind = sid in unresolved or any(ref in unknown_columns or helper_refs.get(ref) in unknown_columns
+                                         for key, ref in deps.get(sid, []) if key.split("[")[0] in op.input_keys)
         step_sink = ErrorSink() if blind else sink
 
         def pos_of(*keys, key=False, _step=step):
@@ -207,6 +228,7 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 models=model_deps, model_names=tuple(model_names), identity_json=canonical_json(identity), step=sid,
                 recipe=step.recipe, pos=pos_of(key=True), op_version=getattr(helper_op, "version", "1"))
             input_deps = (("from", helper_id),)
+            columns[helper_id] = tuple(helper.columns)  # a later step may read the helper (`from: sft.tokens`)
         label = op.backend_label(step.params) if callable(getattr(op, "backend_label", None)) else None
         backend = label or backend
         reads = None
@@ -232,6 +254,19 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
 def _makes_model(registry: Any, step: StepDecl) -> bool:
     """Whether the step's output is a model later steps may name (its op has a ``model_backend``)."""
     return getattr(registry.ops.get(step.op), "model_backend", None) is not None
+
+
+def _helper_owner(ref: Any, step_ids: Mapping[str, StepDecl]) -> str | None:
+    """The step whose helper node ``ref`` would be (``sft`` for ``sft.tokens``), or None: a step id, a dot,
+    and a suffix. The longest step id wins (ids may hold dots themselves)."""
+    if not isinstance(ref, str):
+        return None
+    head = ref
+    while "." in head:
+        head = head.rsplit(".", 1)[0]
+        if head in step_ids:
+            return head
+    return None
 
 
 def _helpers(op: Any, ctx: CheckContext, step_id: str, sink: ErrorSink, pos_of: Any) -> tuple[Any, ...]:

@@ -32,6 +32,7 @@ class KnownModel:
     parameters: int
     context_length: int
     license: str
+    hub_id: str | None = None  # the model's id on the Hugging Face Hub: what a card's base_model names
 
     @property
     def source(self) -> str:
@@ -54,6 +55,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             parameters=134_515_008,
             context_length=8192,
             license="Apache-2.0",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
     )
 }
@@ -112,6 +114,13 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return json.loads((Path(path) / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def hub_id(name: str) -> str | None:
+    """The Hub id of a known model name (``smollm2-135m-instruct`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``),
+    else None."""
+    known = KNOWN_MODELS.get(name)
+    return known.hub_id if known is not None else None
 
 
 def known_model(name: str) -> KnownModel:

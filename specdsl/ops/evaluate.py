@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from specdsl.errors import RunError
 from specdsl import templates
 from specdsl.tables import summary_table as _table
+from specdsl.probes.rows import parsed_answer, position_rows, prompt_text, write_probe_rows
 from specdsl.contract.ops import (COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Estimate, Rows, RunContext, StepOp,
                                   obj_schema)
 
@@ -113,7 +114,7 @@ class AccuracyProbe:
         p = ctx.params
         q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
         conditions = p.get("conditions") or [{"name": m, "model": m} for m in ctx.models]
-        results, table, scored = {}, [], {}
+        results, table, scored, per_row = {}, [], {}, []
         match = ctx.matcher()
         for cond in conditions:
             prompts = []
@@ -126,6 +127,11 @@ class AccuracyProbe:
             answers = ctx.answer(cond["model"], prompts)
             res = score_accuracy(ctx.rows, answers, match, gold)
             scored[cond["name"]] = res
+            per_row += [{"condition": cond["name"], "model": cond["model"], "id": row.get("id"),
+                         "prompt": prompt_text(messages), "answer": answer,
+                         "parsed": parsed_answer(p.get("rule", "number"), answer, p.get("pattern")),
+                         "gold": str(row[gold]), "verdict": "correct" if ok else "wrong"}
+                        for row, messages, answer, ok in zip(ctx.rows, prompts, answers, res.correct_flags)]
             results[cond["name"]] = res.to_dict()
             table.append({"condition": cond["name"], "model": cond["model"], "n": res.n, "accuracy": res.accuracy,
                           "ci95": _interval_text(results[cond["name"]]["ci95"])})
@@ -139,7 +145,7 @@ class AccuracyProbe:
                 if r["condition"] in by_condition:  # the same items under both: a paired comparison
                     r["delta_ci95"] = _interval_text(by_condition[r["condition"]]["ci95"])
                     r["p_mcnemar"] = by_condition[r["condition"]]["p_mcnemar"]
-        return {"probe": "accuracy", "results": results, "table": table, "paired": paired}
+        return {"probe": "accuracy", "results": results, "table": table, "paired": paired, "rows": per_row}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
                  rows: int | None, services: Any) -> list[dict[str, Any]]:
@@ -179,16 +185,22 @@ class SelfCorrectionProbe:
         q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
         prompt = p.get("prompt", self.DEFAULT_PROMPT.replace("QUESTION", q))
         match = ctx.matcher()
-        results, table = {}, []
+        results, table, per_row = {}, [], []
         for model in ctx.models:
             prompts = [[{"role": "user", "content": templates.render(prompt, row, ctx.vars)}] for row in ctx.rows]
             outputs = ctx.answer(model, prompts)
             res = score_self_correction([{**r, "answer": r[gold]} for r in ctx.rows], outputs, match)
+            per_row += [{"condition": model, "model": model, "id": row.get("id"), "prompt": prompt_text(messages),
+                         "answer": output, "parsed": case.final, "gold": str(row[gold]),
+                         "verdict": "correct" if case.final_correct else "wrong", "initial": case.initial,
+                         "initial_verdict": "correct" if case.initial_correct else "wrong",
+                         "verification": {True: "positive", False: "negative"}.get(case.verification_positive)}
+                        for row, messages, output, case in zip(ctx.rows, prompts, outputs, res.cases)]
             d = res.to_dict()
             results[model] = d
             table.append({"model": model, **{k: _interval_text(v) if k.endswith("_ci95") else v for k, v in d.items()
                                              if k.endswith("_ci95") or not isinstance(v, (list, dict))}})
-        return {"probe": "self_correction", "results": results, "table": table}
+        return {"probe": "self_correction", "results": results, "table": table, "rows": per_row}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
                  rows: int | None, services: Any) -> list[dict[str, Any]]:
@@ -239,6 +251,7 @@ class PositionProbe:
         except RunError:
             count = None  # a provider model: the probe's own approximation
         by_model: dict[str, dict[str, Any]] = {}
+        per_row: list[dict[str, Any]] = []
         for task in settings["tasks"]:
             try:
                 items = build_position_probe(task, context_tokens=settings["context_tokens"],
@@ -249,11 +262,12 @@ class PositionProbe:
             for model in ctx.models:
                 answers = ctx.answer(model, [it.prompt() for it in items])
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
+                per_row += position_rows(task, model, items, answers)
         plot = ctx.artifact_dir / "position.png"
         plot_position_results(by_model, plot)
         table = results_table(by_model)
         results = {m: {t: r.to_dict() for t, r in tasks.items()} for m, tasks in by_model.items()}
-        return {"probe": "position", "results": results, "table": table, "plot": plot.name}
+        return {"probe": "position", "results": results, "table": table, "plot": plot.name, "rows": per_row}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
                  rows: int | None, services: Any) -> list[dict[str, Any]]:
@@ -377,16 +391,22 @@ class EvaluateOp(StepOp):
         if p.get("limit"):
             rows = rows[: p["limit"]]
         registry = ctx.services.registry
-        results, summaries = [], []
-        for probe_params in p["probes"]:
+        results, summaries, artifacts = [], [], []
+        for index, probe_params in enumerate(p["probes"]):
             probe = registry.probes[probe_params["probe"]]
             pctx = ProbeContext(node_id=ctx.node_id, params=probe_params, models=list(p["models"]), rows=rows,
                                 vars=ctx.vars, services=ctx.services, artifact_dir=ctx.artifact_dir,
                                 max_tokens=p.get("max_tokens", DEFAULT_MAX_TOKENS))
             result = probe.run(pctx)
+            per_row = result.pop("rows", None)  # a probe's answers row by row: a table beside the summary
+            if per_row:
+                result["rows_file"] = write_probe_rows(ctx.artifact_dir, index, probe_params["probe"], per_row)
+                artifacts.append({"kind": "evaluation rows", "path": result["rows_file"]})
+            if result.get("plot"):
+                artifacts.append({"kind": "plot", "path": result["plot"]})
             results.append(result)
             summaries.append(f"{probe_params['probe']}:\n{_table(result.get('table', []))}")
         summary = "\n\n".join(summaries)
         (ctx.artifact_dir / "evaluation.json").write_text(json.dumps(results, indent=2, default=str))
         out = [{"probe": r["probe"], "summary": _table(r.get("table", []))} for r in results]
-        return out, {"evaluation": {"results": results, "summary": summary}}
+        return out, {"evaluation": {"results": results, "summary": summary}, "artifacts": artifacts}

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from specdsl.errors import RunError
 from specdsl.contract.ops import (MODEL_REF, STEP_REF, CheckContext, Estimate, HelperNode, Rows, RunContext, StepOp,
                                   obj_schema)
+from specdsl.ops.outputs import ALLOW_OUTSIDE, check_output_path
 from specdsl.ops.tokenize import TOKENIZE_PASSTHROUGH, TOKENIZED_COLUMNS, check_trainable
 
 # A train step lowers to a tokenize node (exact masks, inspectable) with this suffix, feeding the train node.
@@ -23,7 +24,7 @@ TOKENIZE_SUFFIX = ".tokens"
 
 # Keys of the train step itself; everything else is the training target's own parameters, whose schema
 # the target publishes (one source of truth for what `train:` accepts).
-STEP_KEYS = ("from", "model", "target", "loss", "mask", "meta")
+STEP_KEYS = ("from", "model", "target", "loss", "mask", "output", "allow_outside", "meta")
 
 _STEP_PROPERTIES: dict[str, Any] = {
     "from": STEP_REF,
@@ -32,6 +33,10 @@ _STEP_PROPERTIES: dict[str, Any] = {
                "description": "a training target (built in: cpu, cuda; `auto` picks cuda when available)"},
     "loss": {"enum": ["assistant", "completion", "all"], "description": "which text carries loss (default: assistant)"},
     "mask": {"type": "boolean", "description": "false switches a design's partial masking off (ablation)"},
+    "output": {"type": "string", "minLength": 1,
+               "description": "a folder, relative to the spec, that receives a portable copy of the trained model "
+                              "or adapter (the store keeps its own)"},
+    "allow_outside": ALLOW_OUTSIDE,
 }
 
 
@@ -98,6 +103,7 @@ class TrainOp(StepOp):
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         check_trainable(ctx)
+        check_output_path(ctx, "output")
         target = ctx.params.get("target", "auto")
         if ctx.registry is not None and target != "auto" and target not in ctx.registry.targets:
             from specdsl.errors import did_you_mean
@@ -128,13 +134,30 @@ class TrainOp(StepOp):
             tokens = int(input_rows * min(params.get("max_length") or 512, 256) * params.get("epochs", 1))
         return Estimate(rows=1, details={"rows": input_rows, "train_tokens": tokens})
 
+    def outputs_current(self, params: Mapping[str, Any], fingerprint: str, spec_file: str) -> bool:
+        """Whether the ``output:`` folder still holds the trained model unchanged (always, without one).
+        When it does not, the node runs again and copies the model from the store: no training."""
+        if not params.get("output"):
+            return True
+        from specdsl.ops.model_output import output_current
+
+        return output_current(params, fingerprint, spec_file)
+
     def run(self, ctx: RunContext) -> tuple[Rows, dict[str, Any]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from specdsl.contract.hookspecs import TrainRequest
+        from specdsl.ops.model_output import publish_model, trained_before
 
         p = dict(ctx.params)
+        done = trained_before(ctx)
+        if done is not None:  # only the output folder was missing or changed: copy, do not train again
+            rows, meta = done
+            meta["artifacts"] = [{"kind": "model", "path": meta["model_dir"]},
+                                 publish_model(ctx, ctx.services.store.node_dir(
+                                     ctx.services.plan.node(ctx.node_id).fingerprint) / meta["model_dir"])]
+            return rows, meta
         rows = ctx.rows
         if not rows:
             raise RunError("nothing to train on: the input table is empty", node=ctx.node_id,
@@ -146,6 +169,7 @@ class TrainOp(StepOp):
         target = ctx.services.training_target(p.get("target", "auto"))
         total_tokens = sum(len(r["input_ids"]) for r in rows)
         card = {"spec": ctx.services.plan.name, "spec_file": ctx.services.plan.spec_file, "node": ctx.node_id,
+                "base_model_id": _base_model_id(ctx, p["model"]),
                 "data_fingerprint": ctx.services.plan.node(ctx.node_id).input("from"),
                 "mask_policy": _mask_policy(p), "rows": len(rows), "tokens": total_tokens,
                 "trained_tokens": sum(r.get("n_trained", 0) for r in rows)}
@@ -170,8 +194,21 @@ class TrainOp(StepOp):
             metrics = json.loads(record_file.read_text()).get("metrics", {})
         row = {"model_dir": out_dir.name, "train_loss": metrics.get("train_loss"), "steps": metrics.get("global_step"),
                "train_tokens": total_tokens}
-        return [row], {"model_dir": out_dir.relative_to(ctx.artifact_dir).as_posix(), "target": target.name,
-                       "metrics": metrics}
+        model_dir = out_dir.relative_to(ctx.artifact_dir).as_posix()
+        artifacts = [{"kind": "model", "path": model_dir}]
+        if p.get("output"):
+            artifacts.append(publish_model(ctx, out_dir))
+        return [row], {"model_dir": model_dir, "target": target.name, "metrics": metrics, "artifacts": artifacts}
+
+
+def _base_model_id(ctx: RunContext, ref: str) -> str | None:
+    """The base model's Hub id when it is a known model (the embedded default knows its own), else None."""
+    from specdsl.modelcache.known import hub_id
+
+    services = ctx.services
+    if services.is_trained(ref):
+        return None
+    return hub_id(services.plan.model(ref).model)
 
 
 def _params_for(target: Any, params: Mapping[str, Any]) -> dict[str, Any]:

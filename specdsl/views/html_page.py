@@ -103,6 +103,13 @@ def evaluation_html(node_id: str, evaluation: Mapping[str, Any], node_dir: Path 
     for res in evaluation.get("results") or []:
         out.append(f"<h4>probe: {esc(res.get('probe', '?'))}</h4>")
         out.append(table_html(res.get("table") or []))
+        rows_file = res.get("rows_file")
+        if rows_file:
+            where = node_dir / rows_file if node_dir else Path(rows_file)
+            href = where.as_uri() if where.is_absolute() else str(where)
+            out.append(f'<div class="muted">every answer, row by row (condition, model, prompt, answer, parsed '
+                       f'answer, verdict): <a class="rows" href="{esc(href)}"><code>{esc(where)}</code></a> · '
+                       f'<code>specdsl inspect SPEC --node {esc(node_id)} --rows N</code></div>')
         plot = res.get("plot")
         if plot:
             uri = data_uri_png(node_dir / plot) if node_dir else None

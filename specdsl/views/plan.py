@@ -19,11 +19,14 @@ def render_plan(plan: Plan, *, store_dir: Path | None = None, expanded: bool = F
 
     from specdsl.execute.runner import cached_nodes, default_store_dir
     from specdsl.execute.store import Store
+    from specdsl.plugins import default_registry
+
 
     console = console or Console()
     root = Path(store_dir) if store_dir else default_store_dir(plan)
     store = Store(root) if root.exists() else None
-    cached_ids = cached_nodes(plan, store) if store is not None else set()  # inputs cached too
+    registry = default_registry() if store is not None else None  # an export whose files are gone is not cached
+    cached_ids = cached_nodes(plan, store, registry=registry) if store is not None else set()  # inputs cached too
     console.print(f"[bold]plan[/bold] {plan.name}: {len(plan.nodes)} nodes")
     total_cost, unknown_cost, total_requests, upper_bound = 0.0, False, 0, False
     for n in plan.nodes:
@@ -138,6 +141,12 @@ def render_run_summary(result: Any, console: Any = None) -> None:
         if evaluation and evaluation.get("summary"):
             console.print(f"\n[bold]{node_id}[/bold]")
             console.print(evaluation["summary"])
+    artifacts = [(r.id, a) for r in result.nodes for a in r.stats.get("artifacts", [])]
+    if artifacts:
+        console.print("\n[bold]artifacts[/bold]")
+        for node_id, a in artifacts:
+            # Plain text, never cut: a path is copied from here.
+            console.print(f"  {node_id} {a.get('kind', 'file')}: {a['path']}", markup=False, soft_wrap=True)
     if result.manifest_path:
         console.print(f"[dim]manifest: {result.manifest_path}[/dim]")
         report = result.manifest_path.parent / "report.html"

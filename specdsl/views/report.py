@@ -1,6 +1,6 @@
 """``report.html``: one self-contained page per run, written next to its ``run.json``.
 
-It shows the plan as a graph (an inline SVG DAG laid out by topological level), every node's status,
+It shows the plan as a graph (an inline SVG DAG in layers whose edges never pass behind a box), every node's status,
 rows, requests, tokens, cost and duration, the evaluation tables and plots (PNG files of the evaluate
 nodes embedded as data URIs), and the first examples of every tokenized node rendered token by token as
 ``specdsl inspect --html`` renders them. No external asset, no JS framework: the file can be mailed,
@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from specdsl.views.dag import BOX_H, BOX_W, compute_layout, curve_path
 from specdsl.views.html_page import esc, evaluation_html, format_cell, page, table_html
 from specdsl.views.inspect.html_view import legend_html, render_examples_html, totals_html
 from specdsl.views.inspect.load import is_tokenized, read_node_rows, resolve_tokenizer, tokenized_totals
@@ -106,79 +107,33 @@ def _store(root: Path | None):
 # The graph
 # --------------------------------------------------------------------------------------------------
 
-BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 172, 52, 46, 18, 12
-
-
 def layout(nodes: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
-    """(level, slot) per node: level = 1 + the deepest upstream node's level; slots ordered so a node sits
-    near the mean slot of its inputs (one barycentre pass), declaration order breaking ties."""
-    ids = [n["id"] for n in nodes]
-    known = set(ids)
-    ups = {n["id"]: [src for _, src in n.get("inputs", [])] + [ref for _, ref in n.get("models", []) if ref in known]
-           for n in nodes}
-    level: dict[str, int] = {}
-
-    def lvl(i: str, stack: tuple[str, ...] = ()) -> int:
-        if i not in level:
-            preds = [u for u in ups.get(i, []) if u in known and u not in stack]
-            level[i] = 1 + max((lvl(u, stack + (i,)) for u in preds), default=-1)
-        return level[i]
-
-    for i in ids:
-        lvl(i)
-    by_level: dict[int, list[str]] = {}
-    for i in ids:
-        by_level.setdefault(level[i], []).append(i)
-    slot: dict[str, int] = {}
-    for lv in sorted(by_level):
-        members = by_level[lv]
-        if lv:
-            order = {i: k for k, i in enumerate(members)}
-
-            def centre(i: str) -> tuple[float, int]:
-                preds = [slot[u] for u in ups[i] if u in slot]
-                return (sum(preds) / len(preds) if preds else float(order[i]), order[i])
-
-            members = sorted(members, key=centre)
-        for k, i in enumerate(members):
-            slot[i] = k
-    return {i: (level[i], slot[i]) for i in ids}
+    """(layer, index in the layer) per node: layer = 1 + the deepest upstream node's layer; the order within
+    a layer (dummy lanes of long edges included) from barycentre sweeps. See :mod:`specdsl.views.dag`."""
+    return dict(compute_layout(nodes).order)
 
 
 def graph_svg(nodes: Sequence[Mapping[str, Any]], status: Mapping[str, str], rows: Mapping[str, Any]) -> str:
     """The plan as an inline SVG: one ``<g class="node" data-node=...>`` per node, edges input -> consumer
-    (dashed where a node is used as a model, e.g. a trained model evaluated downstream)."""
-    pos = layout(nodes)
-    if not pos:
+    (dashed where a node is used as a model, e.g. a trained model evaluated downstream), laid out in layers
+    so that no edge passes behind a box (:mod:`specdsl.views.dag`)."""
+    geometry = compute_layout(nodes)
+    if not geometry.boxes:
         return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"10\" height=\"10\"></svg>"
-    levels = max(lv for lv, _ in pos.values()) + 1
-    slots = max(s for _, s in pos.values()) + 1
-    width = PAD * 2 + levels * BOX_W + (levels - 1) * GAP_X
-    height = PAD * 2 + slots * BOX_H + (slots - 1) * GAP_Y
+    width, height = geometry.width, geometry.height
 
     def xy(i: str) -> tuple[int, int]:
-        lv, s = pos[i]
-        return PAD + lv * (BOX_W + GAP_X), PAD + s * (BOX_H + GAP_Y)
+        x, y, _, _ = geometry.boxes[i]
+        return round(x), round(y)
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="dag" width="{width}" height="{height}" '
            f'style="max-width:100%;height:auto" viewBox="0 0 {width} {height}" role="img" aria-label="plan graph">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#888"/></marker></defs>']
-    for n in nodes:
-        x2, y2 = xy(n["id"])
-        edges = [(src, False) for _, src in n.get("inputs", [])] + \
-            [(ref, True) for _, ref in n.get("models", []) if ref in pos]
-        for k, (src, is_model) in enumerate(edges):
-            if src not in pos:
-                continue
-            x1, y1 = xy(src)
-            sx, sy = x1 + BOX_W, y1 + BOX_H / 2
-            ex, ey = x2, y2 + BOX_H / 2 + (k - (len(edges) - 1) / 2) * 8
-            mx = (sx + ex) / 2
-            dash = ' stroke-dasharray="5 4"' if is_model else ""
-            out.append(f'<path class="edge" data-from="{esc(src)}" data-to="{esc(n["id"])}" '
-                       f'd="M{sx:.0f},{sy:.0f} C{mx:.0f},{sy:.0f} {mx:.0f},{ey:.0f} {ex - 2:.0f},{ey:.0f}" '
-                       f'fill="none" stroke="#9a9a9a" stroke-width="1.4"{dash} marker-end="url(#arrow)"/>')
+    for edge in geometry.edges:
+        dash = ' stroke-dasharray="5 4"' if edge.is_model else ""
+        out.append(f'<path class="edge" data-from="{esc(edge.src)}" data-to="{esc(edge.dst)}" d="{curve_path(edge)}" '
+                   f'fill="none" stroke="#9a9a9a" stroke-width="1.4"{dash} marker-end="url(#arrow)"/>')
     for n in nodes:
         i = n["id"]
         x, y = xy(i)
@@ -264,6 +219,11 @@ def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: i
         _card("unknown" if totals.get("requests") and totals.get("cost", 0) is None
               else f"${float(totals.get('cost') or 0):.4f}", "cost"),
         _card(f"{float(manifest.get('seconds') or 0):.1f} s", "duration")]) + "</div>")
+
+    artifacts = list(manifest.get("artifacts") or [])
+    if artifacts:
+        parts.append("<h2>Artifacts</h2>")
+        parts.append(artifacts_html(artifacts))
 
     # The graph.
     legend = " ".join(f'<span class="status" style="background:{f};border-color:{s}">{esc(k)}</span>'
@@ -374,6 +334,24 @@ def render_report(manifest: Mapping[str, Any], store: Any = None, *, examples: i
                      + "</ul></details>")
     body_html = "\n".join(parts)
     return page(f"specdsl report: {name}", body_html).replace("</style>", REPORT_CSS + "</style>", 1)
+
+
+ARTIFACT_KINDS = {"export": "exported dataset", "model": "trained model (store)",
+                  "model output": "trained model (output folder)", "evaluation rows": "per-row evaluation table",
+                  "plot": "plot"}
+
+
+def artifacts_html(artifacts: Sequence[Mapping[str, Any]]) -> str:
+    """Every file or folder a run made that people take elsewhere: node, what it is, its path (a link)."""
+    rows = []
+    for a in artifacts:
+        path = str(a.get("path", ""))
+        href = Path(path).as_uri() if Path(path).is_absolute() else path
+        rows.append(f'<tr><td><a href="#node-{esc(a.get("node", ""))}">{esc(a.get("node", ""))}</a></td>'
+                    f'<td>{esc(ARTIFACT_KINDS.get(a.get("kind"), a.get("kind", "")))}</td>'
+                    f'<td><a href="{esc(href)}"><code>{esc(path)}</code></a></td></tr>')
+    return ('<table class="grid"><tr><th>node</th><th>artifact</th><th>path</th></tr>' + "".join(rows)
+            + "</table>")
 
 
 def write_report(run: Any, path: str | Path | None = None, *, store_dir: str | Path | None = None,

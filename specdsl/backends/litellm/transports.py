@@ -11,7 +11,11 @@ Two transports
              sampling parameters (``get_optional_params``, cached per distinct parameter set) and prices
              tokens from its local cost map, but the HTTP call is one POST on a shared aiohttp session.
              About 0.3-0.4 ms of CPU per request (bare aiohttp: 0.25 ms).
-``auto``     (default) ``direct`` where the provider speaks the OpenAI wire format, else ``litellm``.
+``auto``     (default) ``direct`` for a self-hosted server: an OpenAI-wire provider (``hosted_vllm/``,
+             ``custom_openai/``, ``openai/``) at an explicit ``api_base`` (the option, or the provider's
+             base-URL variable) that is not the provider's own API; ``litellm`` for everything else, the
+             provider APIs included (``openai/...`` to api.openai.com): their headers (``OpenAI-Organization``),
+             callbacks and parameter rules are litellm's business. :func:`auto_picks_direct` is the rule.
 
 A self-hosted OpenAI-compatible server (``hosted_vllm/`` or ``custom_openai/`` with an ``api_base``) gets
 the direct transport without litellm at all: nothing litellm computes applies to it.
@@ -279,9 +283,30 @@ def resolve_transport(s: Settings) -> tuple[str, str, str]:
     if s.transport == "direct" and not wire:
         raise ValueError(f"transport 'direct' needs an OpenAI-compatible provider "
                          f"({', '.join(sorted(OPENAI_WIRE_PROVIDERS))}); {s.model!r} is {provider!r}")
-    if wire and provider != "openai" and not (s.api_base or provider_env_base(provider)):
+    if s.transport == "auto":
+        return ("direct" if auto_picks_direct(provider, s.api_base) else "litellm"), provider, model_name
+    if provider != "openai" and not (s.api_base or provider_env_base(provider)):
         return "litellm", provider, model_name  # let litellm report the missing api_base its way
-    return ("direct" if wire else "litellm"), provider, model_name
+    return "direct", provider, model_name
+
+
+# Hosts of provider APIs: an `api_base` naming one is the provider itself, not a self-hosted server.
+PROVIDER_API_HOSTS = frozenset({"api.openai.com"})
+
+
+def auto_picks_direct(provider: str, api_base: str | None) -> bool:
+    """The ``auto`` rule: the direct aiohttp path only for a self-hosted server that speaks the OpenAI wire
+    format, i.e. an OpenAI-wire provider at an explicit base URL (``api_base``, or the provider's base-URL
+    variable) that is not a provider's own API. Provider APIs go through litellm."""
+    import urllib.parse
+
+    if provider not in OPENAI_WIRE_PROVIDERS:
+        return False
+    base = api_base or provider_env_base(provider)
+    if not base:
+        return False
+    host = (urllib.parse.urlsplit(base).hostname or "").lower()
+    return host not in PROVIDER_API_HOSTS
 
 
 def direct_transport(engine_ref: list, s: Settings, provider: str,

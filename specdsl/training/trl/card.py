@@ -14,7 +14,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from specdsl.contract.hookspecs import TrainRequest
 from specdsl.errors import RunError
@@ -57,8 +57,10 @@ def model_card(request: TrainRequest, target: str, params: Mapping[str, Any], se
     fingerprint = card.pop("data_fingerprint", None) or card.pop("fingerprint", None) or "(not given)"
     mask = card.pop("mask_policy", None) or card.pop("loss", None) or "(not given)"
     step = card.pop("step", None)
+    # The Hub id when the base is a known model (portable); else the folder it was trained from.
+    base_id = card.pop("base_model_id", None) or str(request.base_model)
     fm = ["---", "library_name: " + ("peft" if kind == "adapter" else "transformers"),
-          f"base_model: {json.dumps(str(request.base_model))}", "tags:", "  - specdsl", "  - trl", "  - sft"]
+          f"base_model: {json.dumps(base_id)}", "tags:", "  - specdsl", "  - trl", "  - sft"]
     if kind == "adapter":
         fm.append("  - lora")
     fm.append("---")
@@ -95,7 +97,8 @@ def model_card(request: TrainRequest, target: str, params: Mapping[str, Any], se
         "",
         "## Training",
         "",
-        f"- base model: `{request.base_model}`",
+        f"- base model: `{base_id}`" + (f" (trained from `{request.base_model}`)"
+                                          if base_id != str(request.base_model) else ""),
         f"- target: {target} ({settings['device']}), processes: {params['processes']} x nodes: {params['nodes']}"
         + (f", strategy: {params['strategy']}" if launch else ""),
         "- choices: " + "; ".join(settings["reasons"]),
@@ -109,8 +112,8 @@ def model_card(request: TrainRequest, target: str, params: Mapping[str, Any], se
         lines.append(f"- LoRA: r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']}, "
                      f"target_modules={lo['target_modules']}, merged={lo['merge']}")
     lines += [
-        f"- steps: {metrics.get('global_step')}, loss: first {metrics.get('first_loss')}, last "
-        f"{metrics.get('last_loss')}, mean {metrics.get('train_loss')}",
+        f"- steps: {metrics.get('global_step')}, mean loss: {_num(metrics.get('train_loss'))}",
+        *loss_curve(metrics.get("losses") or []),
         f"- wall time: {metrics.get('runtime_s')} s; versions: torch {settings.get('versions', {}).get('torch')}, "
         f"transformers {settings.get('versions', {}).get('transformers')}, trl "
         f"{settings.get('versions', {}).get('trl')}",
@@ -134,6 +137,32 @@ def model_card(request: TrainRequest, target: str, params: Mapping[str, Any], se
                   f"{launch['num_machines']} machine(s)); the config is `accelerate_config.yaml` in this "
                   "directory.", ""]
     return "\n".join(lines)
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+CURVE_ROWS = 20  # the card's loss table shows at most this many logged steps (evenly spaced, the last kept)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.4f}"
+
+
+def loss_curve(losses: Sequence[Sequence[float]]) -> list[str]:
+    """The card's loss lines: first, last and lowest loss, a sparkline of every logged loss, and a small
+    table of logged (step, loss) pairs. ``losses`` is [(step, loss), ...] as the trainer logged them."""
+    points = [(int(step), float(loss)) for step, loss in losses]
+    if not points:
+        return ["- loss: none logged (training logged no step)"]
+    lowest = min(points, key=lambda p: p[1])
+    values = [loss for _, loss in points]
+    lo, hi = min(values), max(values)
+    spark = "".join(SPARK[0 if hi == lo else round((v - lo) / (hi - lo) * (len(SPARK) - 1))] for v in values)
+    keep = points if len(points) <= CURVE_ROWS else \
+        [points[round(i * (len(points) - 1) / (CURVE_ROWS - 1))] for i in range(CURVE_ROWS)]
+    return [f"- loss: first {_num(points[0][1])} (step {points[0][0]}), last {_num(points[-1][1])} "
+            f"(step {points[-1][0]}), lowest {_num(lowest[1])} (step {lowest[0]}); {len(points)} logged",
+            f"- loss curve: `{spark}`",
+            "", "| step | loss |", "| --- | --- |", *[f"| {step} | {loss:.4f} |" for step, loss in keep], ""]
 
 
 def finalize_output(request: TrainRequest, target: str, params: Mapping[str, Any], settings: Mapping[str, Any],

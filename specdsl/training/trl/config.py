@@ -56,8 +56,9 @@ PARAMS_SCHEMA: dict[str, Any] = {
         "warmup_ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0},
         "weight_decay": {"type": "number", "minimum": 0, "default": 0.0},
         "max_grad_norm": {"type": "number", "minimum": 0, "default": 1.0},
-        "logging_steps": {"type": "integer", "minimum": 1, "default": 10,
-                          "description": "Steps between progress reports (loss)."},
+        "logging_steps": {"type": "integer", "minimum": 1, "default": 1,
+                          "description": "Steps between loss reports (default: every step, so the model card's "
+                                         "loss curve and the progress show every step)."},
         "precision": {"enum": ["auto", "fp32", "bf16"], "default": "auto",
                       "description": "auto = bf16 mixed precision on a GPU that supports it, fp32 on cpu."},
         "attn_implementation": {"enum": list(ATTN_CHOICES), "default": "auto",

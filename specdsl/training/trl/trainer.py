@@ -212,12 +212,15 @@ def train_worker(*, base_model: Path, dataset: Path, stage: Path, params: Mappin
         trainer.processing_class.save_pretrained(str(save_to))
         (save_to / "training_args.bin").unlink(missing_ok=True)  # a pickle, not part of a model directory
     hist = trainer.state.log_history
+    # The loss curve (model card, run record): what the trainer logged, every `logging_steps` steps.
+    losses = progress_cb.losses or [(int(h["step"]), float(h["loss"])) for h in hist if "loss" in h and "step" in h]
     metrics = {
         "global_step": int(out.global_step),
         "train_loss": float(out.training_loss),
-        "first_loss": progress_cb.losses[0][1] if progress_cb.losses else None,
-        "last_loss": progress_cb.losses[-1][1] if progress_cb.losses else None,
-        "losses": progress_cb.losses,
+        "first_loss": losses[0][1] if losses else None,
+        "last_loss": losses[-1][1] if losses else None,
+        "min_loss": min(loss for _, loss in losses) if losses else None,
+        "losses": losses,
         "runtime_s": round(runtime, 3),
         "train_tokens": next((h["num_tokens"] for h in reversed(hist) if "num_tokens" in h), None),
         "world_size": state.num_processes,

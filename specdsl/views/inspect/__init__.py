@@ -88,17 +88,26 @@ def inspect_node(plan: Plan, node_id: str, *, rows: int | None = 3, html: str | 
     if not result.tokenized:
         print_rows_table(console, shown, columns)
         evaluation = meta.get("evaluation")
+        answer_tables: list[tuple[str, Path, list[dict[str, Any]], int]] = []
         if evaluation:
             console.print(evaluation.get("summary", ""), markup=False, highlight=False)
             for res in evaluation.get("results", []):
                 if res.get("plot"):
                     console.print(f"plot: {store.node_dir(node.fingerprint) / res['plot']}", style="dim", markup=False)
+            answer_tables = evaluation_rows(store.node_dir(node.fingerprint), evaluation, rows)
+            for probe, path, probe_rows, count in answer_tables:
+                console.print(f"\n{probe}: {count:,} answers, row by row ({path}) · showing {len(probe_rows)}",
+                              markup=False, highlight=False)
+                print_rows_table(console, probe_rows, list(ANSWER_COLUMNS), width=48)
         if html:
             body = (f"<h1>{esc(node.id)} <span class=\"muted\">({esc(node.op)})</span></h1>"
                     f"<div class=\"muted\">{total:,} rows · fingerprint <code>{esc(node.short)}</code></div>"
                     + rows_table_html(shown, columns))
             if evaluation:
                 body += evaluation_html(node.id, evaluation, store.node_dir(node.fingerprint))
+            for probe, path, probe_rows, count in answer_tables:
+                body += (f"<h4>{esc(probe)}: {count:,} answers, row by row</h4><div class=\"muted\"><code>{esc(path)}"
+                         "</code></div>" + rows_table_html(probe_rows, list(ANSWER_COLUMNS)))
             result.html_path = _write(Path(html), page(f"specdsl inspect {node.id}", body))
             console.print(f"html: {result.html_path}", style="dim", markup=False)
         return result
@@ -121,6 +130,26 @@ def inspect_node(plan: Plan, node_id: str, *, rows: int | None = 3, html: str | 
         result.html_path = _write(Path(html), inspect_html(plan, node, shown, totals, tokenizer, why))
         console.print(f"html: {result.html_path}", style="dim", markup=False)
     return result
+
+
+# The columns of an evaluate node's per-row tables shown by inspect (see specdsl.probes.rows).
+ANSWER_COLUMNS = ("condition", "model", "id", "prompt", "answer", "parsed", "gold", "verdict")
+
+
+def evaluation_rows(node_dir: Path, evaluation: Any, limit: int | None) -> list[tuple[str, Path, list[dict], int]]:
+    """(probe, file, first ``limit`` rows, row count) for each probe of an evaluate node that kept its
+    answers row by row."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for res in evaluation.get("results", []):
+        name = res.get("rows_file")
+        if not name or not (node_dir / name).is_file():
+            continue
+        table = pq.read_table(node_dir / name)
+        shown = table.slice(0, limit).to_pylist() if limit is not None else table.to_pylist()
+        out.append((str(res.get("probe", "?")), node_dir / name, shown, table.num_rows))
+    return out
 
 
 def _write(path: Path, text: str) -> Path:
