@@ -148,6 +148,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                     continue
                 upstream_tainted = any(src in tainted for _, src in node.inputs) or \
                     any(ref in tainted for _, ref in node.models)
+                display.node_started(node.id, node.op)
                 try:
                     report = _run_node(plan, node, store, services, registry, load, outputs)
                 except StopRun as stop:
@@ -168,6 +169,7 @@ def run(plan: Plan, *, store_dir: str | Path | None = None, only: str | None = N
                 if report.stats.get("evaluation") is not None:
                     evaluations[node.id] = report.stats.pop("evaluation")
                 reports.append(report)
+                display.node_finished(node.id, report.status, report.rows, report.seconds)
     finally:
         manifest = _manifest(plan, store, reports, started, dry_run=dry_run, only=only, until=until,
                              evaluations=evaluations)

@@ -51,8 +51,11 @@ class ProbeContext:
     artifact_dir: Path
     max_tokens: int
 
-    def answer(self, model: str, prompts: Sequence[Sequence[Mapping[str, str]]]) -> list[str]:
-        return self.services.answer(self.node_id, model, prompts, {"temperature": 0, "max_tokens": self.max_tokens})
+    def answer(self, model: str, prompts: Sequence[Sequence[Mapping[str, str]]], condition: str | None = None) -> list[str]:
+        """The model's answers; the progress bar reads ``node · probe · condition · model``."""
+        label = " · ".join(dict.fromkeys(str(x) for x in (self.params.get("probe"), condition, model) if x))
+        return self.services.answer(self.node_id, model, prompts, {"temperature": 0, "max_tokens": self.max_tokens},
+                                    label=label)
 
     def matcher(self):
         from specdsl.designs.matchers import match_answer
@@ -122,7 +125,7 @@ class AccuracyProbe:
                     messages.append({"role": "system", "content": templates.render(cond["system"], row, ctx.vars)})
                 messages.append({"role": "user", "content": str(row[q])})
                 prompts.append(messages)
-            answers = ctx.answer(cond["model"], prompts)
+            answers = ctx.answer(cond["model"], prompts, condition=cond["name"])
             res = score_accuracy(ctx.rows, answers, match, gold)
             results[cond["name"]] = res.to_dict()
             table.append({"condition": cond["name"], "model": cond["model"], "n": res.n, "accuracy": res.accuracy})
@@ -238,7 +241,7 @@ class PositionProbe:
             except ValueError as exc:
                 raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id) from None
             for model in ctx.models:
-                answers = ctx.answer(model, [it.prompt() for it in items])
+                answers = ctx.answer(model, [it.prompt() for it in items], condition=task)
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
         plot = ctx.artifact_dir / "position.png"
         plot_position_results(by_model, plot)
