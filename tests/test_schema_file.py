@@ -196,3 +196,18 @@ def test_docs_cover_every_op_parameter_recipe_probe_backend_option_and_code(monk
     codes = doc_section("## Error codes")
     missing += [f"code {c}" for c in CODES if f"| {c} |" not in codes]
     assert missing == [], "docs/spec.md does not describe: " + ", ".join(missing)
+
+
+def test_the_reference_in_docs_is_generated_from_the_schema():
+    from specdsl.views.docs import BEGIN, END, builtin_reference, with_reference
+
+    text = DOC.read_text(encoding="utf-8")
+    assert BEGIN in text and END in text
+    assert with_reference(text, builtin_reference()) == text, \
+        "docs/spec.md's reference is stale: run python -m specdsl.views.docs --write docs/spec.md"
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    reference = text[text.index(BEGIN):]
+    missing = [name for path, node in subschemas(schema) for name, prop in (node.get("properties") or {}).items()
+               if isinstance(prop, dict) and prop.get("description")
+               and prop["description"].replace("|", "\\|").replace("\n", " ") not in reference]
+    assert missing == []  # every description an editor shows is on the page, word for word
