@@ -15,8 +15,11 @@ from specdsl.ops.train import TrainOp
 _TRAIN_KEYS = {k: v for k, v in TrainOp.params_schema["properties"].items() if k not in ("from", "model", "meta")}
 TRAIN = {"type": "object", "properties": _TRAIN_KEYS, "additionalProperties": False,
          "description": "parameters of the final train step"}
-RULE = {"enum": ["exact", "contains", "regex", "number"]}
+RULE = {"enum": ["exact", "contains", "regex", "number"], "description": "how answers are compared with gold (default: number)"}
 STR = {"type": "string", "minLength": 1}
+TEACHER = {**STR, "description": "the model that writes the training data (a name under `models:`)"}
+STUDENT = {**STR, "description": "the model that is trained (a `backend: transformers` model)"}
+MAX_TOKENS = {"type": "integer", "minimum": 1, "description": "cap on each generated answer (default: the model's)"}
 
 
 class _TrainsAtTheEnd:
@@ -44,7 +47,7 @@ class _TrainsAtTheEnd:
 
 
 def _strict(properties: Mapping[str, Any], required: list[str]) -> dict:
-    return {"type": "object", "properties": {**properties, "meta": {"type": "object"}}, "required": required,
+    return {"type": "object", "properties": {**properties, "meta": {"type": "object", "description": "free-form metadata, never interpreted"}}, "required": required,
             "additionalProperties": False}
 
 
@@ -55,15 +58,16 @@ class PromptErasureRecipe(_TrainsAtTheEnd):
                    "on the answer only.")
     params_schema = _strict({
         "source": {**STR, "description": "rows with a question, a category and a gold answer"},
-        "teacher": STR, "student": STR,
+        "teacher": TEACHER, "student": STUDENT,
         "strategies": {**STR, "description": "name of a var: category -> detailed system instruction"},
         "strategy_key": {**STR, "description": "the category column (default: category)"},
         "question": {**STR, "description": "default: question"},
         "gold": {**STR, "description": "default: answer; set `filter: false` to keep every answer"},
         "rule": RULE,
-        "filter": {"type": "boolean"},
-        "generic_system": {"type": ["string", "null"]},
-        "max_tokens": {"type": "integer", "minimum": 1},
+        "filter": {"type": "boolean", "description": "keep only answers that match gold (default: true)"},
+        "generic_system": {"type": ["string", "null"],
+                           "description": "the system message that replaces the strategy (default: Orca 2's)"},
+        "max_tokens": MAX_TOKENS,
         "train": TRAIN,
     }, ["source", "teacher", "student", "strategies"])
 
@@ -106,21 +110,25 @@ class SelfCorrectionRecipe(_TrainsAtTheEnd):
                    "wrong ones get a teacher's correction; samples chain answer, verification and correction; the "
                    "loss skips a wrong initial answer.")
     params_schema = _strict({
-        "source": STR,
+        "source": {**STR, "description": "rows with a question and a gold answer"},
         "model": {**STR, "description": "who writes the initial answers (usually the student itself)"},
         "teacher": {**STR, "description": "who writes corrections for wrong initial answers"},
-        "student": STR,
-        "question": STR, "gold": STR, "rule": RULE,
+        "student": STUDENT,
+        "question": {**STR, "description": "the question column (default: question)"},
+        "gold": {**STR, "description": "the gold answer column (default: answer)"}, "rule": RULE,
         "samples": {"type": "integer", "minimum": 1, "maximum": 16, "description": "initial answers per question"},
-        "temperature": {"type": "number", "minimum": 0},
+        "temperature": {"type": "number", "minimum": 0,
+                        "description": "sampling temperature of the initial answers (default: 0.8 when samples > 1)"},
         "mask": {"type": "boolean", "description": "partial answer masking (false = the paper's ablation)"},
-        "initial_prompt": {"type": "string"},
-        "correction_prompt": {"type": "string"},
+        "initial_prompt": {"type": "string", "description": "the user prompt of an initial answer (QUESTION "
+                                                          "stands for the question column)"},
+        "correction_prompt": {"type": "string", "description": "the teacher's prompt for a correction (QUESTION "
+                                                             "stands for the question column)"},
         "reveal_gold": {"type": "boolean",
                         "description": "STaR-style rationalisation: show the teacher the gold answer in its correction "
                                        "prompt (a weak teacher then still writes right corrections). Off by default; "
                                        "a correction_prompt that quotes the gold column needs it set"},
-        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_tokens": MAX_TOKENS,
         "train": TRAIN,
     }, ["source", "model", "teacher", "student"])
 
@@ -177,14 +185,16 @@ class LongContextRecipe(_TrainsAtTheEnd):
                    "uniformly drawn length, train on the answer only.")
     params_schema = _strict({
         "source": {**STR, "description": "rows with a `text` column"},
-        "text": STR,
-        "teacher": STR, "student": STR,
+        "text": {**STR, "description": "the text column (default: text)"},
+        "teacher": TEACHER, "student": STUDENT,
         "segment_tokens": {"type": "integer", "minimum": 1, "description": "default: 128"},
-        "min_tokens": {"type": "integer", "minimum": 1}, "max_tokens": {"type": "integer", "minimum": 1},
+        "min_tokens": {"type": "integer", "minimum": 1, "description": "shortest long context, in tokens"},
+        "max_tokens": {"type": "integer", "minimum": 1, "description": "longest long context, in tokens"},
         "type2": {"type": "boolean", "description": "also make integration QA over >= 2 segments (default: true)"},
-        "short_ratio": {"type": "number", "minimum": 0},
-        "format": {"enum": ["chat", "film"]},
-        "max_qa_tokens": {"type": "integer", "minimum": 1},
+        "short_ratio": {"type": "number", "minimum": 0,
+                        "description": "short-context samples (the key alone) per long one (default: 0)"},
+        "format": {"enum": ["chat", "film"], "description": "chat (default) or the raw FILM [INST] prompt"},
+        "max_qa_tokens": {"type": "integer", "minimum": 1, "description": "cap on each QA the teacher writes"},
         "train": TRAIN,
     }, ["source", "teacher", "student", "min_tokens", "max_tokens"])
 

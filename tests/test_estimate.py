@@ -380,7 +380,7 @@ class RecordingServices:
         self.caps: set[int] = set()  # the max_tokens of every request
         self.registry = registry
 
-    def answer(self, node_id, model, prompts, params):
+    def answer(self, node_id, model, prompts, params, *, label=None):
         self.sent.setdefault(model, []).extend([list(p) for p in prompts])
         self.caps.add(params["max_tokens"])
         return [""] * len(prompts)

@@ -189,6 +189,7 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
                                               note=f"not run: its input '{upstream_tainted[0]}' is incomplete; "
                                                    "rerun to finish it"))
                     continue
+                display.node_started(node.id, node.op)
                 try:
                     report = _run_node(plan, node, store, services, registry, load, outputs,
                                        commit=not upstream_tainted)
@@ -212,6 +213,7 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
                 if report.stats.get("evaluation") is not None:
                     evaluations[node.id] = report.stats.pop("evaluation")
                 reports.append(report)
+                display.node_finished(node.id, report.status, report.rows, report.seconds)
     finally:
         manifest = _manifest(plan, store, reports, started, dry_run=dry_run, only=only, until=until,
                              evaluations=evaluations)

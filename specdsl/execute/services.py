@@ -16,6 +16,7 @@ from specdsl.errors import RunError
 from specdsl.contract.hookspecs import GenRequest, GenResult
 from specdsl.ir.plan import Plan
 from specdsl import secrets
+from specdsl.execute.progress import Throttle
 from specdsl.execute.store import Store
 
 
@@ -154,31 +155,36 @@ class Services:
 
     # -- generation -----------------------------------------------------------------------------------
 
-    def generate(self, node_id: str, model_ref: str, requests: Sequence[GenRequest]) -> dict[str, GenResult]:
-        """Answer requests through the journal: completed ones are never re-issued, new ones persist at once."""
+    def generate(self, node_id: str, model_ref: str, requests: Sequence[GenRequest], *,
+                 label: str | None = None) -> dict[str, GenResult]:
+        """Answer requests through the journal: completed ones are never re-issued, new ones persist at once.
+
+        ``label`` names the progress bar after the node (default: the model); evaluate passes its probe and
+        condition, so two bars of one node never read the same."""
         from specdsl.execute.generation import run_requests
 
         backend, options = self.backend_and_options(model_ref)
         resolved = secrets.resolve(options, model=model_ref)
         stats = self.stats.setdefault(node_id, NodeStats())
-        task = self.progress.start(node_id, total=len(requests), unit="req") if self.progress else None
-        last: list[Any] = []
+        task = self._start_bar(f"{node_id} · {label or model_ref}", len(requests), "req")
+        last: list[Any] = [None]
+        throttle = Throttle()
 
         def on_progress(event: Any) -> None:
-            last[:] = [event]
-            if task is not None:
-                self.progress.update(task, {
-                    "done": event.done, "total": event.total, "failed": event.failed, "cached": event.cached,
-                    "input_tokens": event.input_tokens, "output_tokens": event.output_tokens, "cost": event.cost,
-                    "rate": event.requests_per_s})
+            # Called once per result: keep it to a store and a clock read; draw at most ~10 times a second.
+            last[0] = event
+            if task is not None and (event.done >= event.total or throttle.due()):
+                self._show(task, event)
 
         try:
             results = run_requests(self.executor.wrap_backend(backend), resolved, list(requests), self.journal,
                                    fail_fast=self.fail_fast, progress=on_progress)
         finally:
             if task is not None:
+                if last[0] is not None:
+                    self._show(task, last[0])
                 self.progress.finish(task)
-            if last:
+            if last[0] is not None:
                 ev = last[0]
                 with self._lock:
                     stats.requests += ev.total
@@ -198,16 +204,26 @@ class Services:
             stats.errors.extend(grouped_errors(failures))
         return results
 
+    def _start_bar(self, name: str, total: int | None, unit: str) -> int | None:
+        """A progress bar, or None when there is no display or it is off (then nobody updates anything)."""
+        return self.progress.start(name, total=total, unit=unit) if self.progress is not None else None
+
+    def _show(self, task: int, event: Any) -> None:
+        self.progress.update(task, {
+            "done": event.done, "total": event.total, "failed": event.failed, "cached": event.cached,
+            "input_tokens": event.input_tokens, "output_tokens": event.output_tokens, "cost": event.cost})
+
     def answer(self, node_id: str, model_ref: str, prompts: Sequence[Sequence[Mapping[str, str]]],
-               params: Mapping[str, Any] | None = None) -> list[str]:
-        """Plain chat completions for evaluation probes (journaled like any other request)."""
+               params: Mapping[str, Any] | None = None, *, label: str | None = None) -> list[str]:
+        """Plain chat completions for evaluation probes (journaled like any other request); ``label``
+        names the progress bar (see :meth:`generate`)."""
         from specdsl.contract.hookspecs import request_key
 
         params = dict(params or {"temperature": 0})
         identity = self.model_identity(model_ref)
         reqs = [GenRequest(key=request_key(identity, list(p), params), messages=tuple(p), params=params,
                            row_id=str(i)) for i, p in enumerate(prompts)]
-        results = self.generate(node_id, model_ref, reqs)
+        results = self.generate(node_id, model_ref, reqs, label=label)
         return [(results[r.key].text or "") if results.get(r.key) is not None else "" for r in reqs]
 
     def note(self, node_id: str, message: str) -> None:
@@ -236,8 +252,18 @@ class Services:
                            hint="use `target: auto` to pick what is available")
         return target
 
-    def progress_callback(self, node_id: str, total: int | None = None, unit: str = "step") -> Callable[[Mapping[str, Any]], None]:
-        if self.progress is None:
+    def progress_callback(self, node_id: str, total: int | None = None, unit: str = "step", *,
+                          label: str | None = None) -> Callable[[Mapping[str, Any]], None]:
+        """A progress function for long work an op drives itself (training: one event per optimizer step).
+        Events are drawn at most ~10 times a second, the last one always; nothing at all when progress is off."""
+        task = self._start_bar(f"{node_id} · {label}" if label else node_id, total, unit)
+        if task is None:
             return lambda event: None
-        task = self.progress.start(node_id, total=total, unit=unit)
-        return lambda event: self.progress.update(task, event)
+        throttle = Throttle()
+
+        def update(event: Mapping[str, Any]) -> None:
+            done, total_ = event.get("done", event.get("step")), event.get("total")
+            if throttle.due() or (done is not None and done == total_):
+                self.progress.update(task, event)
+
+        return update

@@ -21,6 +21,11 @@ ID_PATTERN = "^[A-Za-z_][A-Za-z0-9_-]*$"
 from specdsl.secrets import ENV_REF_PATTERN as SECRET_PATTERN  # noqa: E402 - the one definition of a reference
 
 
+# A fragment's enum of registered names may carry {"code": "S213", "what": "probe"}: a value outside it is
+# reported as "unknown probe 'x'" with that code and a did-you-mean hint. Editors ignore the keyword.
+UNKNOWN_NAME_KEY = "x-specdsl-unknown"
+
+
 def _meta() -> dict:
     return {"type": "object", "description": "free-form metadata, never interpreted (the one escape hatch)"}
 
@@ -33,11 +38,13 @@ def build_schema(registry: Any) -> dict:
         backend = registry.backends[name]
         entry = {
             "type": "object",
-            "properties": {"backend": {"const": name}, "model": {"type": "string", "minLength": 1},
+            "properties": {"backend": {"const": name, "description": f"served by the {name} backend"},
+                           "model": {"type": "string", "minLength": 1, "description": "the backend's model name"},
                            "meta": _meta(), **dict(backend.options_schema.get("properties", {}))},
             "additionalProperties": False,
         }
-        cond: dict[str, Any] = {"properties": {"backend": {"const": name}}, "required": ["backend"]}
+        cond: dict[str, Any] = {"properties": {"backend": {"const": name, "description": f"the {name} backend"}},
+                                "required": ["backend"]}
         if name == DEFAULT_BACKEND:  # the backend a model entry without `backend:` uses
             cond = {"anyOf": [cond, {"not": {"required": ["backend"]}}]}
         model_rules.append({"if": cond, "then": entry})
@@ -66,11 +73,12 @@ def build_schema(registry: Any) -> dict:
         "additionalProperties": False,
     }
     # An op whose parameters depend on other plugins (evaluate's probes) builds its fragment from the registry.
-    op_props = {name: fragment_for(name, op, registry) for name, op in sorted(registry.ops.items())
-                if getattr(op, "spec_step", True)}
+    op_props = {name: _described(fragment_for(name, op, registry), getattr(op, "description", "") or f"the {name} op")
+                for name, op in sorted(registry.ops.items()) if getattr(op, "spec_step", True)}
     recipe_rules = [
         {"if": {"properties": {"use": {"const": name}}, "required": ["use"]},
-         "then": {"properties": {"with": fragment_for(name, recipe, registry)}}}
+         "then": {"properties": {"with": _described(fragment_for(name, recipe, registry),
+                                                    f"the {name} recipe's parameters")}}}
         for name, recipe in sorted(registry.recipes.items())
     ]
     step = {
@@ -100,20 +108,26 @@ def build_schema(registry: Any) -> dict:
         "required": ["specdsl", "name", "steps"],
         "properties": {
             "specdsl": {"const": VERSION, "description": "the spec language version"},
-            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
-            "description": {"type": "string"},
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                     "description": "the spec's name (plan, manifest, dataset cards)"},
+            "description": {"type": "string", "description": "free text about the spec"},
             "seed": {"type": "integer", "minimum": 0, "description": "base seed for sampling and shuffling"},
             "store": {"type": "string", "description": "the run store folder (default: .specdsl beside the spec)"},
             "meta": _meta(),
             "models": {"type": "object", "propertyNames": {"pattern": ID_PATTERN},
-                       "additionalProperties": model_entry},
+                       "additionalProperties": model_entry, "description": "the models steps may name: name -> entry"},
             "sources": {"type": "object", "propertyNames": {"pattern": ID_PATTERN},
-                        "additionalProperties": source_entry},
+                        "additionalProperties": source_entry, "description": "data files: name -> entry"},
             "vars": {"type": "object", "description": "values templates can read (`vars.NAME` or `NAME`)"},
-            "steps": {"type": "array", "minItems": 1, "items": step},
+            "steps": {"type": "array", "minItems": 1, "items": step, "description": "the pipeline, in order"},
         },
         "additionalProperties": False,
     }
+
+
+def _described(schema: Mapping[str, Any], description: str) -> Mapping[str, Any]:
+    """``schema`` with a description (an editor shows it beside the op's name), unless it has its own."""
+    return schema if "description" in schema else {**schema, "description": description}
 
 
 def fragment_for(name: str, obj: Any, registry: Any) -> Mapping[str, Any]:
@@ -254,6 +268,12 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
             f"installed recipes: {', '.join(sorted(registry.recipes)) or '(none)'}"
         yield "S209", f"unknown recipe {err.instance!r}", path, False, hint
         return
+    unknown = schema.get(UNKNOWN_NAME_KEY) if v == "enum" else None
+    if isinstance(unknown, Mapping):
+        # A name from the registry (a probe, a training target): the fragment says which error code it gets.
+        yield unknown["code"], f"unknown {unknown['what']} {err.instance!r}", path, False, \
+            did_you_mean(str(err.instance), [str(x) for x in schema.get("enum", [])])
+        return
     if v == "const" and path and path[-1] == "backend":
         return  # an if/then branch for another backend; the enum check reports unknown ones
     if v == "pattern" and schema.get("pattern") == SECRET_PATTERN:
@@ -295,6 +315,10 @@ def _translate_plain(err: Any, path: tuple, schema: Mapping[str, Any], prefix: b
         hint = None
         if v == "enum":
             hint = f"allowed: {', '.join(map(repr, schema.get('enum', [])))}"
+            close = did_you_mean(err.instance, [x for x in schema.get("enum", []) if isinstance(x, str)]) \
+                if isinstance(err.instance, str) else None
+            if close and close.startswith("did"):
+                hint = f"{close} {hint}"
         elif v == "pattern":
             hint = f"it must match {schema.get('pattern')}"
         yield "S103", (f"{where}: " if prefix else "") + _short(err.message), path, False, hint

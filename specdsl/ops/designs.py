@@ -92,12 +92,14 @@ class PamOp(StepOp):
         "corrected": {**COLUMN, "description": "the corrected answer for bad cases (default: corrected_answer)"},
         "verification": {**COLUMN, "description": "optional: a written negative verification for bad cases"},
         "rule": {"enum": ["exact", "contains", "regex", "number"], "description": "answer matcher (default: number)"},
-        "pattern": {"type": "string"},
+        "pattern": {"type": "string", "description": "with rule: regex, the regex whose first group is the answer"},
         "mask": {"type": "boolean", "description": "partial answer masking (default: true; false = the ablation)"},
         "system": {"type": "string", "description": "a system message for the samples (default: none)"},
-        "separator": {"type": "string"},
-        "negative_verification": {"type": "string"},
-        "positive_verification": {"type": "string"},
+        "separator": {"type": "string", "description": "between the parts of a sample (default: the paper's)"},
+        "negative_verification": {"type": "string",
+                                  "description": "the verification after a wrong answer (default: the paper's)"},
+        "positive_verification": {"type": "string",
+                                  "description": "the verification after a right answer (default: the paper's)"},
         "into": {**COLUMN, "description": "default: messages"},
     }, required=["from"])
 
@@ -204,14 +206,15 @@ class InterleaveOp(StepOp):
         "pool_column": {**COLUMN, "description": "the segment column of the pool (default: segment)"},
         "question": {**COLUMN, "description": "default: question"},
         "answer": {**COLUMN, "description": "default: answer"},
-        "min_tokens": {"type": "integer", "minimum": 1},
-        "max_tokens": {"type": "integer", "minimum": 1},
+        "min_tokens": {"type": "integer", "minimum": 1,
+                       "description": "shortest context; lengths are drawn uniformly from min_tokens..max_tokens"},
+        "max_tokens": {"type": "integer", "minimum": 1, "description": "longest context (at least min_tokens)"},
         "short_ratio": {"type": "number", "minimum": 0, "maximum": 10,
                         "description": "short-context samples (the key segment alone) per long one; default 0"},
         "format": {"enum": ["chat", "film"], "description": "chat: the FILM instruction in the model's chat "
                                                            "template (default); film: the raw [INST] prompt"},
         "separator": {"type": "string", "description": "between segments (default: a blank line)"},
-        "seed": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0, "description": "sampling seed (default: the spec's seed)"},
     }, required=["from", "pool", "model", "min_tokens", "max_tokens"])
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:

@@ -30,11 +30,15 @@ from specdsl.probes.rows import parsed_answer, position_rows, prompt_text, write
 from specdsl.contract.ops import (COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Estimate, Rows, RunContext, StepOp,
                                   obj_schema)
 
-RULE = {"enum": ["exact", "contains", "regex", "number"]}
+RULE = {"enum": ["exact", "contains", "regex", "number"], "description": "how an answer is compared with the gold one"}
+PATTERN = {"type": "string", "description": "for rule: regex, a pattern whose first group is the answer"}
 # An evaluate node's answer cap when the spec sets none; the planner's estimate (specdsl.passes.estimate) uses it too.
 DEFAULT_MAX_TOKENS = 256
 # The row columns the accuracy and self_correction probes read unless told otherwise.
 DEFAULT_COLUMNS: Mapping[str, str] = MappingProxyType({"question": "question", "gold": "answer"})
+
+
+PROBE_DESCRIPTION = "the probe's name (an installed probe: see `specdsl plugins`)"
 
 
 @dataclass
@@ -48,8 +52,11 @@ class ProbeContext:
     artifact_dir: Path
     max_tokens: int
 
-    def answer(self, model: str, prompts: Sequence[Sequence[Mapping[str, str]]]) -> list[str]:
-        return self.services.answer(self.node_id, model, prompts, {"temperature": 0, "max_tokens": self.max_tokens})
+    def answer(self, model: str, prompts: Sequence[Sequence[Mapping[str, str]]], condition: str | None = None) -> list[str]:
+        """The model's answers; the progress bar reads ``node · probe · condition · model``."""
+        label = " · ".join(dict.fromkeys(str(x) for x in (self.params.get("probe"), condition, model) if x))
+        return self.services.answer(self.node_id, model, prompts, {"temperature": 0, "max_tokens": self.max_tokens},
+                                    label=label)
 
     def matcher(self):
         from specdsl.designs.matchers import match_answer
@@ -96,13 +103,13 @@ def _interval_text(interval: Sequence[float] | None) -> str | None:
 class AccuracyProbe:
     name = "accuracy"
     params_schema = obj_schema({
-        "probe": {"const": "accuracy"},
+        "probe": {"const": "accuracy", "description": PROBE_DESCRIPTION},
         "question": {**COLUMN, "description": "default: question"},
         "gold": {**COLUMN, "description": "default: answer"},
-        "rule": RULE, "pattern": {"type": "string"},
+        "rule": RULE, "pattern": PATTERN,
         "conditions": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["name", "model"], "additionalProperties": False,
-            "properties": {"name": {"type": "string"}, "model": MODEL_REF,
+            "properties": {"name": {"type": "string", "description": "the condition's name in the results"}, "model": MODEL_REF,
                            "system": {**TEMPLATE, "description": "system prompt (a template over the row); omit for none"}}},
             "description": "default: each evaluated model without a system prompt"},
         "baseline": {"type": "string", "description": "the condition deltas are measured against"},
@@ -124,7 +131,7 @@ class AccuracyProbe:
                     messages.append({"role": "system", "content": templates.render(cond["system"], row, ctx.vars)})
                 messages.append({"role": "user", "content": str(row[q])})
                 prompts.append(messages)
-            answers = ctx.answer(cond["model"], prompts)
+            answers = ctx.answer(cond["model"], prompts, condition=cond["name"])
             res = score_accuracy(ctx.rows, answers, match, gold)
             scored[cond["name"]] = res
             per_row += [{"condition": cond["name"], "model": cond["model"], "id": row.get("id"),
@@ -169,8 +176,8 @@ class AccuracyProbe:
 class SelfCorrectionProbe:
     name = "self_correction"
     params_schema = obj_schema({
-        "probe": {"const": "self_correction"},
-        "question": COLUMN, "gold": COLUMN, "rule": RULE, "pattern": {"type": "string"},
+        "probe": {"const": "self_correction", "description": PROBE_DESCRIPTION},
+        "question": COLUMN, "gold": COLUMN, "rule": RULE, "pattern": PATTERN,
         "prompt": {**TEMPLATE, "description": "the user prompt (default: the question plus an instruction to "
                                               "answer, verify, and correct if needed)"},
     }, required=["probe"])
@@ -220,7 +227,7 @@ class PositionProbe:
     # through settings().
     DEFAULTS: Mapping[str, int] = MappingProxyType({"context_tokens": 2000, "buckets": 8, "per_bucket": 4})
     params_schema = obj_schema({
-        "probe": {"const": "position"},
+        "probe": {"const": "position", "description": PROBE_DESCRIPTION},
         "tasks": {"type": "array", "items": {"enum": ["document", "code", "records"]}, "minItems": 1,
                   "description": "default: all three"},
         "context_tokens": {"type": "integer", "minimum": 64, "description": f"default: {DEFAULTS['context_tokens']}"},
@@ -228,7 +235,7 @@ class PositionProbe:
         "per_bucket": {"type": "integer", "minimum": 1, "maximum": 1000,
                        "description": f"default: {DEFAULTS['per_bucket']}"},
         "tokenizer": {**MODEL_REF, "description": "whose tokenizer measures context length (default: first model)"},
-        "seed": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0, "description": "seed of the probe items (default: 0)"},
     }, required=["probe"])
 
     @classmethod
@@ -260,7 +267,7 @@ class PositionProbe:
             except ValueError as exc:
                 raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id) from None
             for model in ctx.models:
-                answers = ctx.answer(model, [it.prompt() for it in items])
+                answers = ctx.answer(model, [it.prompt() for it in items], condition=task)
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
                 per_row += position_rows(task, model, items, answers)
         plot = ctx.artifact_dir / "position.png"
@@ -307,14 +314,20 @@ class EvaluateOp(StepOp):
         "max_tokens": {"type": "integer", "minimum": 1,
                        "description": f"answer length cap (default: {DEFAULT_MAX_TOKENS})"},
         "probes": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["probe"], "properties": {"probe": {"type": "string"}},
+            "type": "object", "required": ["probe"],
+            "properties": {"probe": {"enum": sorted(p.name for p in PROBES), "description": PROBE_DESCRIPTION,
+                                     "x-specdsl-unknown": {"code": "S213", "what": "probe"}}},
             "allOf": [{"if": {"properties": {"probe": {"const": p.name}}, "required": ["probe"]},
-                       "then": p.params_schema} for p in PROBES]}},
+                       "then": p.params_schema} for p in PROBES]},
+            "description": "what to measure: one entry per probe, with its own parameters"},
     }, required=["models", "probes"])
 
     def schema_for(self, registry: Any) -> dict[str, Any]:
         """params_schema with every installed probe's parameters (a plugin probe's too), not only the built-ins'."""
         schema = copy.deepcopy(dict(self.params_schema))
+        # An enum of the installed probes: editors complete the names and `probe: acuracy` fails the schema.
+        schema["properties"]["probes"]["items"]["properties"]["probe"].update(
+            {"enum": sorted(registry.probes), "x-specdsl-unknown": {"code": "S213", "what": "probe"}})
         schema["properties"]["probes"]["items"]["allOf"] = [
             {"if": {"properties": {"probe": {"const": name}}, "required": ["probe"]}, "then": probe.params_schema}
             for name, probe in registry.probes.items()]

@@ -12,6 +12,7 @@ MATCH_SCHEMA = {
     "type": "object",
     "required": ["field", "gold"],
     "additionalProperties": False,
+    "description": "compare an answer column with a gold column",
     "properties": {
         "field": {**COLUMN, "description": "the column holding the model's answer"},
         "gold": {**COLUMN, "description": "the column holding the gold answer"},

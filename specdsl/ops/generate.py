@@ -17,7 +17,8 @@ DECODING = {
     "max_tokens": {"type": "integer", "minimum": 1, "maximum": 131072,
                    "description": "cap on generated tokens (overrides the model's default)"},
     "temperature": {"type": "number", "minimum": 0, "maximum": 5, "description": "0 = greedy"},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+              "description": "nucleus sampling (default: the model's)"},
     "seed": {"type": "integer", "minimum": 0, "description": "sampling seed (default: the spec's seed)"},
 }
 
@@ -64,7 +65,9 @@ class GenerateOp(StepOp):
         "user": TEMPLATE,
         "messages": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["role", "content"], "additionalProperties": False,
-            "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": TEMPLATE}}},
+            "properties": {"role": {"enum": ["system", "user", "assistant"], "description": "who says it"},
+                           "content": TEMPLATE}},
+            "description": "a whole conversation instead of system/user"},
         "into": {**COLUMN, "description": "the answer's column (default: response)"},
         "n": {"type": "integer", "minimum": 1, "maximum": 64, "description": "samples per row (adds `sample`)"},
         "where": {**TEMPLATE, "description": "generate only for rows where this renders truthy; others get null"},

@@ -24,7 +24,7 @@ class TokenizeOp(StepOp):
     params_schema = obj_schema({
         "from": STEP_REF,
         "model": MODEL_REF,
-        "max_length": {"type": "integer", "minimum": 8},
+        "max_length": {"type": "integer", "minimum": 8, "description": "longer samples are cut (default: none)"},
         "loss": {"enum": ["assistant", "completion", "all"], "description": "which text carries loss"},
         "mask": {"type": "boolean", "description": "false: loss on everything the assistant says (ablation)"},
     }, required=["from", "model"])

@@ -183,7 +183,7 @@ class TrainOp(StepOp):
                                            "not passed to it (name the target with `target:` to require them)")
         request = TrainRequest(base_model=base, dataset=data, output_dir=ctx.artifact_dir / "model",
                                params=target_params, seed=p.get("seed", ctx.seed), card=card)
-        progress = ctx.services.progress_callback(ctx.node_id, unit="step")
+        progress = ctx.services.progress_callback(ctx.node_id, unit="step", label=f"{p.get('model')} · {target.name}")
         out_dir = target.train(request, progress)
         data.unlink(missing_ok=True)  # the tokenized table is already in the store
         metrics: dict[str, Any] = {}

@@ -122,7 +122,8 @@ def render_run_summary(result: Any, console: Any = None) -> None:
     console = console or Console()
     table = Table(title=f"run: {result.plan.name}")
     for col in ("node", "op", "status", "rows", "requests (cached)", "tokens in/out", "cost", "seconds"):
-        table.add_column(col)
+        # A long node name wraps onto more lines rather than being cut (logs are 80 columns wide).
+        table.add_column(col, overflow="fold" if col == "node" else "ellipsis")
     for r in result.nodes:
         s = r.stats
         req = f"{s.get('requests', 0)} ({s.get('cached_requests', 0)})" if s.get("requests") else ""

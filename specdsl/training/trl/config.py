@@ -34,7 +34,8 @@ PARAMS_SCHEMA: dict[str, Any] = {
                        "description": "Samples per device per micro-step (padded or padding-free batches). "
                                       "With packing, the token budget is batch_size x longest sample unless "
                                       "max_tokens_per_batch is set."},
-        "gradient_accumulation": {"type": "integer", "minimum": 1, "default": 1},
+        "gradient_accumulation": {"type": "integer", "minimum": 1, "default": 1,
+                                  "description": "Micro-steps whose gradients add up to one optimizer step."},
         "max_length": {"type": ["integer", "null"], "minimum": 1, "default": None,
                        "description": "Samples longer than this are cut (keep the start); null = the model's "
                                       "context length (max_position_embeddings, n_positions, ...). Cut samples "
@@ -52,13 +53,18 @@ PARAMS_SCHEMA: dict[str, Any] = {
                                                 "memory); on cpu, batch_size x longest sample."},
         "seed": {"type": ["integer", "null"], "default": None,
                  "description": "null = the request's seed."},
-        "lr_scheduler": {"enum": list(LR_SCHEDULERS), "default": "linear"},
-        "warmup_ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0},
-        "weight_decay": {"type": "number", "minimum": 0, "default": 0.0},
-        "max_grad_norm": {"type": "number", "minimum": 0, "default": 1.0},
-        "logging_steps": {"type": "integer", "minimum": 1, "default": 1,
-                          "description": "Steps between loss reports (default: every step, so the model card's "
-                                         "loss curve and the progress show every step)."},
+        "lr_scheduler": {"enum": list(LR_SCHEDULERS), "default": "linear",
+                         "description": "How the learning rate moves after warmup (transformers' scheduler names)."},
+        "warmup_ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0,
+                         "description": "Fraction of the optimizer steps spent raising the learning rate from 0."},
+        "weight_decay": {"type": "number", "minimum": 0, "default": 0.0,
+                         "description": "AdamW weight decay."},
+        "max_grad_norm": {"type": "number", "minimum": 0, "default": 1.0,
+                          "description": "Gradients are clipped to this global norm (0 = no clipping)."},
+        "logging_steps": {"type": "integer", "minimum": 1, "default": 10,
+                          "description": "Steps between the points of the loss curve kept in the metrics and the "
+                                         "model card (each the mean since the previous one); progress shows "
+                                         "every step's loss."},
         "precision": {"enum": ["auto", "fp32", "bf16"], "default": "auto",
                       "description": "auto = bf16 mixed precision on a GPU that supports it, fp32 on cpu."},
         "attn_implementation": {"enum": list(ATTN_CHOICES), "default": "auto",
@@ -67,18 +73,25 @@ PARAMS_SCHEMA: dict[str, Any] = {
         "liger": {"type": ["boolean", "null"], "default": None,
                   "description": "Liger Triton kernels (RMSNorm, RoPE, SwiGLU); null = on when liger_kernel "
                                  "is installed and the target is cuda."},
-        "gradient_checkpointing": {"type": "boolean", "default": False},
-        "torch_compile": {"type": "boolean", "default": False},
+        "gradient_checkpointing": {"type": "boolean", "default": False,
+                                   "description": "Recompute activations in the backward pass: less memory, "
+                                                  "about a third more compute."},
+        "torch_compile": {"type": "boolean", "default": False,
+                          "description": "Compile the model with torch.compile (pays a compilation at the start)."},
         "lora": {
             "type": ["object", "null"], "default": None, "additionalProperties": False,
+            "description": "Train a LoRA adapter instead of every weight; null = full fine-tune.",
             "properties": {
-                "r": {"type": "integer", "minimum": 1, "default": 16},
+                "r": {"type": "integer", "minimum": 1, "default": 16, "description": "The adapter's rank."},
                 "alpha": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
                           "description": "null = 2 x r."},
-                "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.05},
+                "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.05,
+                            "description": "Dropout on the adapter's input."},
                 "target_modules": {"oneOf": [{"const": "all-linear"},
                                              {"type": "array", "items": {"type": "string"}, "minItems": 1}],
-                                   "default": "all-linear"},
+                                   "default": "all-linear",
+                                   "description": "Modules that get an adapter: all-linear (every linear layer "
+                                                  "but the output layer) or a list of module names."},
                 "merge": {"type": "boolean", "default": False,
                           "description": "Write a merged full model instead of the adapter."},
             },
@@ -87,10 +100,14 @@ PARAMS_SCHEMA: dict[str, Any] = {
                       "description": "Processes per node; > 1 runs through accelerate launch."},
         "nodes": {"type": "integer", "minimum": 1, "default": 1,
                   "description": "Machines (accelerate num_machines); run the step on every node."},
-        "strategy": {"enum": ["ddp", "fsdp", "deepspeed"], "default": "ddp"},
+        "strategy": {"enum": ["ddp", "fsdp", "deepspeed"], "default": "ddp",
+                     "description": "How several processes share the work: data parallel (ddp), sharded "
+                                    "(fsdp) or DeepSpeed ZeRO."},
         "zero_stage": {"type": "integer", "minimum": 1, "maximum": 3, "default": 2,
                        "description": "DeepSpeed ZeRO stage (strategy: deepspeed)."},
-        "main_process_ip": {"type": ["string", "null"], "default": None,
+        # No `default: null` here: editors (yaml-language-server) take a default of a string-typed key for a
+        # string and drop the whole `train` completion when it is not one; default_params() reads None anyway.
+        "main_process_ip": {"type": ["string", "null"],
                             "description": "Machine 0's address for nodes > 1 (or SPECDSL_MAIN_PROCESS_IP)."},
         "main_process_port": {"type": ["integer", "null"], "minimum": 0, "maximum": 65535, "default": None,
                               "description": "null = a free port on one node, 29500 across nodes."},

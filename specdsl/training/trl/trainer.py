@@ -29,21 +29,47 @@ def _progress_callback_class():
     from transformers import TrainerCallback
 
     class SpecdslProgress(TrainerCallback):
-        """Forwards step, total and loss to the executor's progress function (rank 0 only)."""
+        """One progress event per optimizer step (rank 0 only): step, total, loss, learning rate, tokens/s.
 
-        def __init__(self, progress: Callable[[Mapping[str, Any]], None]):
+        The trainer only logs every ``logging_steps``; asking it to log after every step (``should_log``
+        set in ``on_step_end``, which runs just before the trainer's logging check) gives each step's own
+        loss. ``losses`` (the curve in the metrics and the card) keeps one point per ``logging_steps``
+        steps, plus the first and the last, each the mean loss since the previous point.
+        """
+
+        def __init__(self, progress: Callable[[Mapping[str, Any]], None], logging_steps: int = 1):
             self.progress = progress
+            self.logging_steps = max(int(logging_steps or 1), 1)
             self.losses: list[tuple[int, float]] = []
+            self._window: list[float] = []
+            self._last_tokens: tuple[float, float] | None = None  # (time, tokens seen) at the previous event
 
         def on_train_begin(self, args, state, control, **kw):
             if state.is_world_process_zero:
+                self._last_tokens = (time.monotonic(), 0.0)
                 self.progress({"step": 0, "total": state.max_steps, "loss": None})
 
+        def on_step_end(self, args, state, control, **kw):
+            control.should_log = True
+            return control
+
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs and state.is_world_process_zero:
-                loss = float(logs["loss"])
-                self.losses.append((state.global_step, loss))
-                self.progress({"step": state.global_step, "total": state.max_steps, "loss": loss})
+            if not (logs and "loss" in logs and state.is_world_process_zero):
+                return
+            step, loss = state.global_step, float(logs["loss"])
+            self._window.append(loss)
+            if step == 1 or step % self.logging_steps == 0 or step >= state.max_steps:
+                self.losses.append((step, sum(self._window) / len(self._window)))
+                self._window.clear()
+            event: dict[str, Any] = {"step": step, "total": state.max_steps, "loss": loss}
+            if logs.get("learning_rate") is not None:
+                event["learning_rate"] = float(logs["learning_rate"])
+            tokens = logs.get("num_tokens")
+            now = time.monotonic()
+            if tokens is not None and self._last_tokens is not None and now > self._last_tokens[0]:
+                event["tokens_per_s"] = (float(tokens) - self._last_tokens[1]) / (now - self._last_tokens[0])
+                self._last_tokens = (now, float(tokens))
+            self.progress(event)
 
     return SpecdslProgress
 
@@ -183,7 +209,7 @@ def train_worker(*, base_model: Path, dataset: Path, stage: Path, params: Mappin
     settings = dict(settings)
     oom_retries: list[dict[str, int]] = []
     while True:
-        progress_cb = _progress_callback_class()(progress)
+        progress_cb = _progress_callback_class()(progress, params.get("logging_steps") or 1)
         trainer = build_trainer(base_model=base_model, dataset=ds, params=params, settings=settings, stats=stats,
                                 seed=seed, scratch=scratch, callbacks=[progress_cb, *callbacks])
         t0 = time.time()
