@@ -73,8 +73,9 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 
 def _entry(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # Content only (no timestamps): the same output written by two runs, or in two checkouts, gives the
+    # same record byte for byte.
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
 def _unchanged(path: Path, entry: Mapping[str, Any]) -> bool:
@@ -84,8 +85,6 @@ def _unchanged(path: Path, entry: Mapping[str, Any]) -> bool:
         return False
     if not path.is_file() or st.st_size != entry.get("size"):
         return False
-    if st.st_mtime_ns == entry.get("mtime_ns"):
-        return True
     return sha256_file(path) == entry.get("sha256")
 
 
@@ -155,7 +154,9 @@ class OutputWriter:
         for name in self.previous["files"]:
             if name not in self.files:
                 (self.folder / name).unlink(missing_ok=True)  # ours, from an older write, no longer produced
-        record = {"specdsl_output": 1, "node": self.node, "fingerprint": self.fingerprint, "spec": self.spec_file,
+        # The spec by name only: the record travels with the folder (two checkouts write the same bytes).
+        record = {"specdsl_output": 1, "node": self.node, "fingerprint": self.fingerprint,
+                  "spec": Path(self.spec_file).name,
                   **(extra or {}), "files": self.files}
         tmp = self.folder / f".{RECORD}.tmp"
         tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")

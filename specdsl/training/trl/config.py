@@ -61,10 +61,10 @@ PARAMS_SCHEMA: dict[str, Any] = {
                          "description": "AdamW weight decay."},
         "max_grad_norm": {"type": "number", "minimum": 0, "default": 1.0,
                           "description": "Gradients are clipped to this global norm (0 = no clipping)."},
-        "logging_steps": {"type": "integer", "minimum": 1, "default": 10,
+        "logging_steps": {"type": "integer", "minimum": 1, "default": 1,
                           "description": "Steps between the points of the loss curve kept in the metrics and the "
-                                         "model card (each the mean since the previous one); progress shows "
-                                         "every step's loss."},
+                                         "model card (default: every step; each point the mean since the previous "
+                                         "one); progress shows every step's loss."},
         "precision": {"enum": ["auto", "fp32", "bf16"], "default": "auto",
                       "description": "auto = bf16 mixed precision on a GPU that supports it, fp32 on cpu."},
         "attn_implementation": {"enum": list(ATTN_CHOICES), "default": "auto",
