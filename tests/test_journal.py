@@ -154,3 +154,51 @@ def test_put_is_fast_enough_for_inline_use(tmp_path):
         for i in range(300):
             j.put(ok(i))
         assert (time.perf_counter() - t) / 300 < 0.003
+
+
+# --------------------------------------------------------------------------------------------------
+# JournalWriter: group commits off the request loop
+# --------------------------------------------------------------------------------------------------
+
+
+def test_writer_commits_in_groups_and_flush_makes_everything_durable(tmp_path):
+    from specdsl.execute.journal import JournalWriter
+
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        commits: list[int] = []
+        real_put_many = j.put_many
+
+        def counting_put_many(results):  # wraps the real commit to count groups; the rows still land
+            results = list(results)
+            commits.append(len(results))
+            real_put_many(results)
+
+        j.put_many = counting_put_many  # type: ignore[method-assign]
+        writer = JournalWriter(j, max_batch=50)
+        threads = [threading.Thread(target=lambda base=b: [writer.put(ok(base + i)) for i in range(500)])
+                   for b in (0, 1000, 2000, 3000)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        writer.flush()
+        assert len(j) == 2000 and sum(commits) == 2000
+        assert max(commits) <= 50
+        writer.put(GenResult(key="bad", error="HTTP 500"))
+        writer.close()
+        assert set(j.failures()) == {"bad"}
+        with pytest.raises(RuntimeError, match="closed"):
+            writer.put(ok(9999))
+
+
+def test_writer_hands_a_failed_commit_to_the_caller(tmp_path):
+    from specdsl.execute.journal import JournalWriter
+
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        writer = JournalWriter(j)
+        writer.put(GenResult(key="k", text=None))  # a success without text is refused by put_many
+        with pytest.raises(ValueError, match="needs text"):
+            writer.flush()
+        writer.put(ok(1))  # the writer keeps going after reporting the error
+        writer.close()
+        assert j.get("k1") == ok(1)

@@ -11,6 +11,10 @@ database in WAL mode:
   answer. Failures go to a separate log; they never count as done, so a resumed run retries them.
 * One connection guarded by a lock makes an instance thread-safe; WAL plus a busy timeout lets several
   processes read and write the same file.
+* :class:`JournalWriter` takes results off a hot loop (the generation event loop) and commits them from
+  a thread in small groups: the loop pays a queue append per result instead of a ``BEGIN IMMEDIATE`` +
+  ``COMMIT``, and a kill loses only what arrived since the last group commit (a fraction of a
+  millisecond when idle, one commit's duration under load).
 """
 
 from __future__ import annotations
@@ -192,3 +196,84 @@ class RequestJournal:
 
     def __repr__(self) -> str:
         return f"RequestJournal({str(self.path)!r})"
+
+
+class JournalWriter:
+    """Group commit: ``put`` queues a result, a writer thread commits everything queued in one transaction.
+
+    The thread wakes as soon as something is queued and commits all that is waiting (at most
+    ``max_batch`` per transaction); results that arrive while a commit runs form the next group. So an
+    idle run commits each result within a fraction of a millisecond and a busy one commits tens per
+    transaction, never holding a result longer than one commit. ``flush`` returns once everything
+    queued before it is durable; ``close`` flushes and stops the thread. A failed commit is re-raised
+    by the next ``put``/``flush``/``close`` (the results of that group are then not journaled: they
+    are re-sent on the next run, never silently taken as done).
+    """
+
+    def __init__(self, journal: RequestJournal, *, max_batch: int = 256):
+        self.journal = journal
+        self.max_batch = max_batch
+        self._queue: list[GenResult] = []
+        self._cond = threading.Condition()
+        self._queued = 0     # results ever queued
+        self._committed = 0  # results ever committed (or dropped with an error)
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="specdsl-journal-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, result: GenResult) -> None:
+        """Queue one result; it is durable within one group commit (see :meth:`flush`)."""
+        with self._cond:
+            self._raise_error()
+            if self._closing:
+                raise RuntimeError("the journal writer is closed")
+            self._queue.append(result)
+            self._queued += 1
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Return once every result queued so far is committed; raise a failed commit's error."""
+        with self._cond:
+            target = self._queued
+            while self._committed < target and self._thread.is_alive():
+                self._cond.wait(0.1)
+            self._raise_error()
+
+    def close(self) -> None:
+        """Flush, then stop the writer thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:  # closing, and nothing left to write
+                    return
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+            try:
+                self.journal.put_many(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the thread that queued results
+                with self._cond:
+                    self._error = self._error or exc
+            with self._cond:
+                self._committed += len(batch)
+                self._cond.notify_all()
+
+    def __enter__(self) -> "JournalWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
