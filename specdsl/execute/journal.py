@@ -219,6 +219,7 @@ class JournalWriter:
         self._committed = 0  # results ever committed (or dropped with an error)
         self._error: BaseException | None = None
         self._closing = False
+        self._idle = False   # the thread waits for work: only then does a put need to wake it
         self._thread = threading.Thread(target=self._loop, name="specdsl-journal-writer", daemon=True)
         self._thread.start()
 
@@ -230,7 +231,8 @@ class JournalWriter:
                 raise RuntimeError("the journal writer is closed")
             self._queue.append(result)
             self._queued += 1
-            self._cond.notify_all()
+            if self._idle:  # a busy writer picks this up when its commit ends: no wake-up per result
+                self._cond.notify_all()
 
     def flush(self) -> None:
         """Return once every result queued so far is committed; raise a failed commit's error."""
@@ -258,7 +260,9 @@ class JournalWriter:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
+                    self._idle = True
                     self._cond.wait()
+                    self._idle = False
                 if not self._queue:  # closing, and nothing left to write
                     return
                 batch = self._queue[: self.max_batch]
