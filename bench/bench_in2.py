@@ -35,7 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 def stdlib_texts(max_chars: int) -> list[dict]:
     texts, total = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "test", "tests", "idle_test"} & set(path.relative_to(root).parts):
+            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):
