@@ -3,9 +3,10 @@
 ``run_requests`` is the resume point of every generation step: identical requests in a batch are sent
 once, requests already answered in the journal are not sent at all, and every new answer is handed to a
 :class:`~specdsl.execute.journal.JournalWriter` inside the backend's ``on_result`` callback, which
-commits it from its own thread in small groups (the request loop never waits on SQLite). Killing the
-process at any moment loses at most the requests that were in flight plus the answers of the last
-fraction of a millisecond; ``run_requests`` returns (or raises) only once every answer is committed.
+commits it at once while answers arrive slowly and in small groups when they arrive fast (one
+transaction per few dozen answers, not per answer). Killing the process at any moment loses at most
+the requests that were in flight plus the answers of the last ~10 ms; ``run_requests`` returns (or
+raises) only once every answer is committed.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
                 return  # a key we did not ask for (a confused backend): never journal it
             if res.key in results and results[res.key].ok:
                 return  # a duplicate callback for a key already answered
-            writer.put(res)  # committed by the writer thread within one group commit
+            writer.put(res)  # committed now, or with its group within milliseconds
             first = res.key not in results
             results[res.key] = res
             if res.ok:
