@@ -1,13 +1,20 @@
-"""A whole `specdsl run` of 2,000 requests against the fake provider, beside a bare aiohttp client.
+"""Whole `specdsl run` processes against the fake provider, beside a bare aiohttp client, interleaved.
 
-    python bench/bench_run_requests.py [--n 2000] [--latency 0.2] [--concurrency 64]
+    python bench/bench_run_requests.py [--rows 2000:0.2:64,20000:0.05:256] [--repeats 3]
+                                       [--before /path/to/other/checkout] [--prefix hosted_vllm]
 
-Both talk to the same fake OpenAI-compatible server (a separate process, 200 ms per answer), addressed
-as a self-hosted server (`hosted_vllm/`, as one would a vLLM fleet), which the litellm backend serves
-without importing litellm. The run
-is timed as a user sees it: a fresh `specdsl run` process (compile, journal, litellm backend, store,
-manifest). A second, fully cached `specdsl run` measures the fixed cost (interpreter start, imports,
-compile, store); the difference is the generation itself. Goal: within 20% of the bare client.
+Each row is ``requests:latency_s:concurrency``. Every variant talks to the same fake OpenAI-compatible
+server (a separate process), addressed as a self-hosted server (``hosted_vllm/``, as one would a vLLM
+fleet; ``--prefix openai`` measures the ``openai/``-at-a-custom-``api_base`` form, which goes through
+litellm). A specdsl run is timed as a user sees it: a fresh ``specdsl run`` process (interpreter,
+imports, compile, journal, backend, store, manifest) on a fresh store. ``--before`` also times the
+same run with another checkout's ``specdsl`` on PYTHONPATH (e.g. the main branch), so before/after
+ratios come from one run on one machine state.
+
+The variants run interleaved (bare, after, before, bare, after, ...) ``--repeats`` times and each
+keeps its best, so a burst of load from elsewhere does not land on one variant alone. Ratios are
+against the best bare client of the same row. A cached rerun (everything journaled) is timed too: the
+fixed cost of a run. Goal: a whole run within 1.2x the bare client.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ SPEC = """\
 specdsl: 1
 name: bench-run
 models:
-  fake: {{backend: litellm, model: hosted_vllm/fake, api_base: "{api_base}", api_key: "${{env:BENCH_KEY}}",
+  fake: {{backend: litellm, model: {prefix}/fake, api_base: "{api_base}", api_key: "${{env:BENCH_KEY}}",
           concurrency: {conc}, max_tokens: 64}}
 sources:
   questions: {{path: questions.jsonl}}
@@ -41,44 +48,69 @@ steps:
 """
 
 
-def timed_run(spec: Path, env: dict) -> float:
+def timed_run(spec: Path, store: Path, env: dict) -> float:
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "specdsl.cli", "run", str(spec), "--no-progress"], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "specdsl.cli", "run", str(spec), "--store", str(store),
+                           "--no-progress"], env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(proc.stdout + proc.stderr)
     return elapsed
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--latency", type=float, default=0.2)
-    ap.add_argument("--concurrency", type=int, default=64)
-    args = ap.parse_args()
-    server, api_base = start_server(args.latency)
+def bench_row(n: int, latency: float, conc: int, trees: dict[str, Path], repeats: int, prefix: str) -> None:
+    server, api_base = start_server(latency)
+    best: dict[str, float] = {}
+    fixed: dict[str, float] = {}
     try:
-        bare = bench_bare(api_base, args.n, args.concurrency)
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             (d / "questions.jsonl").write_text("".join(
-                json.dumps({"id": f"q{i}", "q": f"Question {i}: what is {i} plus {i}?"}) + "\n" for i in range(args.n)))
+                json.dumps({"id": f"q{i}", "q": f"Question {i}: what is {i} plus {i}?"}) + "\n" for i in range(n)))
             spec = d / "spec.yaml"
-            spec.write_text(SPEC.format(api_base=api_base, conc=args.concurrency))
-            env = {**os.environ, "BENCH_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-            whole = timed_run(spec, env)
-            fixed = timed_run(spec, env)  # everything cached: interpreter, imports, compile, store
+            spec.write_text(SPEC.format(api_base=api_base, conc=conc, prefix=prefix))
+            envs = {name: {**os.environ, "BENCH_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                           "PYTHONPATH": str(tree)} for name, tree in trees.items()}
+            for rep in range(repeats):
+                order = ["bare", *trees]
+                order = order[rep % len(order):] + order[: rep % len(order)]  # rotate who goes first
+                for name in order:
+                    if name == "bare":
+                        took = bench_bare(api_base, n, conc)
+                    else:
+                        store = d / f"store-{name}-{rep}"
+                        took = timed_run(spec, store, envs[name])
+                        again = timed_run(spec, store, envs[name])  # all journaled: the fixed cost
+                        fixed[name] = min(fixed.get(name, again), again)
+                    best[name] = min(best.get(name, took), took)
     finally:
         server.kill()
-    ideal = args.n / args.concurrency * args.latency
-    print(f"requests={args.n} latency={args.latency}s concurrency={args.concurrency} ideal={ideal:.2f}s")
-    print(f"bare aiohttp client              {bare:7.2f} s  1.00x")
-    print(f"specdsl run (whole process)      {whole:7.2f} s  {whole / bare:.2f}x")
-    print(f"specdsl run, cached (fixed cost) {fixed:7.2f} s")
-    gen = whole - fixed
-    print(f"specdsl run minus fixed cost     {gen:7.2f} s  {gen / bare:.2f}x  "
-          f"({(gen - bare) / args.n * 1000:.2f} ms overhead per request vs bare)")
+    bare = best["bare"]
+    ideal = n / conc * latency
+    print(f"\nrequests={n} latency={latency}s concurrency={conc} ideal={ideal:.2f}s  "
+          f"(best of {repeats}, interleaved, {prefix}/)")
+    print(f"  {'bare aiohttp client':34s} {bare:7.2f} s  1.00x")
+    for name in trees:
+        whole = best[name]
+        print(f"  {'specdsl run (' + name + ')':34s} {whole:7.2f} s  {whole / bare:.2f}x   "
+              f"fixed cost {fixed[name]:.2f} s, minus fixed {(whole - fixed[name]) / bare:.2f}x, "
+              f"{(whole - bare) / n * 1000:.2f} ms/request over bare")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="2000:0.2:64,20000:0.05:256",
+                    help="comma-separated requests:latency_s:concurrency")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--before", type=Path, help="another checkout to time beside this one (e.g. main)")
+    ap.add_argument("--prefix", default="hosted_vllm", help="model prefix: hosted_vllm or openai")
+    args = ap.parse_args()
+    trees = {"this": ROOT}
+    if args.before:
+        trees["before"] = args.before.resolve()
+    for row in args.rows.split(","):
+        n, latency, conc = row.split(":")
+        bench_row(int(n), float(latency), int(conc), trees, args.repeats, args.prefix)
     return 0
 
 

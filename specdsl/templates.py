@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Mapping
+from itertools import repeat
+from typing import Any, Iterable, Mapping, Sequence
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment
@@ -200,10 +201,126 @@ def _compiled(source: str):
 
 def render(source: str, row: Mapping[str, Any], variables: Mapping[str, Any]) -> str:
     """Render a template for one row. Errors propagate; callers add the row id to the message."""
+    fast = _fast_parts(source)
+    if fast is not None and type(row) is dict and type(variables) is dict:
+        try:
+            return "".join([part if isinstance(part, str) else _text(part(row, variables)) for part in fast])
+        except Exception:  # noqa: BLE001 - Jinja renders the row instead, and raises its own error if any
+            pass
+    return _render_jinja(source, row, variables)
+
+
+def render_many(source: str, rows: Sequence[Mapping[str, Any]], variables: Mapping[str, Any]) -> list[str]:
+    """Render a template for each of ``rows``; the same strings as :func:`render` row by row.
+
+    A template the fast path covers (see :func:`_fast_parts`) is rendered a column at a time: one list
+    comprehension per template expression and one ``"".join`` per row, no Jinja context per row. A row
+    on which the fast path cannot produce Jinja's result (a missing column or key: Jinja's error, or
+    its fallbacks) is rendered by Jinja; so is every row of any other template. Errors propagate as
+    :func:`render`'s do.
+    """
+    fast = _fast_parts(source)
+    if fast is None or type(variables) is not dict or not all(type(row) is dict for row in rows):
+        return [_render_jinja(source, row, variables) for row in rows]
+    try:
+        columns = [repeat(part) if isinstance(part, str) else [_text(part(row, variables)) for row in rows]
+                   for part in fast]
+    except Exception:  # noqa: BLE001 - some row needs Jinja: render row by row, the fast way where it can
+        return [render(source, row, variables) for row in rows]
+    if len(columns) == 1:
+        return list(columns[0]) if not isinstance(columns[0], repeat) else [fast[0]] * len(rows)
+    return ["".join(parts) for parts in zip(*columns)] if rows else []
+
+
+def _render_jinja(source: str, row: Mapping[str, Any], variables: Mapping[str, Any]) -> str:
     context = dict(variables)
     context[VARS] = variables
     context[ROW] = row
     return _compiled(source).render(context)
+
+
+def _text(value: Any) -> str:
+    # What Jinja's generated code does with an expression's value when autoescape is off: str() it.
+    return value if type(value) is str else str(value)
+
+
+# -- the fast path ------------------------------------------------------------------------------------
+#
+# Templates that are only literal text and `{{ }}` expressions built from constants, columns
+# (row.X, row['X'], row.get('X'[, default])), vars (vars.X, vars['X'], a bare var name), subscripts of
+# those (`{{ strategies[row.category] }}`) and `~` concatenation are rendered without Jinja: each such
+# expression becomes a closure (row, variables) -> value that does what the sandbox does on success,
+# and raises where Jinja would do anything else (undefined, a getattr fallback, an error), so that the
+# caller hands that row to Jinja. `row.X` and `vars.X` are Jinja getattr lookups, which find dict
+# methods first: names that are attributes of dict (row.items, row.copy, ...) are left to Jinja.
+
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _NotFast(Exception):
+    """A template construct the fast path does not cover."""
+
+
+@lru_cache(maxsize=1024)
+def _fast_parts(source: str) -> tuple | None:
+    """The template as literal strings and expression closures, or None if Jinja must render it."""
+    env = environment()
+    if env.autoescape is not False or env.finalize is not None:
+        return None  # str() of each value would no longer be what Jinja outputs
+    try:
+        ast = env.parse(source)
+    except Exception:  # noqa: BLE001 - render() reports syntax errors through Jinja
+        return None
+    parts: list[Any] = []
+    try:
+        for stmt in ast.body:
+            if not isinstance(stmt, nodes.Output):
+                raise _NotFast(type(stmt).__name__)
+            for child in stmt.nodes:
+                if isinstance(child, nodes.TemplateData):
+                    parts.append(child.data)
+                else:
+                    parts.append(_expression(child))
+    except _NotFast:
+        return None
+    return tuple(parts)
+
+
+def _expression(node: Any):
+    if isinstance(node, nodes.Const):
+        value = node.value
+        return lambda row, variables: value
+    if isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in (ROW, VARS):
+        name = node.name
+        return lambda row, variables: variables[name]  # KeyError: undefined (or a Jinja global): Jinja
+    if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) and node.node.name in (ROW, VARS):
+        attr = node.attr
+        if attr.startswith("_") or attr in _DICT_ATTRIBUTES:
+            raise _NotFast(attr)
+        if node.node.name == ROW:
+            return lambda row, variables: row[attr]
+        return lambda row, variables: variables[attr]
+    if isinstance(node, nodes.Getitem):
+        if isinstance(node.node, nodes.Name) and node.node.name in (ROW, VARS):
+            if not isinstance(node.arg, nodes.Const) or not isinstance(node.arg.value, str):
+                raise _NotFast("row[expr]")
+            key = node.arg.value
+            if node.node.name == ROW:
+                return lambda row, variables: row[key]
+            return lambda row, variables: variables[key]
+        if isinstance(node.arg, nodes.Slice):
+            raise _NotFast("slice")
+        base, index = _expression(node.node), _expression(node.arg)
+        return lambda row, variables: base(row, variables)[index(row, variables)]
+    if isinstance(node, nodes.Concat):
+        items = [_expression(child) for child in node.nodes]
+        return lambda row, variables: "".join([_text(item(row, variables)) for item in items])
+    if (isinstance(node, nodes.Call) and isinstance(node.node, nodes.Getattr) and _is_name(node.node.node, ROW)
+            and node.node.attr == "get" and not node.kwargs and node.dyn_args is None and node.dyn_kwargs is None
+            and 1 <= len(node.args) <= 2 and all(isinstance(arg, nodes.Const) for arg in node.args)):
+        args = tuple(arg.value for arg in node.args)
+        return lambda row, variables: row.get(*args)
+    raise _NotFast(type(node).__name__)
 
 
 def is_template(text: str) -> bool:

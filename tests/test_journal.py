@@ -154,3 +154,61 @@ def test_put_is_fast_enough_for_inline_use(tmp_path):
         for i in range(300):
             j.put(ok(i))
         assert (time.perf_counter() - t) / 300 < 0.003
+
+
+# --------------------------------------------------------------------------------------------------
+# JournalWriter: group commits off the request loop
+# --------------------------------------------------------------------------------------------------
+
+
+def counting(journal) -> list[int]:
+    """Count the transactions a journal commits (wrapping its real put_many: the rows still land)."""
+    commits: list[int] = []
+    real_put_many = journal.put_many
+
+    def put_many(results):
+        results = list(results)
+        commits.append(len(results))
+        real_put_many(results)
+
+    journal.put_many = put_many  # type: ignore[method-assign]
+    return commits
+
+
+def test_writer_groups_a_fast_stream_and_commits_a_slow_one_at_once(tmp_path):
+    from specdsl.execute.journal import JournalWriter
+
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        commits = counting(j)
+        writer = JournalWriter(j, interval_s=0.05, burst=2, max_batch=50)
+        threads = [threading.Thread(target=lambda base=b: [writer.put(ok(base + i)) for i in range(500)])
+                   for b in (0, 1000, 2000, 3000)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(commits) < 200 and max(commits) <= 50  # grouped, never past max_batch
+        deadline = time.monotonic() + 5
+        while len(j) < 2000 and time.monotonic() < deadline:  # the flusher commits the stale rest
+            time.sleep(0.01)
+        assert len(j) == 2000 and sum(commits) == 2000
+
+        time.sleep(0.06)  # a new interval: a slow result is committed before put returns
+        writer.put(GenResult(key="bad", error="HTTP 500"))
+        assert set(j.failures()) == {"bad"}
+        writer.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            writer.put(ok(9999))
+
+
+def test_writer_hands_a_failed_commit_to_the_caller(tmp_path):
+    from specdsl.execute.journal import JournalWriter
+
+    with RequestJournal(tmp_path / "j.sqlite") as j:
+        writer = JournalWriter(j)
+        with pytest.raises(ValueError, match="needs text"):
+            writer.put(GenResult(key="k", text=None))  # a success without text is refused by put_many
+            writer.flush()
+        writer.put(ok(1))  # the writer keeps going after reporting the error
+        writer.close()
+        assert j.get("k1") == ok(1)

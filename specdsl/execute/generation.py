@@ -1,9 +1,12 @@
 """Run a batch of generation requests through a backend, journaling each result as it arrives.
 
 ``run_requests`` is the resume point of every generation step: identical requests in a batch are sent
-once, requests already answered in the journal are not sent at all, and every new answer is committed
-to the journal inside the backend's ``on_result`` callback, before the next one is counted. Killing the
-process at any moment loses at most the requests that were in flight.
+once, requests already answered in the journal are not sent at all, and every new answer is handed to a
+:class:`~specdsl.execute.journal.JournalWriter` inside the backend's ``on_result`` callback, which
+commits it at once while answers arrive slowly and in small groups when they arrive fast (one
+transaction per few dozen answers, not per answer). Killing the process at any moment loses at most
+the requests that were in flight plus the answers of the last ~10 ms; ``run_requests`` returns (or
+raises) only once every answer is committed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 from specdsl.errors import RunError
 from specdsl.contract.hookspecs import GenerationBackend, GenRequest, GenResult
+from specdsl.execute.journal import JournalWriter
 
 NO_RESULT = "the backend returned no result for this request"
 
@@ -83,7 +87,7 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
                 return  # a key we did not ask for (a confused backend): never journal it
             if res.key in results and results[res.key].ok:
                 return  # a duplicate callback for a key already answered
-            journal.put(res)  # durable before anyone hears of it
+            writer.put(res)  # committed now, or with its group within milliseconds
             first = res.key not in results
             results[res.key] = res
             if res.ok:
@@ -113,6 +117,7 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
     if progress is not None:
         progress(event(None))
     if todo:
+        writer = JournalWriter(journal)
         try:
             backend.generate(options, todo, on_result)
         except RunError:
@@ -124,6 +129,8 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
                 raise _fail_fast_error(first_failure[0], unique[first_failure[0].key]) from exc
             raise RunError(f"generation backend {getattr(backend, 'name', backend)!r} failed: "
                            f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            writer.close()  # every answer received is durable before the caller hears of the outcome
     if first_failure:
         raise _fail_fast_error(first_failure[0], unique[first_failure[0].key])
 

@@ -141,6 +141,26 @@ def _counter(tokenizer):
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _token_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
+    """Each distinct text's token ids, from one batch call (the same ids as one call per text)."""
+    distinct = list(dict.fromkeys(texts))
+    if not distinct:
+        return {}
+    return dict(zip(distinct, tokenizer(distinct, add_special_tokens=False)["input_ids"]))
+
+
+def _decodes_concatenatively(tokenizer) -> bool:
+    """Whether ``decode(a + b) == decode(a) + decode(b)`` for id lists that start where a text starts.
+
+    True of a byte-level BPE decoder alone with no clean-up (decoding is the UTF-8 of the concatenated
+    bytes, replacement characters included); anything else (SentencePiece's leading-space strip, word
+    pieces, clean-up of spaces before punctuation) is not assumed to be, and takes the exact path.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return type(decoder).__name__ == "ByteLevel" and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+
+
 class SegmentOp(StepOp):
     name = "segment"
     requires = (("transformers", "local"),)  # the model's tokenizer counts tokens
@@ -230,7 +250,7 @@ class InterleaveOp(StepOp):
         return out + (("messages",) if p.get("format", "chat") == "chat" else ("prompt", "completion"))
 
     def run(self, ctx: RunContext) -> Rows:
-        from specdsl.designs.in2 import build_long_context, film_prompt, in2_messages
+        from specdsl.designs.in2 import ContextText, interleave_samples
 
         p = ctx.params
         tok = ctx.services.tokenizer(p["model"])
@@ -239,49 +259,31 @@ class InterleaveOp(StepOp):
         sep_ids = tok(sep, add_special_tokens=False)["input_ids"] if sep else []
         pool_rows = ctx.inputs["pool"]
         pool_col = p.get("pool_column", "segment")
-        pool_ids = [tok(r[pool_col], add_special_tokens=False)["input_ids"] for r in pool_rows]
-        by_text: dict[str, list[int]] = {}
-        for i, r in enumerate(pool_rows):
-            by_text.setdefault(str(r.get("text_id", r.get("id"))), []).append(i)
+        # Each distinct segment text is tokenized once, in one batch call; keys that are pool segments
+        # (type 1 and type 2 QA made from the pool's texts) reuse the pool's ids.
+        ids_of = _token_ids(tok, [r[pool_col] for r in pool_rows])
+        pool_ids = [ids_of[r[pool_col]] for r in pool_rows]
         key_col, q_col, a_col = p.get("key", "segment"), p.get("question", "question"), p.get("answer", "answer")
         rows = [r for r in ctx.rows if r.get(q_col) and r.get(a_col) and r.get(key_col)]
-        short_count = round(p.get("short_ratio", 0) * len(rows))
-        short_ids = set(rng.sample(range(len(rows)), min(short_count, len(rows))))
-        out = []
-        too_long = []
-        for i, row in enumerate(rows):
+        key_texts = [k for r in rows for k in (r[key_col] if isinstance(r[key_col], list) else [r[key_col]])]
+        ids_of.update(_token_ids(tok, [k for k in dict.fromkeys(key_texts) if k not in ids_of]))
+
+        def keys_ids(row):
             keys = row[key_col] if isinstance(row[key_col], list) else [row[key_col]]
-            key_ids = [tok(k, add_special_tokens=False)["input_ids"] for k in keys]
-            text_id = str(row.get("text_id", ""))
-            if sum(map(len, key_ids)) + len(sep_ids) * (len(key_ids) - 1) > p["max_tokens"]:
-                too_long.append(str(row.get("id")))  # cannot be hidden in a context of at most max_tokens
-                continue
-            try:
-                ids, positions = build_long_context(key_ids, pool_ids, target_tokens=(p["min_tokens"], p["max_tokens"]),
-                                                    rng=rng, separator_ids=sep_ids, exclude=by_text.get(text_id, []))
-            except ValueError as exc:
-                raise RunError(f"row id={row.get('id')!r}: {exc}", node=ctx.node_id,
-                               hint="lower max_tokens, or add more texts to the pool") from None
-            samples = [(False, ids, positions)]
-            if i in short_ids:
-                short_ids_list, short_pos = build_long_context(key_ids, [], target_tokens=sum(map(len, key_ids)) +
-                                                               len(sep_ids) * (len(key_ids) - 1), rng=rng,
-                                                               separator_ids=sep_ids)
-                samples.append((True, short_ids_list, short_pos))
-            for is_short, ctx_ids, pos in samples:
-                context = tok.decode(ctx_ids)
-                for kp in pos:  # character offsets of each key in the decoded context, for inspection
-                    kp["char_start"] = len(tok.decode(ctx_ids[: kp["token_start"]]))
-                    kp["char_end"] = len(tok.decode(ctx_ids[: kp["token_end"]]))
-                new = {"id": f"{row['id']}{'#short' if is_short else ''}", "question": row[q_col],
-                       "answer": row[a_col], "context_tokens": len(ctx_ids), "key_positions": pos,
-                       "short": is_short, "text_id": text_id}
-                if p.get("format", "chat") == "chat":
-                    new["messages"] = in2_messages(context, row[q_col], row[a_col])
-                else:
-                    new["prompt"] = film_prompt(context, row[q_col]) + " "
-                    new["completion"] = str(row[a_col])
-                out.append(new)
+            return [ids_of[k] for k in keys]
+
+        def on_error(row, exc):
+            return RunError(f"row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                            hint="lower max_tokens, or add more texts to the pool")
+
+        text = ContextText(tok.decode, sep_ids, concatenative=_decodes_concatenatively(tok),
+                           special_ids=frozenset(getattr(tok, "all_special_ids", ()) or ()) |
+                           frozenset(getattr(tok, "added_tokens_decoder", {}) or {}))
+        out, too_long = interleave_samples(
+            rows, pool_ids, [str(r.get("text_id", r.get("id"))) for r in pool_rows], keys_ids, text,
+            question=q_col, answer=a_col, min_tokens=p["min_tokens"], max_tokens=p["max_tokens"],
+            short_ratio=p.get("short_ratio", 0), chat=p.get("format", "chat") == "chat", rng=rng,
+            on_error=on_error)
         if too_long:
             ctx.services.note(ctx.node_id, f"skipped {len(too_long)} row(s) whose key segments alone exceed "
                                            f"max_tokens={p['max_tokens']}: {', '.join(too_long[:5])}"

@@ -77,6 +77,27 @@ class FilterOp(StepOp):
         p = ctx.params
         m = p.get("match")
         want = p.get("keep", "matched") == "matched"
+        rows = ctx.rows
+        try:  # matchers, then `where` on the rows still in, a template at a time (the fast path)
+            verdicts = [row.get(m["field"]) is not None and match_answer(
+                m.get("rule", "exact"), row.get(m["field"]), row.get(m["gold"]), pattern=m.get("pattern"))
+                for row in rows] if m else [True] * len(rows)
+            if p.get("where"):
+                candidates = [row for row, verdict in zip(rows, verdicts) if verdict]
+                rendered = iter(templates.render_many(p["where"], candidates, ctx.vars))
+                verdicts = [verdict and is_truthy(next(rendered)) for verdict in verdicts]
+        except Exception:  # noqa: BLE001 - row by row, which names the failing row
+            return self._run_rows(ctx)
+        if p.get("into"):
+            return [{**row, p["into"]: verdict} for row, verdict in zip(rows, verdicts)]
+        return [row for row, verdict in zip(rows, verdicts) if verdict == want]
+
+    def _run_rows(self, ctx: RunContext) -> Rows:
+        from specdsl.designs.matchers import match_answer
+
+        p = ctx.params
+        m = p.get("match")
+        want = p.get("keep", "matched") == "matched"
         out = []
         for row in ctx.rows:
             verdict = True

@@ -39,6 +39,27 @@ class FormatOp(StepOp):
     def run(self, ctx: RunContext) -> Rows:
         p = ctx.params
         to = p.get("to", "chat")
+        rows = ctx.rows
+        keys = (("system",) if p.get("system") else ()) + ("user", "assistant") if to == "chat" \
+            else ("prompt", "completion")
+        try:  # a template at a time (the templates' fast path); on any error, row by row names the row
+            rendered = {key: templates.render_many(p[key], rows, ctx.vars) for key in keys}
+        except Exception:  # noqa: BLE001
+            return self._run_rows(ctx)
+        out = []
+        for i, row in enumerate(rows):
+            new = dict(row)
+            if to == "chat":
+                new["messages"] = [{"role": key, "content": rendered[key][i]} for key in keys]
+            else:
+                new["prompt"] = rendered["prompt"][i]
+                new["completion"] = rendered["completion"][i]
+            out.append(new)
+        return out
+
+    def _run_rows(self, ctx: RunContext) -> Rows:
+        p = ctx.params
+        to = p.get("to", "chat")
         out = []
         for row in ctx.rows:
             try:
