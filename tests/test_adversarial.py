@@ -135,3 +135,177 @@ steps:
         out = cli("run", "--no-progress", str(spec))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "journal.sqlite cannot be read" in out.stderr and "move it aside" in out.stderr, out.stderr
+
+
+# -- sources (item 9) -----------------------------------------------------------------------------------
+
+SOURCE_SPEC = """\
+specdsl: 1
+name: sources
+sources:
+  rows: {{path: "{path}", format: {fmt}{extra}}}
+steps:
+  - id: out
+    map: {{from: rows, columns: {{x: "{{{{ row.{column} }}}}"}}}}
+"""
+
+
+def source_spec(tmp_path: Path, path: str, fmt: str, *, column: str = "id", extra: str = "") -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SOURCE_SPEC.format(path=path, fmt=fmt, column=column, extra=extra))
+    return spec
+
+
+def validate_errors(spec: Path) -> list:
+    from specdsl.errors import SpecErrors
+
+    try:
+        api.compile_spec(spec)
+    except SpecErrors as errs:
+        return list(errs.errors)
+    return []
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "json", "parquet"])
+def test_a_folder_given_to_a_file_format_is_s405_at_its_path(tmp_path, fmt):
+    (tmp_path / "data").mkdir()
+    errors = validate_errors(source_spec(tmp_path, "data", fmt))
+    assert [e.code for e in errors] == ["S405"] and "is a folder" in errors[0].message
+    assert errors[0].pos is not None and errors[0].pos.line == 4
+
+
+def test_a_folder_given_to_a_file_format_is_a_run_error_naming_it(tmp_path):
+    from specdsl.sources.formats import JSONL
+
+    (tmp_path / "data").mkdir()
+    with pytest.raises(RunError, match="'data' is a folder"):
+        list(JSONL.iter_batches(tmp_path / "data", display="data"))
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "json"])
+def test_a_device_is_refused_at_validate_without_reading_it(tmp_path, fmt):
+    errors = validate_errors(source_spec(tmp_path, "/dev/zero", fmt))  # a hang before the fix
+    assert [e.code for e in errors] == ["S405"] and "not a regular file" in errors[0].message
+    from specdsl.sources import files
+
+    assert files.source_identity(Path("/dev/zero")) == {"not_a_file": "zero"}
+    assert files.count_rows(Path("/dev/zero"), fmt) is None
+
+
+SECRET_LINE = "root:x:0:0:SECRET-CONTENT:/root:/bin/bash"
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_a_file_outside_the_spec_folder_is_never_quoted(tmp_path, how):
+    outside = tmp_path / "elsewhere" / "passwd"
+    outside.parent.mkdir()
+    outside.write_text(SECRET_LINE + "\nbin:x:1:1::/:/sbin/nologin\n")
+    home = tmp_path / "project"
+    home.mkdir()
+    path = {"dotdot": "../elsewhere/passwd", "absolute": str(outside), "symlink": "link.csv"}[how]
+    if how == "symlink":
+        (home / "link.csv").symlink_to(outside)
+    spec = source_spec(home, path, "csv", column="nope", extra=", id: nope")
+    for fmt in ("csv", "jsonl"):
+        spec.write_text(spec.read_text().replace("format: csv", f"format: {fmt}").replace("format: jsonl", f"format: {fmt}"))
+        errors = validate_errors(spec)
+        assert errors, fmt
+        shown = "\n".join(e.render() if hasattr(e, "render") else str(e) for e in errors)
+        shown += "\n".join(str(e.hint) for e in errors)
+        assert "SECRET-CONTENT" not in shown and "/bin/bash" not in shown, shown
+
+
+def test_plain_columns_of_a_data_file_outside_the_folder_still_check(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.csv").write_text("id,question\n1,why\n")
+    (tmp_path / "spec").mkdir()
+    errors = validate_errors(source_spec(tmp_path / "spec", "../data/rows.csv", "csv", column="questio"))
+    assert [e.code for e in errors] == ["S302"] and "question" in (errors[0].hint or "")
+
+
+def test_invalid_utf8_after_the_first_8kb_names_the_line(tmp_path):
+    lines = [json.dumps({"id": str(i), "q": "x" * 100}) for i in range(200)]
+    data = ("\n".join(lines) + "\n").encode() + b'{"id": "bad", "q": "\xff\xfe"}\n'
+    (tmp_path / "rows.jsonl").write_bytes(data)
+    (tmp_path / "rows.csv").write_bytes(b"id,q\n" + b"".join(f"{i},{'x' * 100}\n".encode() for i in range(200))
+                                        + b"bad,\xff\n")
+    for name, line in (("rows.jsonl", 201), ("rows.csv", 202)):
+        from specdsl.sources import files
+
+        with pytest.raises(RunError, match=rf"{name}:{line}: not valid UTF-8"):
+            files.read_rows(tmp_path / name, name.split(".")[1], display=name)
+
+
+def test_json_nested_100000_deep_names_the_line(tmp_path):
+    from specdsl.sources import files
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "rows.jsonl").write_text('{"id": "a"}\n{"id": "b", "q": ' + deep + "}\n")
+    with pytest.raises(RunError, match=r"rows.jsonl:2: JSON nested too deeply"):
+        files.read_rows(tmp_path / "rows.jsonl", "jsonl", display="rows.jsonl")
+    (tmp_path / "rows.json").write_text('[{"id": "a"},\n {"id": "b", "q": ' + deep + "}]\n")
+    with pytest.raises(RunError, match=r"rows.json:2: malformed JSON \(nested too deeply"):
+        files.read_rows(tmp_path / "rows.json", "json", display="rows.json")
+    (tmp_path / "first.jsonl").write_text('{"q": ' + deep + "}\n")
+    errors = validate_errors(source_spec(tmp_path, "first.jsonl", "jsonl"))
+    assert [e.code for e in errors] == ["S405"] and "first.jsonl:1" in errors[0].message
+
+
+def test_an_integer_of_5000_digits_names_the_line(tmp_path):
+    from specdsl.sources import files
+
+    big = "9" * 5000
+    (tmp_path / "rows.jsonl").write_text('{"id": "a"}\n{"id": "b", "n": ' + big + "}\n")
+    with pytest.raises(RunError, match=r"rows.jsonl:2: a value cannot be read \(Exceeds the limit"):
+        files.read_rows(tmp_path / "rows.jsonl", "jsonl", display="rows.jsonl")
+    (tmp_path / "rows.json").write_text('[{"id": "a"},\n {"id": "b", "n": ' + big + "}]\n")
+    with pytest.raises(RunError, match=r"rows.json:2: malformed JSON \(a value cannot be read"):
+        files.read_rows(tmp_path / "rows.json", "json", display="rows.json")
+
+
+def test_a_truncated_parquet_file_is_a_clear_error(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from specdsl.sources import files
+
+    pq.write_table(pa.table({"id": [str(i) for i in range(1000)], "q": ["x" * 50] * 1000}), tmp_path / "r.parquet")
+    data = (tmp_path / "r.parquet").read_bytes()
+    (tmp_path / "r.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunError, match="r.parquet: not a readable Parquet file"):
+        files.read_rows(tmp_path / "r.parquet", "parquet", display="r.parquet")
+    errors = validate_errors(source_spec(tmp_path, "r.parquet", "parquet"))
+    assert [e.code for e in errors] == ["S405"] and "not a readable Parquet file" in errors[0].message
+
+
+@pytest.mark.parametrize("body, message", [
+    ("id,q\n1,a\n2,b,extra\n", r"rows.csv:3: the row has 3 fields, the header 2"),
+    ("id,q\n1,a\n2\n", r"rows.csv:3: the row has 1 fields, the header 2"),
+    ("id,q,q\n1,a,b\n", r"rows.csv:1: the header names column 'q' twice"),
+])
+def test_a_ragged_or_doubled_csv_is_refused_naming_the_row(tmp_path, body, message):
+    from specdsl.sources import files
+
+    (tmp_path / "rows.csv").write_text(body)
+    with pytest.raises(RunError, match=message):
+        files.read_rows(tmp_path / "rows.csv", "csv", display="rows.csv")
+
+
+def test_a_doubled_csv_header_is_s405_at_validate(tmp_path):
+    (tmp_path / "rows.csv").write_text("id,q,q\n1,a,b\n")
+    errors = validate_errors(source_spec(tmp_path, "rows.csv", "csv"))
+    assert [e.code for e in errors] == ["S405"] and "column 'q' twice" in errors[0].message
+
+
+def test_a_null_id_is_refused_naming_the_row(tmp_path):
+    from specdsl.sources import files
+
+    (tmp_path / "rows.jsonl").write_text('{"id": "a"}\n{"id": null}\n')
+    with pytest.raises(RunError, match=r"rows.jsonl: row 2 has no value in the id column 'id'"):
+        files.read_rows(tmp_path / "rows.jsonl", "jsonl", display="rows.jsonl")
+    (tmp_path / "keyed.jsonl").write_text('{"key": "a"}\n{"other": 1}\n')
+    with pytest.raises(RunError, match=r"keyed.jsonl: row 2 has no value in the id column 'key'"):
+        files.read_rows(tmp_path / "keyed.jsonl", "jsonl", id_column="key", display="keyed.jsonl")
+    (tmp_path / "plain.jsonl").write_text('{"q": "a"}\n{"q": "b"}\n')  # no id column at all: row numbers
+    assert [r["id"] for r in files.read_rows(tmp_path / "plain.jsonl", "jsonl")] == ["0", "1"]
