@@ -309,3 +309,63 @@ def test_a_null_id_is_refused_naming_the_row(tmp_path):
         files.read_rows(tmp_path / "keyed.jsonl", "jsonl", id_column="key", display="keyed.jsonl")
     (tmp_path / "plain.jsonl").write_text('{"q": "a"}\n{"q": "b"}\n')  # no id column at all: row numbers
     assert [r["id"] for r in files.read_rows(tmp_path / "plain.jsonl", "jsonl")] == ["0", "1"]
+
+
+# -- values validate must bound (item 9) ------------------------------------------------------------------
+
+def shipped_spec_with(tmp_path: Path, old: str, new: str) -> Path:
+    """specs/orca_erasure.yaml beside its data, with one line changed."""
+    import shutil
+
+    shutil.copytree(ROOT / "specs" / "data", tmp_path / "data")
+    text = (ROOT / "specs" / "orca_erasure.yaml").read_text()
+    assert old in text
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text.replace(old, new, 1))
+    return spec
+
+
+def line_of(spec: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(spec.read_text().splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize("old, new, needle", [
+    ("      batch_size: 8\n", "      batch_size: 1000000000000000000000000\n", "batch_size: 1000"),
+    ("      max_steps: 12\n", "      max_steps: 12\n      gradient_accumulation: 100000000000000000000\n",
+     "gradient_accumulation"),
+])
+def test_huge_integers_are_out_of_range_at_their_line(tmp_path, old, new, needle):
+    spec = shipped_spec_with(tmp_path, old, new)
+    errors = validate_errors(spec)
+    assert [e.code for e in errors] == ["S103"], errors
+    assert errors[0].pos.line == line_of(spec, needle)
+
+
+def test_a_huge_source_limit_is_out_of_range(tmp_path):
+    spec = transform_spec(tmp_path)
+    spec.write_text(spec.read_text().replace("{path: rows.jsonl}", "{path: rows.jsonl, limit: 100000000000000000000}"))
+    errors = validate_errors(spec)
+    assert [e.code for e in errors] == ["S103"] and errors[0].pos.line == 4, errors
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+def test_nan_and_infinity_are_refused_at_their_line(tmp_path, value):
+    spec = transform_spec(tmp_path)
+    spec.write_text(spec.read_text() + f"vars:\n  weight: {value}\n")
+    errors = validate_errors(spec)
+    assert [e.code for e in errors] == ["S103"] and "finite" in errors[0].message, errors
+    assert errors[0].pos.line == line_of(spec, "weight:")
+    (tmp_path / "m").mkdir()
+    orca = shipped_spec_with(tmp_path / "m", "      learning_rate: 0.0005\n", f"      learning_rate: {value}\n")
+    errors = validate_errors(orca)
+    assert [e.code for e in errors] == ["S103"] and errors[0].pos.line == line_of(orca, "learning_rate:"), errors
+
+
+def test_plan_json_never_prints_nan(tmp_path):
+    spec = transform_spec(tmp_path)
+    spec.write_text(spec.read_text() + "vars:\n  t: .nan\n")
+    out = cli("plan", "--json", str(spec))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "NaN" not in out.stdout
+    if out.stdout.strip():
+        json.loads(out.stdout)
