@@ -369,3 +369,57 @@ def test_plan_json_never_prints_nan(tmp_path):
     assert "NaN" not in out.stdout
     if out.stdout.strip():
         json.loads(out.stdout)
+
+
+# -- templates and regexes: bounded, checked at validate (item 9) ------------------------------------------
+
+def map_spec(tmp_path: Path, template: str) -> Path:
+    spec = transform_spec(tmp_path)
+    spec.write_text(spec.read_text().replace('"{{ row.q }}{{ row.q }}"', json.dumps(template)))
+    return spec
+
+
+def test_a_huge_constant_power_is_refused_at_validate(tmp_path):
+    errors = validate_errors(map_spec(tmp_path, "{{ 9 ** (9 ** 9) }}"))
+    assert [e.code for e in errors] == ["S304"] and "too large" in errors[0].message, errors
+    assert errors[0].pos.line == 7
+
+
+def test_a_huge_power_from_vars_fails_the_row_at_once(tmp_path):
+    from specdsl import templates
+
+    with pytest.raises(ValueError, match="too large"):
+        templates.render("{{ vars.a ** vars.b }}", {}, {"a": 9, "b": 9 ** 9})
+    assert templates.render("{{ 2 ** 10 }} {{ 2.0 ** 0.5 }} {{ (-3) ** 3 }}", {}, {}) == \
+        "1024 1.4142135623730951 -27"
+
+
+@pytest.mark.parametrize("pattern, code", [("(a+)+$", "S304"), (r"(\\w+\\s?)*x", "S304"), ("[", "S301")])
+def test_a_bad_or_catastrophic_regex_in_a_template_is_refused_at_validate(tmp_path, pattern, code):
+    errors = validate_errors(map_spec(tmp_path, "{{ row.q | regex_search('" + pattern + "') }}"))
+    assert [e.code for e in errors] == [code], errors
+    assert errors[0].pos.line == 7
+
+
+def test_a_catastrophic_regex_from_data_is_refused_not_run(tmp_path):
+    import time
+
+    from specdsl import templates
+    from specdsl.designs.matchers import match_answer
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="exponential"):
+        templates.render("{{ row.q | regex_search(row.p) }}", {"q": "a" * 40 + "!", "p": "(a+)+$"}, {})
+    with pytest.raises(ValueError, match="exponential"):
+        match_answer("regex", "a" * 40 + "!", "(a*)*$")  # no pattern: the gold is the regex
+    assert time.monotonic() - start < 1
+    assert match_answer("regex", "Answer: 42", "42", pattern=r"Answer:\s*(\d+)")
+
+
+def test_a_catastrophic_regex_in_a_filter_rule_is_s105(tmp_path):
+    spec = transform_spec(tmp_path)
+    spec.write_text(spec.read_text() + "  - id: kept\n    filter: {from: doubled, match: {field: q2, gold: q, "
+                    "rule: regex, pattern: '(x+)+y'}}\n")
+    errors = validate_errors(spec)
+    assert [e.code for e in errors] == ["S105"] and "exponential" in errors[0].message, errors
+    assert errors[0].pos.line == 9
