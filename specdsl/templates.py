@@ -274,6 +274,10 @@ def _is_name(node: Any, name: str) -> bool:
 def _free_names(ast: nodes.Template) -> set[str]:
     """Names read but never assigned in the template (loop variables and {% set %} are local)."""
     assigned = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    macros = list(ast.find_all(nodes.Macro))
+    assigned |= {m.name for m in macros}  # {% macro m() %} defines m for the rest of the template
+    if macros:
+        assigned |= {"caller", "varargs", "kwargs"}  # what Jinja gives a macro's body
     loaded = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load"}
     return loaded - assigned
 

@@ -423,3 +423,34 @@ def test_a_catastrophic_regex_in_a_filter_rule_is_s105(tmp_path):
     errors = validate_errors(spec)
     assert [e.code for e in errors] == ["S105"] and "exponential" in errors[0].message, errors
     assert errors[0].pos.line == 9
+
+
+# -- smaller front-end positions (item 14) ----------------------------------------------------------------
+
+def test_a_macro_defined_in_a_template_is_not_an_unknown_variable(tmp_path):
+    spec = map_spec(tmp_path, "{% macro wrap(x) %}<{{ x }}>{% endmacro %}{{ wrap(row.q) }}")
+    assert validate_errors(spec) == []
+    result = api.run_plan(api.compile_spec(spec), progress=False)
+    assert [r["q2"] for r in result.rows("doubled")] == ["<x>", "<y>"]
+
+
+@pytest.mark.parametrize("text, line, col", [
+    ('specdsl: 1\nname: "unclosed\nsources:\n  rows: {path: rows.jsonl}\nsteps:\n  - id: a\n'
+     '    map: {from: rows, columns: {q2: "{{ row.q }}"}}\n', 2, 7),
+    ("specdsl: 1\nname: t\nsources:\n  rows: {path: rows.jsonl}\nsteps:\n  - id: a\n"
+     "    map: {from: rows, columns: {q2: 'it''s {{ row.q }}}\n  - id: b\n"
+     '    map: {from: rows, columns: {q3: "{{ row.q }}"}}\n', 7, 37),
+])
+def test_an_unclosed_quote_is_reported_where_it_opens(tmp_path, text, line, col):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    errors = validate_errors(spec)
+    assert [(e.code, e.pos.line, e.pos.col) for e in errors] == [("S001", line, col)], errors
+    assert "not closed" in errors[0].message
+
+
+def test_a_step_without_id_is_reported_at_that_step(tmp_path):
+    spec = transform_spec(tmp_path)
+    spec.write_text(spec.read_text() + '  - map: {from: rows, columns: {q3: "{{ row.q }}"}}\n')
+    errors = validate_errors(spec)
+    assert [(e.code, e.pos.line) for e in errors] == [("S101", 8)], errors

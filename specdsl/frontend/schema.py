@@ -279,7 +279,9 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
     if v == "required":
         missing = [k for k in schema.get("required", []) if isinstance(err.instance, dict) and k not in err.instance]
         for key in missing:
-            yield "S101", f"missing required key '{key}' in {where}", path, bool(path), None
+            # A list item (a step) has no key to point at: point at the item itself, not at the list's key.
+            on_key = bool(path) and not isinstance(path[-1], int)
+            yield "S101", f"missing required key '{key}' in {where}", path, on_key, None
         return
     if v == "enum" and len(path) == 3 and path[0] == "models" and path[2] == "backend":
         yield "S207", f"unknown backend {err.instance!r}", path, False, \
