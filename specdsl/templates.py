@@ -39,23 +39,118 @@ class TemplateError(Exception):
         self.hint = hint
 
 
+# A power whose result would need more bits than this is refused: `{{ 9 ** (9 ** 9) }}` would otherwise
+# compute for hours (a Python int has no size limit), and no template needs numbers this large.
+MAX_POWER_BITS = 16384
+
+
+def bounded_power(left: Any, right: Any) -> Any:
+    """``left ** right``, refused (ValueError) when an integer result would exceed MAX_POWER_BITS."""
+    if isinstance(left, int) and isinstance(right, int) and not isinstance(left, bool) and right > 0 \
+            and abs(left) > 1 and (abs(left).bit_length() - 1) * right > MAX_POWER_BITS:
+        raise ValueError(f"the power {left} ** {right} is too large to compute (over {MAX_POWER_BITS} bits)")
+    return left ** right
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` may not be used as a regular expression, or None: it does not compile (the message
+    says where), or it nests an unbounded quantifier inside a repeated group (``(a+)+``, ``(a*)*``,
+    ``(\\w+\\s?)*``), which backtracks exponentially on a near-miss: one answer could stall a run for
+    hours. Possessive quantifiers and atomic groups (``(?>...)``) never backtrack and are allowed."""
+    return _regex_problem(str(pattern))
+
+
+@lru_cache(maxsize=1024)
+def _regex_problem(pattern: str) -> str | None:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"invalid regular expression: {exc.msg}" + (
+            f" at position {exc.pos}" if exc.pos is not None else "") + f" of {pattern!r}"
+    except (OverflowError, RecursionError, ValueError) as exc:
+        return f"invalid regular expression: {exc} ({pattern!r})"
+    try:
+        from re import _parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        nested = _nested_repeat(sre_parse.parse(pattern), False)
+    except RecursionError:
+        nested = True
+    if nested:
+        return (f"the regular expression {pattern!r} repeats a group that holds an unbounded quantifier "
+                "(like `(a+)+`); it can take exponential time on text that almost matches")
+    return None
+
+
+def _nested_repeat(items: Any, in_repeat: bool) -> bool:
+    """An unbounded repeat inside a repeat of more than one, somewhere in a parsed pattern."""
+    for op, av in items:
+        name = str(op)
+        if name in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):
+            continue
+        if name in ("MAX_REPEAT", "MIN_REPEAT"):
+            _lo, hi, sub = av
+            if in_repeat and hi == _max_repeat():
+                return True
+            if _nested_repeat(sub, in_repeat or hi > 1):
+                return True
+            continue
+        for child in (av if isinstance(av, (tuple, list)) else ()):
+            subs = child if isinstance(child, list) else [child]
+            for sub in subs:
+                if hasattr(sub, "data") and _nested_repeat(sub, in_repeat):  # a parsed sub-pattern
+                    return True
+    return False
+
+
+def _max_repeat() -> int:
+    try:
+        from re import _constants as sre_constants
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_constants  # type: ignore[no-redef]
+    return sre_constants.MAXREPEAT
+
+
+def checked_regex(pattern: str) -> str:
+    """``pattern``, or ValueError saying why it may not be used (see :func:`regex_problem`)."""
+    problem = regex_problem(pattern)
+    if problem:
+        raise ValueError(problem)
+    return pattern
+
+
 def _regex_search(value: Any, pattern: str, group: int = 0, default: str = "") -> str:
     """``{{ row.qa | regex_search('Answer:\\s*(.*)', 1) }}``: the match (or a group), else ``default``."""
     import re
 
-    m = re.search(pattern, "" if value is None else str(value), re.DOTALL)
+    m = re.search(checked_regex(pattern), "" if value is None else str(value), re.DOTALL)
     return m.group(group).strip() if m else default
 
 
 def _regex_replace(value: Any, pattern: str, replacement: str = "") -> str:
     import re
 
-    return re.sub(pattern, replacement, "" if value is None else str(value))
+    return re.sub(checked_regex(pattern), replacement, "" if value is None else str(value))
+
+
+class _BoundedSandbox(SandboxedEnvironment):
+    """The sandbox with ``**`` bounded (see :data:`MAX_POWER_BITS`). An intercepted operator is also never
+    folded at compile time, so a constant power cannot hang the compilation either."""
+
+    intercepted_binops = frozenset(["**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            return bounded_power(left, right)
+        return super().call_binop(context, operator, left, right)
 
 
 @lru_cache(maxsize=1)
 def environment() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    env = _BoundedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
     # Answers come back as free text; these filters pull fields out of it without leaving the sandbox.
     env.filters["regex_search"] = _regex_search
     env.filters["regex_replace"] = _regex_replace
@@ -111,6 +206,21 @@ def _analyze(source: str) -> TemplateInfo:
         if flt.name == "attr" and flt.args and isinstance(flt.args[0], nodes.Const) \
                 and str(flt.args[0].value).startswith("_"):
             unsafe.append(str(flt.args[0].value))
+        if flt.name in _REGEX_FILTERS and flt.args and isinstance(flt.args[0], nodes.Const):
+            problem = regex_problem(str(flt.args[0].value))  # a constant pattern is checked here, not per row
+            if problem:
+                code = "S301" if problem.startswith("invalid") else "S304"
+                raise TemplateError(f"{flt.name}: {problem}", flt.lineno, code=code,
+                                    hint="fix the pattern; avoid repeating a group that holds `+` or `*`")
+    for power in ast.find_all(nodes.Pow):
+        try:
+            bounded_power(_constant(power.left), _constant(power.right))
+        except _NotConstant:
+            pass
+        except ValueError as exc:
+            raise TemplateError(str(exc), power.lineno, code="S304") from None
+        except Exception:  # noqa: BLE001 - e.g. a type error: the render reports it with the row
+            pass
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
         base = node.node
         key: Any
@@ -140,6 +250,24 @@ def _analyze(source: str) -> TemplateInfo:
                         tuple(dict.fromkeys(unsafe)))
 
 
+_REGEX_FILTERS = frozenset({"regex_search", "regex_replace"})
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def _constant(node: Any) -> Any:
+    """The value of a constant expression of numbers and powers (``9 ** (9 ** 9)``), computed with the bound."""
+    if isinstance(node, nodes.Const) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, nodes.Neg):
+        return -_constant(node.node)
+    if isinstance(node, nodes.Pow):
+        return bounded_power(_constant(node.left), _constant(node.right))
+    raise _NotConstant
+
+
 def _is_name(node: Any, name: str) -> bool:
     return isinstance(node, nodes.Name) and node.name == name
 
@@ -147,6 +275,10 @@ def _is_name(node: Any, name: str) -> bool:
 def _free_names(ast: nodes.Template) -> set[str]:
     """Names read but never assigned in the template (loop variables and {% set %} are local)."""
     assigned = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    macros = list(ast.find_all(nodes.Macro))
+    assigned |= {m.name for m in macros}  # {% macro m() %} defines m for the rest of the template
+    if macros:
+        assigned |= {"caller", "varargs", "kwargs"}  # what Jinja gives a macro's body
     loaded = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load"}
     return loaded - assigned
 

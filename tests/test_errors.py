@@ -98,9 +98,9 @@ def test_S001_yaml_syntax_error_points_at_the_problem(workdir):
     check(exc, "S001", 3, 9, "YAML syntax error", hint="parsing a flow node")
 
 
-def test_S001_unclosed_quote_at_end_of_file_points_at_the_last_line(workdir):
+def test_S001_unclosed_quote_at_end_of_file_points_where_it_opens(workdir):
     exc = compile_errors(workdir, "specdsl: 1\nname: 'abc\n\n")
-    check(exc, "S001", 2, 11, "found unexpected end of stream", hint="quoted scalar")
+    check(exc, "S001", 2, 7, "found unexpected end of stream", hint="close the quote")
 
 
 def test_S001_several_documents(workdir):

@@ -27,6 +27,8 @@ import re
 from fractions import Fraction
 from typing import Any
 
+from specdsl.templates import checked_regex
+
 RULES: tuple[str, ...] = ("exact", "contains", "regex", "number")
 
 # Absolute and relative tolerance for numeric comparison: generous enough for "0.333" vs "1/3" rounding
@@ -135,9 +137,10 @@ def match_answer(rule: str, predicted_text: Any, gold: Any, *, pattern: str | No
         needle = normalize_text(gold)
         return bool(needle) and needle in normalize_text(predicted)
     if rule == "regex":
+        # A pattern that could backtrack exponentially is refused, not run (the gold may be one, from data).
         if pattern is None:
-            return re.search(str(gold), predicted) is not None
-        match = re.search(pattern, predicted)
+            return re.search(checked_regex(str(gold)), predicted) is not None
+        match = re.search(checked_regex(pattern), predicted)
         if match is None:
             return False
         extracted = match.group(1) if match.re.groups else match.group(0)

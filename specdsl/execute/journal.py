@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from specdsl.contract.hookspecs import GenResult
+from specdsl.errors import RunError
 
 SCHEMA_VERSION = 1
 _CHUNK = 500  # keys per SELECT ... IN (...): well under SQLite's variable limit on every build
@@ -65,8 +66,25 @@ class RequestJournal:
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is left in an implicit
         # transaction between calls. check_same_thread=False: the lock makes sharing safe.
-        self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+            self._open(sync, timeout_s)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise RunError(f"the request journal {self.path} stayed locked for {timeout_s:g} s",
+                               hint="another process holds it: wait for that run to finish") from None
+            # Garbage, a truncated file or a foreign database: never repair or replace it here (a journal
+            # that still reads in part may hold answers already paid for); the user moves it aside.
+            try:
+                self._db.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise RunError(f"the request journal {self.path} cannot be read ({exc})",
+                           hint=f"move it aside (mv {self.path} {self.path}.broken) and run again: a new "
+                                "journal is started and requests not found in it are sent again") from None
+
+    def _open(self, sync: str, timeout_s: float) -> None:
         with self._lock:
             self._db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]

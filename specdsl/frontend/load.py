@@ -69,6 +69,28 @@ def _mark_pos(file: str, mark: Any, lines: list[str] | None = None) -> SourcePos
     return SourcePos(file, line, col)
 
 
+def _unclosed_quote(text: str, exc: Any) -> Any:
+    """The start mark of a quoted string that probably lost its closing quote, or None: the one the error
+    is in ("while scanning a quoted scalar"), else the last quoted string before the error that runs over
+    several lines (legal YAML, but in a spec it is nearly always a quote left open)."""
+    if exc.context and "quoted scalar" in exc.context and exc.context_mark is not None:
+        return exc.context_mark
+    error_mark = exc.problem_mark or exc.context_mark
+    if error_mark is None:
+        return None
+    last = None
+    try:
+        for token in yaml.scan(text, Loader=_Loader):
+            if token.start_mark.index >= error_mark.index:
+                break
+            if isinstance(token, yaml.ScalarToken) and token.style in ("'", '"') \
+                    and token.end_mark.line > token.start_mark.line:
+                last = token.start_mark
+    except yaml.YAMLError:
+        pass  # the scan stops at the same error; what was found before it stands
+    return last
+
+
 def read_text(path: Path, display: str | None = None) -> str:
     """Read a spec file as UTF-8 text, rejecting binary or oversized input with a positioned error."""
     display = display or str(path)
@@ -141,8 +163,18 @@ def load_yaml_text(text: str, file: str) -> LoadedDoc:
         if "nesting depth" in problem:  # libyaml's own depth guard fired before our pre-scan
             sink.add("S007", f"the document nests too deeply ({problem})", pos)
         else:
-            sink.add("S001", f"YAML syntax error: {problem}", pos,
-                     hint=exc.context.replace("while ", "", 1) if exc.context else None)
+            opened = _unclosed_quote(text, exc)
+            if opened is not None:
+                # Report where the quote opens: the scanner only notices at the end of the file, or when
+                # the quote closes far below on another string's quote.
+                quote_pos = _mark_pos(file, opened, lines)
+                sink.add("S001", f"YAML syntax error: a quoted string opens here and is not closed on its line "
+                                 f"({problem} at line {pos.line})", quote_pos,
+                         hint="close the quote on this line (a quote inside the string is doubled: 'it''s', "
+                              "or escaped: \"say \\\"hi\\\"\")")
+            else:
+                sink.add("S001", f"YAML syntax error: {problem}", pos,
+                         hint=exc.context.replace("while ", "", 1) if exc.context else None)
         raise SpecErrors(sink.errors, sources)
     except yaml.YAMLError as exc:  # reader errors (control characters) carry a character index instead
         index = getattr(exc, "position", 0) or 0

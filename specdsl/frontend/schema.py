@@ -8,6 +8,7 @@ with the position of the offending key and a code from :mod:`specdsl.errors`.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable, Mapping
 
@@ -67,7 +68,7 @@ def build_schema(registry: Any) -> dict:
             "columns": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
                         "description": "the file's columns; read from the file when omitted"},
             "id": {"type": "string", "description": "the column that identifies a row (default: `id` if present)"},
-            "limit": {"type": "integer", "minimum": 1, "description": "read only the first N rows"},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 10**12, "description": "read only the first N rows"},
             "meta": _meta(),
         },
         "additionalProperties": False,
@@ -192,6 +193,8 @@ def validate(doc: LoadedDoc, registry: Any, sink: ErrorSink) -> None:
                   ("specdsl",), hint=f"this specdsl reads version {VERSION}")
     seen: set[tuple] = set()
     for err in _all_errors(validator(registry).iter_errors(data)):
+        if _not_finite(err.instance):
+            continue  # reported by check_finite_numbers, with a clearer message
         path = tuple(err.absolute_path)
         if path and path[0] == "specdsl":
             continue  # reported above with a better message
@@ -204,11 +207,31 @@ def validate(doc: LoadedDoc, registry: Any, sink: ErrorSink) -> None:
             seen.add(ident)
             local.add(code, message, doc.pos(where, key=key), where, hint)
     check_inline_secrets(data, doc, local)
+    check_finite_numbers(data, doc, local)
     sink.errors.extend(sorted(local.errors, key=_position_key))
 
 
 def _position_key(err: Any) -> tuple:
     return (err.pos.line, err.pos.col) if err.pos else (0, 0)
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def check_finite_numbers(data: Any, doc: LoadedDoc, sink: ErrorSink, path: tuple = ()) -> None:
+    """YAML's ``.nan`` and ``.inf`` pass every range check (NaN compares false both ways), would be sent to a
+    provider as they are, and make ``plan --json`` print invalid JSON: no value of a spec may be one."""
+    if _not_finite(data):
+        sink.add("S103", f"{format_key_path(path) or 'the value'} is {data!r}; a number here must be finite",
+                 doc.pos(path), path, hint="write a plain number (YAML reads .nan and .inf as not-a-number "
+                                           "and infinity)")
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            check_finite_numbers(v, doc, sink, path + (k,))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            check_finite_numbers(v, doc, sink, path + (i,))
 
 
 def check_inline_secrets(data: Any, doc: LoadedDoc, sink: ErrorSink, path: tuple = ()) -> None:
@@ -256,7 +279,9 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
     if v == "required":
         missing = [k for k in schema.get("required", []) if isinstance(err.instance, dict) and k not in err.instance]
         for key in missing:
-            yield "S101", f"missing required key '{key}' in {where}", path, bool(path), None
+            # A list item (a step) has no key to point at: point at the item itself, not at the list's key.
+            on_key = bool(path) and not isinstance(path[-1], int)
+            yield "S101", f"missing required key '{key}' in {where}", path, on_key, None
         return
     if v == "enum" and len(path) == 3 and path[0] == "models" and path[2] == "backend":
         yield "S207", f"unknown backend {err.instance!r}", path, False, \

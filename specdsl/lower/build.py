@@ -19,6 +19,18 @@ from specdsl.contract.ops import SOURCE_OP, CheckContext
 from specdsl import templates
 
 
+_PLAIN_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_. -]{0,63}$")
+
+
+def _outside(path: Any, folder: Any) -> bool:
+    """``path`` resolves (symlinks followed) outside ``folder``."""
+    try:
+        target, base = path.resolve(), folder.resolve()
+    except OSError:
+        return True
+    return target != base and base not in target.parents
+
+
 def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
     """Lower ``spec`` into a Plan. ``identities=False`` skips work only fingerprints need (validate)."""
     sink = ErrorSink()
@@ -73,6 +85,11 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
         if cols is None:
             try:
                 cols = reader.columns(path)
+                if cols and _outside(path, spec.dir) and not all(_PLAIN_COLUMN.match(str(c)) for c in cols):
+                    # Column names reach hints; a file outside the spec's folder (`../`, an absolute path, a
+                    # symlink) may be no data file at all, and its first line must not be printed (CI).
+                    raise ValueError("the file is outside the spec's folder and its column names are not plain "
+                                     "names (not shown); declare the source's `columns:` if it is data")
             except FileNotFoundError:
                 sink.add("S405", f"source '{name}': file '{src.path}' does not exist",
                          spec.pos(src.key_path + ("path",)), src.key_path + ("path",),

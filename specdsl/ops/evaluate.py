@@ -310,7 +310,7 @@ class EvaluateOp(StepOp):
     params_schema = obj_schema({
         "models": {"type": "array", "minItems": 1, "items": MODEL_REF, "description": "models compared side by side"},
         "on": {**STEP_REF, "description": "rows to evaluate on (accuracy, self_correction)"},
-        "limit": {"type": "integer", "minimum": 1, "description": "evaluate on the first N rows"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 10**12, "description": "evaluate on the first N rows"},
         "max_tokens": {"type": "integer", "minimum": 1,
                        "description": f"answer length cap (default: {DEFAULT_MAX_TOKENS})"},
         "probes": {"type": "array", "minItems": 1, "items": {

@@ -58,15 +58,12 @@ class FilterOp(StepOp):
             ctx.column(m.get("field"), "match", "field")
             ctx.column(m.get("gold"), "match", "gold")
             if m.get("rule") == "regex":
-                import re
-
                 if not m.get("pattern"):
                     ctx.error("S101", "rule: regex needs `pattern:`", "match")
                 else:
-                    try:
-                        re.compile(m["pattern"])
-                    except re.error as exc:
-                        ctx.error("S105", f"invalid regular expression: {exc}", "match", "pattern")
+                    problem = templates.regex_problem(m["pattern"])  # bad, or exponential on a near-miss
+                    if problem:
+                        ctx.error("S105", problem, "match", "pattern")
         if p.get("into"):
             return tuple(ctx.columns) + (p["into"],)
         return ctx.columns

@@ -29,7 +29,7 @@ class SourceOp(StepOp):
         "path": {"type": "string", "description": "the file or folder, relative to the spec"},
         "format": {"type": "string", "description": "the registered source format that reads it"},
         "id": {"type": ["string", "null"], "description": "the column that identifies a row"},
-        "limit": {"type": ["integer", "null"], "description": "read only the first N rows"},
+        "limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 10**12, "description": "read only the first N rows"},
     }, required=["path", "format"], description="what a `sources:` entry lowers to")
 
     def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate:

@@ -21,14 +21,21 @@ def peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(path)
+    problem = not_a_data_file(path, fmt)
+    if problem:
+        raise ValueError(problem)
+    try:
+        return _peek_columns(path, fmt)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path.name}:{utf8_fault_line(path)}: not valid UTF-8 text") from None
+
+
+def _peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
     if fmt == "jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        first = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path.name}:{lineno}: not valid JSON ({exc.msg})") from None
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if raw.strip():
+                    first = parse_json_line(raw, lineno, path.name, ValueError)
                     if not isinstance(first, dict):
                         raise ValueError(f"{path.name}:{lineno}: each line must be a JSON object")
                     return tuple(first)
@@ -36,6 +43,9 @@ def peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
     if fmt == "csv":
         with path.open(encoding="utf-8", newline="") as fh:
             header = next(csv.reader(fh), [])
+        repeated = _repeated(header)
+        if repeated:
+            raise ValueError(f"{path.name}:1: the header names column '{repeated}' twice")
         return tuple(header)
     if fmt == "json":
         with path.open(encoding="utf-8") as fh:
@@ -46,8 +56,62 @@ def peek_columns(path: Path, fmt: str) -> tuple[str, ...]:
         except ImportError:  # a core install (the pre-commit hook's): say how to go on
             raise ValueError('reading a Parquet file\'s columns needs pyarrow: pip install "specdsl[run]", '
                              "or declare the source's `columns:`") from None
-        return tuple(pq.read_schema(path).names)
+        try:
+            return tuple(pq.read_schema(path).names)
+        except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a truncated or foreign file vary
+            raise ValueError(f"{path.name}: not a readable Parquet file ({type(exc).__name__})") from None
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def not_a_data_file(path: Path, fmt: str) -> str | None:
+    """Why ``path`` (which exists) cannot be read as a ``fmt`` file, or None. Only regular files are read: a
+    device such as /dev/zero or a pipe would never end (validate would hang)."""
+    if path.is_dir():
+        return f"'{path.name}' is a folder, not a {fmt} file"
+    if not path.is_file():
+        return f"'{path.name}' is not a regular file (a device, pipe or socket); a source reads a data file"
+    return None
+
+
+def utf8_fault_line(path: Path) -> int:
+    """The 1-based line of the first byte sequence in ``path`` that is not UTF-8 (read in pieces)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with path.open("rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 16), b""):
+            try:
+                decoder.decode(piece)
+            except UnicodeDecodeError as exc:
+                return line + piece.count(b"\n", 0, exc.start)
+            line += piece.count(b"\n")
+    return line
+
+
+def parse_json_line(raw: bytes, lineno: int, display: str, error: Callable[..., Exception]) -> Any:
+    """One JSON line, every fault (invalid UTF-8, bad JSON, nesting too deep, a number too long for
+    Python) raised as ``error`` naming ``display:lineno``."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{display}:{lineno}: not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+    except json.JSONDecodeError as exc:
+        what = "malformed JSON line" if error is not ValueError else "not valid JSON"  # run / validate's peek
+        raise error(f"{display}:{lineno}: {what} ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise error(f"{display}:{lineno}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise error(f"{display}:{lineno}: a value cannot be read ({str(exc).split(';')[0]})") from None
+
+
+def _repeated(names: list[str]) -> str | None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 # A JSON array is read in pieces of this many characters, holding one piece (plus the record that straddles
@@ -130,6 +194,10 @@ class _Window:
                 cut_off = exc.msg.startswith("Unterminated string") or exc.pos >= len(self.text) - _CUT_OFF_MARGIN
                 if self.at_end or not cut_off:
                     raise self.syntax_error(exc.msg, exc.pos) from None
+            except RecursionError:
+                raise self.syntax_error("nested too deeply to read", pos) from None
+            except ValueError as exc:  # an integer of more digits than Python converts: more text won't help
+                raise self.syntax_error(f"a value cannot be read ({str(exc).split(';')[0]})", pos) from None
             else:
                 # A number ending near the end of what was read may go on in the file: "1" of "1.5" or
                 # "1e7" cut after the "1." or "1e" parses as 1.
@@ -193,7 +261,7 @@ def iter_json_records(fh: Any, *, fail_fast: bool = False) -> Iterator[dict[str,
                 raise window.syntax_error("Expecting value", pos)
             try:
                 record, end = raw_decode(text, pos)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
                 end = len(text)  # a fault, or a cut: the window tells which
             if end >= len(text) - _CUT_OFF_MARGIN:
                 record, end, pos = window.decode(raw_decode, pos)
@@ -265,6 +333,8 @@ def source_identity(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         return {"missing": str(path.name)}
+    if not path.is_file():  # a folder or a device: reported by the read; never hashed (/dev/zero never ends)
+        return {"not_a_file": str(path.name)}
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -277,7 +347,7 @@ def count_rows(path: Path, fmt: str, *, limit: int | None = None) -> int | None:
     held, and only as far as the read would go: a parquet file's count is in its metadata; JSON is parsed
     record by record, and a malformed file raises like the read."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         return None
     if fmt == "jsonl":
         with path.open("rb") as fh:
@@ -318,13 +388,21 @@ def iter_row_batches(path: Path, fmt: str, *, id_column: str | None = None, limi
     display = display or str(path)
     if not path.exists():
         raise RunError(f"source file '{display}' does not exist", hint="check `path:` (relative to the spec file)")
+    problem = not_a_data_file(path, fmt)
+    if problem:
+        raise RunError(f"source '{display}': {problem}",
+                       hint="point `path:` at a data file, or set `format: parquet_dir` / `hf_dataset` for a folder")
     ids = IdAssigner(id_column, display)
     batch: Rows = []
-    for record in _records(path, fmt, limit, display):
-        batch.append(record)
-        if size and len(batch) >= size:
-            yield ids.assign(batch)
-            batch = []
+    try:
+        for record in _records(path, fmt, limit, display):
+            batch.append(record)
+            if size and len(batch) >= size:
+                yield ids.assign(batch)
+                batch = []
+    except UnicodeDecodeError:
+        raise RunError(f"{display}:{utf8_fault_line(path)}: not valid UTF-8 text",
+                       hint="save the file as UTF-8") from None
     if batch or not size:
         yield ids.assign(batch)
 
@@ -332,15 +410,11 @@ def iter_row_batches(path: Path, fmt: str, *, id_column: str | None = None, limi
 def _records(path: Path, fmt: str, limit: int | None, display: str) -> Iterator[dict[str, Any]]:
     if fmt == "jsonl":
         count = 0
-        with path.open(encoding="utf-8") as fh:
+        with path.open("rb") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RunError(f"{display}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})",
-                                   hint="fix or remove that line; each line holds one JSON object") from None
+                row = parse_json_line(line, lineno, display, _line_error)
                 if not isinstance(row, dict):
                     raise RunError(f"{display}:{lineno}: each line must be a JSON object, not {type(row).__name__}")
                 yield row
@@ -348,9 +422,7 @@ def _records(path: Path, fmt: str, limit: int | None, display: str) -> Iterator[
                 if limit and count >= limit:
                     return
     elif fmt == "csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            for row in itertools.islice(csv.DictReader(fh), limit or None):
-                yield dict(row)
+        yield from _csv_records(path, limit, display)
     elif fmt == "json":
         with path.open(encoding="utf-8") as fh:
             try:
@@ -362,7 +434,36 @@ def _records(path: Path, fmt: str, limit: int | None, display: str) -> Iterator[
                 raise RunError(f"{display}{where}: a JSON source must be a list of objects") from None
         yield from rows
     elif fmt == "parquet":
-        yield from _parquet_records(path, limit)
+        yield from _parquet_records(path, limit, display)
+
+
+def _line_error(message: str) -> RunError:
+    return RunError(message, hint="fix or remove that line; each line holds one JSON object")
+
+
+def _csv_records(path: Path, limit: int | None, display: str) -> Iterator[dict[str, Any]]:
+    """A CSV file's rows as dicts keyed by the header. A row with more or fewer fields than the header is
+    refused (csv.DictReader would file extras under the key None and fill missing fields with None)."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return
+        repeated = _repeated(header)
+        if repeated:
+            raise RunError(f"{display}:1: the header names column '{repeated}' twice",
+                           hint="rename one of them: each column needs its own name")
+        count = 0
+        for fields in reader:
+            if not fields:
+                continue  # a blank line, as csv.DictReader skips it
+            if len(fields) != len(header):
+                raise RunError(f"{display}:{reader.line_num}: the row has {len(fields)} fields, the header "
+                               f"{len(header)}", hint="quote fields that hold commas; give every row every column")
+            yield dict(zip(header, fields))
+            count += 1
+            if limit and count >= limit:
+                return
 
 
 class IdAssigner:
@@ -371,6 +472,7 @@ class IdAssigner:
 
     def __init__(self, id_column: str | None, display: str):
         self.key, self.display = id_column or "id", display
+        self.explicit = bool(id_column)
         self.seen: set[str] = set()
         self.count = 0
 
@@ -378,7 +480,12 @@ class IdAssigner:
         out = []
         for row in rows:
             row = dict(row)
-            row["id"] = str(row[self.key]) if self.key in row and row[self.key] is not None else str(self.count)
+            value = row.get(self.key)
+            if value is None and (self.key in row or self.explicit):
+                # A row without its id would be keyed by its row number: a silent clash with another id.
+                raise RunError(f"{self.display}: row {self.count + 1} has no value in the id column "
+                               f"'{self.key}'", hint="give every row an id, or drop `id:` to number the rows")
+            row["id"] = str(value) if value is not None else str(self.count)
             self.count += 1
             if row["id"] in self.seen:
                 raise RunError(f"{self.display}: id '{row['id']}' appears more than once",
@@ -402,20 +509,36 @@ def _json_rows(fh: Any, limit: int | None) -> Rows:
     """
     if limit:
         return list(itertools.islice(iter_json_records(fh), limit))
-    data = json.load(fh)
+    try:
+        data = json.load(fh)
+    except (RecursionError, ValueError):  # the streamed read below names the line of the fault
+        data = None
     if isinstance(data, list) and all(isinstance(r, dict) for r in data):
         return data
     fh.seek(0)
     return list(iter_json_records(fh))  # raises NotAListOfObjects with the record's line
 
 
-def _parquet_records(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
+def _parquet_records(path: Path, limit: int | None, display: str) -> Iterator[dict[str, Any]]:
     """A parquet file's rows, decoded a batch at a time (with a limit, only the first batches)."""
     import pyarrow.parquet as pq
 
     count = 0
-    with pq.ParquetFile(path) as parquet:
-        for batch in parquet.iter_batches(batch_size=min(limit, 1 << 16) if limit else 1 << 16):
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a truncated or foreign file vary
+        raise RunError(f"{display}: not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})",
+                       hint="write the file again (it may be truncated)") from None
+    with parquet:
+        batches = parquet.iter_batches(batch_size=min(limit, 1 << 16) if limit else 1 << 16)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # noqa: BLE001 - a damaged row group
+                raise RunError(f"{display}: a row group cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
+                               hint="write the file again (it may be truncated)") from None
+            if batch is None:
+                return
             for row in batch.to_pylist():
                 yield row
                 count += 1

@@ -111,7 +111,7 @@ class ParquetFolderSource:
             raise FileNotFoundError(path)
         if not path.is_dir():
             raise ValueError(f"'{path.name}' is a file; format parquet_dir reads a folder of Parquet files")
-        found = sorted(path.glob("*.parquet"))
+        found = sorted(p for p in path.glob("*.parquet") if p.is_file())  # never a device or pipe
         if not found:
             raise ValueError(f"folder '{path.name}' holds no *.parquet file")
         return found
@@ -157,7 +157,8 @@ class ParquetFolderSource:
 
     def identity(self, path: Path) -> Mapping[str, Any]:
         path = Path(path)
-        return _folder_identity(sorted(path.glob("*.parquet")) if path.is_dir() else [], path)
+        return _folder_identity(sorted(p for p in path.glob("*.parquet") if p.is_file()) if path.is_dir() else [],
+                                path)
 
 
 class SavedDatasetSource:

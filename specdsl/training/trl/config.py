@@ -30,11 +30,11 @@ PARAMS_SCHEMA: dict[str, Any] = {
                       "description": "Stop after this many optimizer steps (overrides epochs)."},
         "learning_rate": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
                           "description": "Peak learning rate; null = 2e-5 for a full fine-tune, 2e-4 with lora."},
-        "batch_size": {"type": "integer", "minimum": 1, "default": 8,
+        "batch_size": {"type": "integer", "minimum": 1, "maximum": 65536, "default": 8,
                        "description": "Samples per device per micro-step (padded or padding-free batches). "
                                       "With packing, the token budget is batch_size x longest sample unless "
                                       "max_tokens_per_batch is set."},
-        "gradient_accumulation": {"type": "integer", "minimum": 1, "default": 1,
+        "gradient_accumulation": {"type": "integer", "minimum": 1, "maximum": 65536, "default": 1,
                                   "description": "Micro-steps whose gradients add up to one optimizer step."},
         "max_length": {"type": ["integer", "null"], "minimum": 1, "default": None,
                        "description": "Samples longer than this are cut (keep the start); null = the model's "
