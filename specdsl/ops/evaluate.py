@@ -151,7 +151,7 @@ class AccuracyProbe:
                 r["delta"] = None if r["accuracy"] is None or ref is None else r["accuracy"] - ref
                 if r["condition"] in by_condition:  # the same items under both: a paired comparison
                     r["delta_ci95"] = _interval_text(by_condition[r["condition"]]["ci95"])
-                    r["p_mcnemar"] = by_condition[r["condition"]]["p_mcnemar"]
+                    r["p_mcnemar"] = f"{by_condition[r['condition']]['p_mcnemar']:.3g}"  # text: a table rounds floats to 0.1
         return {"probe": "accuracy", "results": results, "table": table, "paired": paired, "rows": per_row}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
@@ -205,7 +205,8 @@ class SelfCorrectionProbe:
                         for row, messages, output, case in zip(ctx.rows, prompts, outputs, res.cases)]
             d = res.to_dict()
             results[model] = d
-            table.append({"model": model, **{k: _interval_text(v) if k.endswith("_ci95") else v for k, v in d.items()
+            table.append({"model": model, **{k: _interval_text(v) if k.endswith("_ci95") else
+                                             f"{v:.3g}" if k == "p_mcnemar" else v for k, v in d.items()
                                              if k.endswith("_ci95") or not isinstance(v, (list, dict))}})
         return {"probe": "self_correction", "results": results, "table": table, "rows": per_row}
 
