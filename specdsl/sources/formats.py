@@ -12,6 +12,8 @@ dataset's ``dataset_info.json``), so ``specdsl validate`` reads next to nothing.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 from pathlib import Path
@@ -94,7 +96,25 @@ def _limited(batches: Iterator[Any], limit: int | None, ids: "files.IdAssigner",
         yield ids.assign(pending)
 
 
-class ParquetFolderSource:
+class _FolderSource(abc.ABC):
+    """What the folder formats share: a whole read is the batched read flattened."""
+
+    def read(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
+             display: str | None = None) -> Rows:
+        return [row for rows in self.iter_batches(path, id_column=id_column, limit=limit, display=display, size=0)
+                for row in rows]
+
+    @abc.abstractmethod
+    def iter_batches(self, path: Path, **options: Any) -> Iterator[Rows]:
+        """The rows ``size`` at a time (0: one batch); each folder format reads its own files."""
+
+
+def _unreadable(display: str, exc: Exception) -> RunError:
+    return RunError(f"source '{display}': {exc if isinstance(exc, ValueError) else 'does not exist'}",
+                    hint="check `path:` (relative to the spec file)")
+
+
+class ParquetFolderSource(_FolderSource):
     """A folder of Parquet files with one schema, read as one table in file-name order."""
 
     name = "parquet_dir"
@@ -127,11 +147,6 @@ class ParquetFolderSource:
         total = sum(pq.ParquetFile(p).metadata.num_rows for p in self._files(path))
         return min(total, limit) if limit else total
 
-    def read(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
-             display: str | None = None) -> Rows:
-        return [row for rows in self.iter_batches(path, id_column=id_column, limit=limit, display=display, size=0)
-                for row in rows]
-
     def iter_batches(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
                      display: str | None = None, size: int = 8192) -> Iterator[Rows]:
         import pyarrow.parquet as pq
@@ -140,8 +155,7 @@ class ParquetFolderSource:
         try:
             parts = self._files(path)
         except (FileNotFoundError, ValueError) as exc:
-            raise RunError(f"source '{display}': {exc if isinstance(exc, ValueError) else 'does not exist'}",
-                           hint="check `path:` (relative to the spec file)") from None
+            raise _unreadable(display, exc) from None
         expected = pq.read_schema(parts[0])
 
         def batches() -> Iterator[Any]:
@@ -161,7 +175,7 @@ class ParquetFolderSource:
                                 path)
 
 
-class SavedDatasetSource:
+class SavedDatasetSource(_FolderSource):
     """A dataset saved by ``datasets.Dataset.save_to_disk``: Arrow IPC stream files listed in state.json."""
 
     name = "hf_dataset"
@@ -215,11 +229,6 @@ class SavedDatasetSource:
                         return limit
         return total
 
-    def read(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
-             display: str | None = None) -> Rows:
-        return [row for rows in self.iter_batches(path, id_column=id_column, limit=limit, display=display, size=0)
-                for row in rows]
-
     def iter_batches(self, path: Path, *, id_column: str | None = None, limit: int | None = None,
                      display: str | None = None, size: int = 8192) -> Iterator[Rows]:
         import pyarrow as pa
@@ -228,8 +237,7 @@ class SavedDatasetSource:
         try:
             _state, data = self._state(path)
         except (FileNotFoundError, ValueError) as exc:
-            raise RunError(f"source '{display}': {exc if isinstance(exc, ValueError) else 'does not exist'}",
-                           hint="check `path:` (relative to the spec file)") from None
+            raise _unreadable(display, exc) from None
 
         def batches() -> Iterator[Any]:
             for part in data:
