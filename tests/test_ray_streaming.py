@@ -50,11 +50,28 @@ class SeenOp(StepOp):
         return [{**row, "batch": len(ctx.rows), "pid": os.getpid()} for row in ctx.rows]
 
 
+class CrashOp(StepOp):
+    """Row-parallel: the process that meets row ``id`` dies (a segfault, the OOM killer)."""
+
+    name = "crash"
+    row_parallel = True
+    params_schema = obj_schema({"from": STEP_REF, "id": {"type": "string"}}, required=["from", "id"])
+
+    def check(self, ctx):
+        return tuple(ctx.columns)
+
+    def run(self, ctx):
+        if any(row["id"] == ctx.params["id"] for row in ctx.rows):
+            os._exit(1)
+        return ctx.rows
+
+
 class SeenPlugin:
     @staticmethod
     @hookimpl
     def register_ops(register):
         register(SeenOp())
+        register(CrashOp())
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +250,20 @@ def test_an_op_error_in_a_streamed_batch_is_the_local_run_error(ray_instance, tm
     assert str(errors["ray"]) == str(errors["local"]) and errors["ray"].node == "answered"
     assert "q0090" in str(errors["ray"]) and "Traceback" not in str(errors["ray"])
     assert not list((tmp_path / "ray-store" / "tmp").iterdir())  # the staging folder went with the error
+
+
+def test_a_batch_that_kills_its_worker_fails_the_node_after_retries(ray_instance, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDSL_BATCH_ROWS", "16")
+    write_problems(tmp_path / "problems.jsonl", 64)
+    (tmp_path / "spec.yaml").write_text(
+        "specdsl: 1\nname: crash\nsources:\n  problems: {path: problems.jsonl}\nsteps:\n"
+        "  - id: doomed\n    crash: {from: problems, id: q0040}\n")
+    registry = build_registry(extra_plugins=(SeenPlugin(),))
+    plan = api.compile_spec(tmp_path / "spec.yaml", registry=registry)
+    with pytest.raises(RunError) as info:
+        api.run_plan(plan, store_dir=tmp_path / "store", executor="ray", registry=registry, progress=False)
+    assert "Ray Data task" in str(info.value) and "Traceback" not in str(info.value)
+    assert not (tmp_path / "store" / "nodes" / plan.node("doomed").fingerprint[:2]).exists()  # nothing committed
 
 
 def test_the_cli_runs_row_ops_on_ray(tmp_path):

@@ -248,8 +248,10 @@ def _pipeline(executor: Any, job: SpanJob, spans: list[tuple[int, int]]) -> Iter
     saved_level = data_logger.level
     context.execution_options.preserve_order = True  # the table's rows in input order, as local writes them
     context.enable_progress_bars = False             # specdsl draws its own progress
-    data_logger.setLevel(logging.ERROR)
-    options: dict[str, Any] = {"num_cpus": executor._cpus_per_task()}
+    data_logger.setLevel(logging.CRITICAL)        # its errors come back as one RunError, not a traceback
+    # Ray's usual 3 retries for a dead worker (a row task is pure), not Ray Data's endless ones: a batch
+    # that kills its worker every time fails the node instead of hanging the run.
+    options: dict[str, Any] = {"num_cpus": executor._cpus_per_task(), "max_retries": 3}
     if executor._gpus_per_task():
         options["num_gpus"] = executor._gpus_per_task()
     limit = executor._setting("max_in_flight", ENV_MAX_IN_FLIGHT, int)
@@ -264,7 +266,10 @@ def _pipeline(executor: Any, job: SpanJob, spans: list[tuple[int, int]]) -> Iter
         for out in stream:
             yield out["outcome"]
     except Exception as exc:  # noqa: BLE001 - a Ray-level failure: a worker died after Ray's retries
-        raise RunError(f"a Ray Data task for this step failed: {describe_ray_error(exc)}", hint=NODE_HINT) from None
+        raise RunError(f"a Ray Data task for this step failed: {describe_ray_error(exc)}",
+                       hint=f"a worker that runs out of memory on a batch of {job.batch} rows: lower "
+                            f"SPECDSL_BATCH_ROWS; else {NODE_HINT} (Ray's logs: /tmp/ray/session_latest/logs "
+                            "on the node)") from None
     finally:
         if stream is not None and hasattr(stream, "close"):
             stream.close()  # stops the streaming executor when we leave early (an op's error, Ctrl-C)
