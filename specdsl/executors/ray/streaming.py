@@ -33,6 +33,7 @@ import math
 import pickle
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -249,9 +250,7 @@ def _pipeline(executor: Any, job: SpanJob, spans: list[tuple[int, int]]) -> Iter
     context.execution_options.preserve_order = True  # the table's rows in input order, as local writes them
     context.enable_progress_bars = False             # specdsl draws its own progress
     data_logger.setLevel(logging.CRITICAL)        # its errors come back as one RunError, not a traceback
-    # Ray's usual 3 retries for a dead worker (a row task is pure), not Ray Data's endless ones: a batch
-    # that kills its worker every time fails the node instead of hanging the run.
-    options: dict[str, Any] = {"num_cpus": executor._cpus_per_task(), "max_retries": 3}
+    options: dict[str, Any] = {"num_cpus": executor._cpus_per_task()}
     if executor._gpus_per_task():
         options["num_gpus"] = executor._gpus_per_task()
     limit = executor._setting("max_in_flight", ENV_MAX_IN_FLIGHT, int)
@@ -260,8 +259,13 @@ def _pipeline(executor: Any, job: SpanJob, spans: list[tuple[int, int]]) -> Iter
     items = [{"first": a, "stop": b} for a, b in spans]
     stream = None
     try:
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
-            run_span, fn_kwargs={"job": job}, **options)
+        with warnings.catch_warnings():
+            # Ray's usual 3 retries for a dead worker (a row task is pure), not Ray Data's endless ones: a
+            # batch that kills its worker every time fails the step instead of hanging the run. Ray 2.60
+            # names no parameter for it and warns that the generic one is deprecated.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
+                run_span, fn_kwargs={"job": job}, max_retries=3, **options)
         stream = dataset.iter_rows()
         for out in stream:
             yield out["outcome"]
