@@ -388,6 +388,18 @@ class ExecutorDef(Protocol):
     ``on_result`` in this process as each result arrives (so the request journal stays exact).
     An executor with ``in_process = True`` (optional, default False) runs everything in this process: the
     runner then calls row-parallel ops directly, with the run's services, instead of ``map_rows``.
+
+    An executor that runs elsewhere may stream a row-parallel node instead of taking its whole input
+    through ``map_rows``, with the optional method
+    ``run_streaming(fn, staging, batch_rows, *, rows=None, table=None, json_columns=()) -> (rows, json_columns)``:
+    apply ``fn`` (picklable, as for ``map_rows``) to the node's input one batch at a time, the batches
+    being rows ``[k*batch_rows, (k+1)*batch_rows)`` exactly as the local executor cuts them, and leave the
+    output in ``staging/data.parquet`` as :class:`specdsl.execute.batches.TableWriter` writes it (a part
+    per non-empty output batch, in input order; ``TableWriter.add_part`` takes a part another process
+    wrote). The input is either ``rows`` (a table already in memory) or ``table``, the path of a stored
+    ``data.parquet`` whose ``json_columns`` are JSON text to decode. Return the rows written and the
+    JSON-text columns (what ``TableWriter.close`` returns); the runner commits the staging folder. The
+    Ray executor implements it with Ray Data (:mod:`specdsl.executors.ray.streaming`).
     """
 
     name: str

@@ -54,6 +54,12 @@ class TableWriter:
         self._parts.append((part, write_table(part, rows)))
         self.rows += len(rows)
 
+    def add_part(self, part: Path, rows: int, json_columns: list[str]) -> None:
+        """Take a part another process wrote (a Ray worker, with :func:`specdsl.execute.store.write_table`,
+        somewhere in this folder) as the next batch: :meth:`close` merges it like the parts of ``write``."""
+        self._parts.append((Path(part), list(json_columns)))
+        self.rows += rows
+
     def close(self) -> list[str]:
         """Merge the parts into one file (one row group per part); returns the JSON-text columns."""
         import pyarrow as pa

@@ -301,12 +301,14 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
 
 def _streams(op: Any, node: PlanNode, services: Services) -> bool:
     """Whether the node runs batch by batch: an op that yields its own batches (``run_batches``: a
-    source), or a row-parallel op reading one input on this process. Everything else (generation,
-    training, evaluation, an op that needs its whole table) gets its inputs whole."""
+    source), or a row-parallel op reading one input on this process or through an executor that streams
+    (``run_streaming``: Ray). Everything else (generation, training, evaluation, an op that needs its
+    whole table) gets its inputs whole."""
     if callable(getattr(op, "run_batches", None)):
         return True
-    return bool(getattr(op, "row_parallel", False)) and getattr(services.executor, "in_process", False) \
-        and [param for param, _src in node.inputs] == ["from"]
+    executor = services.executor
+    return bool(getattr(op, "row_parallel", False)) and [param for param, _src in node.inputs] == ["from"] \
+        and (getattr(executor, "in_process", False) or callable(getattr(executor, "run_streaming", None)))
 
 
 def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, staging: Path, store: Store,
@@ -322,6 +324,8 @@ def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, sta
     if callable(getattr(op, "run_batches", None)):
         for rows in op.run_batches(context([])):
             writer.write(rows)
+    elif not getattr(services.executor, "in_process", False):
+        return _run_streaming(plan, node, op, services, staging, store, outputs)
     else:
         src = node.input("from")
         size = batch_rows()
@@ -336,6 +340,24 @@ def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, sta
             result = op.run(context(chunk))
             writer.write(result[0] if isinstance(result, tuple) else result)
     return writer.rows, writer.close()
+
+
+def _run_streaming(plan: Plan, node: PlanNode, op: Any, services: Services, staging: Path, store: Store,
+                   outputs: Mapping[str, list[dict[str, Any]]]) -> tuple[int, list[str]]:
+    """A row-parallel node on an executor that streams it elsewhere (``run_streaming``): the same batches
+    as above, read where the executor runs them, the output written into ``staging``."""
+    from specdsl.execute.batches import batch_rows
+    from specdsl.execute.store import DATA
+
+    src = node.input("from")
+    fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
+    if src in outputs:
+        return services.executor.run_streaming(fn, staging, batch_rows(), rows=outputs[src])
+    fingerprint = plan.node(src).fingerprint
+    if not store.has(fingerprint):
+        raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
+    return services.executor.run_streaming(fn, staging, batch_rows(), table=store.node_dir(fingerprint) / DATA,
+                                           json_columns=store.meta(fingerprint).get("json_columns", []))
 
 
 def is_cached(plan: Plan, node: PlanNode, store: Store, registry: Any) -> bool:

@@ -4,8 +4,13 @@
 local executor; only *where* the work happens changes:
 
 * **Row-parallel ops** (``map``, ``filter``, ``format``, ``erase_prompt``, ``pam``: ops with
-  ``row_parallel = True``) are cut into consecutive chunks of rows; each chunk runs as one Ray task and
-  the results are concatenated in input order, so the table is the one the local executor writes.
+  ``row_parallel = True``) stream through Ray Data (:meth:`RayExecutor.run_streaming`,
+  :mod:`.streaming`): the workers read the local executor's batches of the input straight from the
+  stored Parquet (so past one machine the run store must be on shared storage), run the op on each and
+  write each output batch as a part in the node's staging folder; the driver merges the parts in input
+  order, so the table is the one the local executor writes, and the driver never holds it.
+  ``map_rows`` (chunks of rows as Ray tasks, concatenated in order) remains for callers that hand over
+  rows in memory.
 * **Generation** goes through :meth:`RayExecutor.wrap_backend`: the requests that the request journal
   did not already answer are cut into chunks, each chunk is answered by the real backend's
   ``generate`` inside one Ray task, and every result streams back to this process (a Ray streaming
@@ -36,11 +41,15 @@ Tuning (attributes of the executor, or environment variables read when work star
 attribute                environment variable              default
 =======================  ================================  =========================================
 ``rows_per_task``        ``SPECDSL_RAY_ROWS_PER_TASK``     rows / (2 x slots), within [256, 20000]
+                                                           (``map_rows`` only; a streamed node's batch
+                                                           is ``SPECDSL_BATCH_ROWS``, as locally)
 ``requests_per_task``    ``SPECDSL_RAY_REQUESTS_PER_TASK`` requests / (4 x slots), within
                                                            [max(16, batch_size), 256]
 ``task_cpus``            ``SPECDSL_RAY_TASK_CPUS``         1 (CPUs Ray reserves per task)
 ``task_gpus``            ``SPECDSL_RAY_TASK_GPUS``         0 (set 1 for a local GPU model per task)
-``max_in_flight``        ``SPECDSL_RAY_MAX_IN_FLIGHT``     2 x slots (tasks submitted at once)
+``max_in_flight``        ``SPECDSL_RAY_MAX_IN_FLIGHT``     2 x slots (tasks submitted at once; for a
+                                                           streamed node, Ray Data's ``concurrency``,
+                                                           unset: Ray Data decides)
 ``num_cpus``             ``SPECDSL_RAY_NUM_CPUS``          min(cpu_count, 8) (local instance only)
 =======================  ================================  =========================================
 
@@ -59,8 +68,9 @@ registry) and the model options *with secrets resolved*: API keys reach the work
 call a provider. Every Ray node needs specdsl and the plugins the spec uses installed.
 
 The package: :mod:`.connect` (reaching Ray, settings), :mod:`.executor` (the driver side),
-:mod:`.tasks` (what runs in the workers), :mod:`.limits` (the shared limiter) and :mod:`.transport`
-(backends and exceptions across the process boundary).
+:mod:`.tasks` (what runs in the workers), :mod:`.streaming` (row-parallel nodes through Ray Data),
+:mod:`.limits` (the shared limiter) and :mod:`.transport` (backends and exceptions across the process
+boundary).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import math
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from specdsl.errors import RunError
@@ -112,6 +113,17 @@ class RayExecutor:
                 for ref in active:
                     _cancel(ray, ref, force=False)
         return [row for part in results for row in (part or [])]
+
+    def run_streaming(self, fn: Callable[[list[dict]], Any], staging: Path, batch_rows: int, *,
+                      rows: list[dict] | None = None, table: Path | None = None,
+                      json_columns: Sequence[str] = ()) -> tuple[int, list[str]]:
+        """A row-parallel node, streamed through Ray Data: ``fn`` over the input (``rows`` in memory, or
+        the stored Parquet ``table`` with its JSON-text columns) one batch of ``batch_rows`` rows at a
+        time, in Ray workers; the output left in ``staging/data.parquet``. Returns (rows, JSON-text
+        columns). See :mod:`specdsl.executors.ray.streaming`."""
+        from specdsl.executors.ray.streaming import stream_node
+
+        return stream_node(self, fn, staging, batch_rows, rows=rows, table=table, json_columns=json_columns)
 
     # -- generation -----------------------------------------------------------------------------------
 
