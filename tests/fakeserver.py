@@ -30,6 +30,8 @@ message. Outcomes:
 ``401``     an authentication failure
 ``echo-auth[:N]``  a 400 whose error message quotes the request's Authorization header at character N
             of the message (default 290), as a careless provider or proxy might; for redaction tests
+``echo-headers[:STATUS]``  an error (default 400; 401 for an auth failure) whose message quotes every
+            request header, as a debugging proxy might; for redaction tests
 ``detail``  a 400 in FastAPI's shape, ``{"detail": "..."}`` (what ``transformers serve`` answers a wrong model)
 ``vllm-400`` a 400 in vLLM's shape, ``{"object": "error", "message": "...", "code": 400}``
 ``nonjson-auth``  a 200 whose body is not JSON and quotes the Authorization header (redaction tests)
@@ -336,6 +338,11 @@ class FakeServer:
             lead = (lead * (int(at or 290) // len(lead) + 1))[: int(at or 290)]
             quoted = request.headers.get("Authorization", "")
             return error(400, f"{lead}{quoted} (end of the headers)", "invalid_request_error")
+        if outcome.startswith("echo-headers"):
+            _, _, code = outcome.partition(":")
+            quoted = "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+            return error(int(code or 400), f"the request was refused; it carried {quoted}",
+                         "invalid_request_error")
         if outcome == "detail":
             return web.json_response({"detail": f"The model {body.get('model')!r} is not served here"},
                                      status=400)

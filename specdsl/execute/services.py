@@ -195,8 +195,8 @@ class Services:
         rows_of: dict[str, str] = {}
         for r in requests:
             rows_of.setdefault(r.key, r.row_id or r.key[:12])
-        failures = [(rows_of.get(k, k[:12]), secrets.redact(str(res.error), resolved))
-                    for k, res in results.items() if not res.ok]
+        # Errors come redacted of the resolved secrets from run_requests (the one place that does it).
+        failures = [(rows_of.get(k, k[:12]), str(res.error)) for k, res in results.items() if not res.ok]
         with self._lock:
             if requests and not _priced(backend, resolved):
                 stats.cost_unknown = True
