@@ -102,7 +102,9 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 # names already; dropped, a file named like a secret key reads as no `passwd: value`.
                 reason = reason.removeprefix(f"{path.name}: ")
                 sink.add("S405", f"source '{name}': cannot read '{src.path}': {reason}",
-                         spec.pos(src.key_path + ("path",)), src.key_path + ("path",))
+                         spec.pos(src.key_path + ("path",)), src.key_path + ("path",),
+                         hint=f"check the file and its format (read as {src.format}; `format:` sets it), or "
+                              "declare the source's `columns:` to check the spec without reading it")
                 cols = ()
                 unknown_columns.add(name)
         if src.id_column and cols and src.id_column not in cols:
