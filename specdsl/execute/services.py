@@ -149,7 +149,8 @@ class Services:
 
             tok = AutoTokenizer.from_pretrained(path)
             if not getattr(tok, "is_fast", False):
-                raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets")
+                raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets",
+                               hint="use a model whose folder has a tokenizer.json (a fast tokenizer)")
             self._tokenizers[path] = tok
         return self._tokenizers[path]
 

@@ -131,7 +131,8 @@ class PamOp(StepOp):
                     pattern=p.get("pattern"), pam=p.get("mask", True), fmt=fmt, system=p.get("system"),
                     into=p.get("into", "messages"))
             except ValueError as exc:
-                raise RunError(f"row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+                raise RunError(f"row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="check this row's values in the step's input (`specdsl inspect`)") from None
             if new is not None:  # rows without a usable (correct) correction cannot make a sample
                 out.append(new)
         return out

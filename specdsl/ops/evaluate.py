@@ -266,7 +266,9 @@ class PositionProbe:
                                              n_buckets=settings["buckets"], per_bucket=settings["per_bucket"],
                                              seed=p.get("seed", 0), count_tokens=count)
             except ValueError as exc:
-                raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id) from None
+                raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id,
+                               hint="change the probe's parameters (context_tokens, buckets, per_bucket) as the "
+                                    "message says") from None
             for model in ctx.models:
                 answers = ctx.answer(model, [it.prompt() for it in items], condition=task)
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)

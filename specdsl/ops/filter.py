@@ -109,7 +109,9 @@ class FilterOp(StepOp):
                 if verdict and p.get("where"):
                     verdict = is_truthy(templates.render(p["where"], row, ctx.vars))
             except Exception as exc:  # noqa: BLE001
-                raise RunError(f"filter failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+                raise RunError(f"filter failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="fix the template for rows like this one (a `{% if %}` or `| default(...)` handles "
+                                    "a missing or empty value)") from None
             if p.get("into"):
                 out.append({**row, p["into"]: verdict})
             elif verdict == want:

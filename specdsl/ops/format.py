@@ -79,6 +79,8 @@ class FormatOp(StepOp):
                     new["prompt"] = templates.render(p["prompt"], row, ctx.vars)
                     new["completion"] = templates.render(p["completion"], row, ctx.vars)
             except Exception as exc:  # noqa: BLE001
-                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="fix the template for rows like this one (a `{% if %}` or `| default(...)` handles "
+                                    "a missing or empty value)") from None
             out.append(new)
         return out
