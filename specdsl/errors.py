@@ -60,6 +60,46 @@ CODES: dict[str, str] = {
     "S405": "a source file is missing or unreadable",
 }
 
+# What to do, per code: the hint of an error whose producer gave none (a third-party op's check, say).
+# Every producer in specdsl gives its own, more precise one; tests keep this table and CODES in step.
+DEFAULT_HINTS: dict[str, str] = {
+    "S001": "check the indentation, quotes and brackets near here",
+    "S002": "keep one of the two keys (YAML would silently keep only the last)",
+    "S003": "remove the tag: specs hold plain YAML values, no `!!python/...` or custom tags",
+    "S004": "write the spec as one mapping: `specdsl: 1`, `name:`, `sources:`, `steps:` ...",
+    "S005": "a spec starts with `specdsl: 1`, then `name:`, `sources:` and `steps:`",
+    "S006": "save the spec as UTF-8 text of at most 2 MB; keep data in source files",
+    "S007": "a spec needs only a few levels of nesting: flatten it, or move the data into a source file",
+    "S010": "add `specdsl: 1` as the first line",
+    "S101": "add the missing key (`specdsl schema` prints what each key takes)",
+    "S102": "write a value of the type the message names",
+    "S103": "use a value the message allows",
+    "S104": "remove the key or fix its spelling (`specdsl schema` prints the keys)",
+    "S105": "fix the value as the message says (`specdsl schema` prints what each key takes)",
+    "S201": "name a model defined under `models:`, or a train step's id",
+    "S202": "name a source defined under `sources:`",
+    "S203": "name a step defined under `steps:`",
+    "S204": "define it under `vars:`",
+    "S205": "give each step an id of its own",
+    "S206": "a step may read only steps that do not read it back",
+    "S207": "`specdsl plugins` lists the installed backends",
+    "S208": "`specdsl plugins` lists the installed ops",
+    "S209": "`specdsl plugins` lists the installed recipes",
+    "S210": "fix the option as the message says (docs/spec.md lists each backend's options)",
+    "S211": "fix the recipe's parameters under `with:` as the message says",
+    "S212": "`specdsl plugins` lists the installed training targets",
+    "S213": "`specdsl plugins` lists the installed probes",
+    "S301": "close each `{{` with `}}` and each `{% ... %}` block with its end tag",
+    "S302": "use a column that exists at this step (`specdsl plan` shows each step's columns)",
+    "S303": "templates see `row`, `vars` and the names under `vars:`",
+    "S304": "templates may read row columns and vars, nothing else",
+    "S401": "change the step's parameters as the message says",
+    "S402": "read from a step whose output has the shape this op takes",
+    "S403": "use a column that exists at this step (`specdsl plan` shows each step's columns)",
+    "S404": "put the secret in an environment variable and write `${env:NAME}`",
+    "S405": "check the path (relative to the spec's folder) and the format, or declare the source's `columns:`",
+}
+
 
 @dataclass(frozen=True)
 class SourcePos:
@@ -199,7 +239,7 @@ class ErrorSink:
         # Messages quote values (`'...' is not one of ...`): a secret typed in the wrong place must not leak
         # into any output, --json included.
         message = redact_secrets(message)
-        hint = redact_secrets(hint) if hint else hint
+        hint = redact_secrets(hint) if hint else DEFAULT_HINTS[code]
         self.errors.append(SpecError(code, message, pos, tuple(key_path), hint))
 
     def __bool__(self) -> bool:

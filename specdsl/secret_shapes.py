@@ -45,10 +45,12 @@ SECRET_VALUE = re.compile(r"\b(?:sk-(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{16,}|hf_[A
                           r"AIza[0-9A-Za-z_-]{30,})"
                           # a password inside a URL (http://user:password@host), unless it is a reference
                           rf"|(?<=[A-Za-z0-9+.-]://)[^/\s:@]+:(?!{_ENV_REF_START})[^/\s@]+(?=@)")
-# `key: value` inside a line (block or flow style); the value runs to a comma, brace or comment. Compiled
-# on first use (only printing an error needs it; compiling it costs more than the rest of this module).
+# `key: value` inside a line (block or flow style); the value runs to a comma, brace or comment. A name
+# that ends a path (`cannot read '/etc/passwd': ...`) or starts a file position (`passwd:3: not valid
+# JSON`) is a file, not a key: what follows it is a message, left whole. Compiled on first use (only
+# printing an error needs it; compiling it costs more than the rest of this module).
 _SECRET_ASSIGN = r"""(?ix)
-    (?<![A-Za-z0-9_-])(?P<key>{names})
+    (?<![A-Za-z0-9_/\\-])(?P<key>{names})(?!:\d+(?::\d+)?:)
     (?P<sep>["']?\s*:\s*)
     (?P<value>{env_ref_like}|"[^"]*"|'[^']*'|[^,}}\]\s#][^,}}\]#]*)"""
 

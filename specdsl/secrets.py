@@ -11,8 +11,11 @@ redaction keep it so:
   and source excerpts hide what *looks* secret: values of secret-named keys (``api_key: ...``) and
   well-known provider key shapes (``sk-...``, ``hf_...``).
 
-A message that is cut to a length limit is redacted first and cut after, so a secret straddling the cut
-is never printed in part.
+Text from outside a run (a provider's error body, an exception's words) enters a message through one
+function, :func:`excerpt`: every resolved secret redacted by value, anything shaped like a secret
+redacted by shape, and only then cut to length, so a secret straddling the cut is never printed in part.
+Every failed request's error is redacted once more by value (:func:`redact`) where the run journals it,
+whatever backend produced it.
 
 What a secret looks like, and redaction by shape, live in the leaf :mod:`specdsl.secret_shapes` (which
 :mod:`specdsl.errors` uses); this module re-exports them.
@@ -101,6 +104,19 @@ def redact_values(text: str, secrets: Mapping[str, str] | Iterable[str | None], 
         if isinstance(value, str) and len(value) >= MIN_SECRET_LENGTH and value in text:
             text = text.replace(value, shown)
     return text
+
+
+def excerpt(text: str, secrets: Mapping[str, str] | Iterable[str | None] = (), limit: int = 300) -> str:
+    """``text`` as an error message may quote it: redacted, then cut to at most ``limit`` characters.
+
+    The one way outside text (a provider's error body, a 200 that is not JSON, an exception's message)
+    becomes part of a failure. ``secrets`` are the run's resolved values (see :func:`redact_values`);
+    redaction by shape then catches what no option held (a provider echoing a key it read elsewhere,
+    ``Authorization: Bearer ...`` in a proxy's debug page). Redacting before the cut is the point: cut
+    first, a key straddling the limit would survive in part, where nothing can recognise it any more.
+    """
+    text = redact_secrets(redact_values(text, secrets))
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "\u2026"
 
 
 def redact(text: str, options: Mapping[str, Any]) -> str:

@@ -171,7 +171,8 @@ def analyze(source: str) -> TemplateInfo:
     try:
         return _analyze(source)
     except RecursionError:  # Jinja's parser and node walks recurse: `((((...))))` thousands deep
-        raise TemplateError("template nests too deeply to check", 1) from None
+        raise TemplateError("template nests too deeply to check", 1,
+                            hint="remove the extra parentheses or brackets; split the expression in steps") from None
 
 
 def _analyze(source: str) -> TemplateInfo:
@@ -179,7 +180,9 @@ def _analyze(source: str) -> TemplateInfo:
     try:
         ast = env.parse(source)
     except TemplateSyntaxError as exc:
-        raise TemplateError(exc.message or "template syntax error", exc.lineno) from None
+        raise TemplateError(exc.message or "template syntax error", exc.lineno,
+                            hint="close each `{{` with `}}` and each `{% if %}` or `{% for %}` with its "
+                                 "`{% endif %}` or `{% endfor %}`; write a literal `{{` as {{ '{{' }}") from None
     columns: set[str] = set()
     var_names: set[str] = set()
     unsafe: list[str] = []
@@ -202,7 +205,9 @@ def _analyze(source: str) -> TemplateInfo:
         if flt.name not in known:  # Jinja itself only notices when the template is compiled
             kind = "filter" if isinstance(flt, nodes.Filter) else "test"
             close = _close(flt.name, known)
-            raise TemplateError(f"unknown {kind} '{flt.name}'" + (f" ({close})" if close else ""), flt.lineno)
+            raise TemplateError(f"unknown {kind} '{flt.name}'" + (f" ({close})" if close else ""), flt.lineno,
+                                hint=f"templates may use Jinja's built-in {kind}s and specdsl's (docs/spec.md, "
+                                     "Templates)")
         if flt.name == "attr" and flt.args and isinstance(flt.args[0], nodes.Const) \
                 and str(flt.args[0].value).startswith("_"):
             unsafe.append(str(flt.args[0].value))
@@ -218,7 +223,8 @@ def _analyze(source: str) -> TemplateInfo:
         except _NotConstant:
             pass
         except ValueError as exc:
-            raise TemplateError(str(exc), power.lineno, code="S304") from None
+            raise TemplateError(str(exc), power.lineno, code="S304",
+                                hint="use smaller numbers; a power is bounded so a template cannot hang") from None
         except Exception:  # noqa: BLE001 - e.g. a type error: the render reports it with the row
             pass
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):

@@ -30,6 +30,8 @@ message. Outcomes:
 ``401``     an authentication failure
 ``echo-auth[:N]``  a 400 whose error message quotes the request's Authorization header at character N
             of the message (default 290), as a careless provider or proxy might; for redaction tests
+``echo-headers[:STATUS]``  an error (default 400; 401 for an auth failure) whose message quotes every
+            request header, as a debugging proxy might; for redaction tests
 ``detail``  a 400 in FastAPI's shape, ``{"detail": "..."}`` (what ``transformers serve`` answers a wrong model)
 ``vllm-400`` a 400 in vLLM's shape, ``{"object": "error", "message": "...", "code": 400}``
 ``nonjson-auth``  a 200 whose body is not JSON and quotes the Authorization header (redaction tests)
@@ -37,6 +39,9 @@ message. Outcomes:
 ``drop``    close the connection without a response
 
 ``fault_fn(prompt, attempt) -> outcome | None`` overrides the script when given (``None`` = use it).
+``models``: what ``GET /v1/models`` lists (an OpenAI model list); None (the default) answers it 404, as a
+server without that route does (the client's preflight then goes ahead); ``models_status`` makes it
+answer that status instead (405, 500, ...). ``models_requests`` counts the GETs.
 ``api_key`` set: any request whose bearer token differs gets a 401 (like a provider with a bad key).
 """
 
@@ -95,7 +100,7 @@ class FakeServer:
                  faults: Sequence[str] = (), fault_fn: Callable[[str, int], str | None] | None = None,
                  retry_after: float | None = None, hang_s: float = 30.0, api_key: str | None = None,
                  host: str = "127.0.0.1", port: int = 0, log_path: str | None = None,
-                 keep_log: bool = True):
+                 keep_log: bool = True, models: Sequence[str] | None = None, models_status: int | None = None):
         self.latency = latency
         self.responder = responder or default_responder
         self.faults = list(faults)
@@ -107,6 +112,9 @@ class FakeServer:
         self.port = port
         self.log_path = log_path
         self.keep_log = keep_log  # the benchmark turns it off: 2,000 records are cheap, but why pay
+        self.models = models
+        self.models_status = models_status
+        self.models_requests = 0
         self._state = _State()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,7 +269,14 @@ class FakeServer:
     async def _handle_models(self, request):
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        with self._state.lock:
+            self.models_requests += 1
+        if self.models_status is not None:
+            return web.json_response({"error": {"message": "no model list here"}}, status=self.models_status)
+        if self.models is None:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"}
+                                                             for m in self.models]})
 
     async def _handle_stats(self, request):
         from aiohttp import web
@@ -336,6 +351,11 @@ class FakeServer:
             lead = (lead * (int(at or 290) // len(lead) + 1))[: int(at or 290)]
             quoted = request.headers.get("Authorization", "")
             return error(400, f"{lead}{quoted} (end of the headers)", "invalid_request_error")
+        if outcome.startswith("echo-headers"):
+            _, _, code = outcome.partition(":")
+            quoted = "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+            return error(int(code or 400), f"the request was refused; it carried {quoted}",
+                         "invalid_request_error")
         if outcome == "detail":
             return web.json_response({"detail": f"The model {body.get('model')!r} is not served here"},
                                      status=400)
@@ -385,11 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-s", type=float, default=30.0)
     p.add_argument("--api-key", default=None, help="require this bearer token (else 401)")
     p.add_argument("--log", default=None, help="append one JSON line per request to this file")
+    p.add_argument("--models", default=None, help="comma-separated ids GET /v1/models lists (default: 404)")
     args = p.parse_args(argv)
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     srv = FakeServer(latency=args.latency, faults=faults, retry_after=args.retry_after,
                      hang_s=args.hang_s, api_key=args.api_key, host=args.host, port=args.port,
-                     log_path=args.log, keep_log=False)
+                     log_path=args.log, keep_log=False,
+                     models=None if args.models is None else [m for m in args.models.split(",") if m])
     srv.serve_forever()
     return 0
 

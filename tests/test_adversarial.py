@@ -214,6 +214,19 @@ def test_a_file_outside_the_spec_folder_is_never_quoted(tmp_path, how):
         shown = "\n".join(e.render() if hasattr(e, "render") else str(e) for e in errors)
         shown += "\n".join(str(e.hint) for e in errors)
         assert "SECRET-CONTENT" not in shown and "/bin/bash" not in shown, shown
+        # The reason is shown whole: redaction hides secret values, not a file that happens to be named
+        # like a secret-holding key ("passwd").
+        assert "***" not in shown, shown
+        assert ("outside the spec's folder" if fmt == "csv" else ":1: not valid JSON") in shown, shown
+
+
+@pytest.mark.parametrize("text", ["cannot read '/etc/passwd': a reason", "cannot read '../x/password': why",
+                                  r"cannot read 'C:\keys\api_key': why", "at /srv/secret: gone"])
+def test_a_path_named_like_a_secret_key_is_not_redacted(text):
+    from specdsl.errors import redact_secrets
+
+    assert redact_secrets(text) == text
+    assert redact_secrets("password: hunter22, passwd: 'x1'") == "password: ***, passwd: ***"
 
 
 def test_plain_columns_of_a_data_file_outside_the_folder_still_check(tmp_path):

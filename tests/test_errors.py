@@ -63,8 +63,10 @@ def check(exc: SpecErrors, code: str, line: int, col: int, message: str, *, hint
     err = exc.errors[index]
     assert (err.code, err.pos.file, err.pos.line, err.pos.col) == (code, "s.yaml", line, col), exc.render()
     assert message in err.message, err.message
+    # Every error says what to do about it (issue 14: a fifth of them did not).
+    assert err.hint and err.hint.strip(), f"error[{code}] has no hint: {err.message}"
     if hint is not None:
-        assert err.hint is not None and hint in err.hint, err.hint
+        assert hint in err.hint, err.hint
     printed = exc.render()
     block = err.render(exc.sources.get("s.yaml"))
     assert block in printed
@@ -780,6 +782,21 @@ def test_schema_errors_are_all_reported_in_file_order(workdir):
     assert exc.codes == ["S104", "S103", "S104", "S208"]
     lines = [e.pos.line for e in exc.errors]
     assert lines == sorted(lines)
+
+
+@pytest.mark.parametrize("code", sorted(CODES))
+def test_every_code_has_a_hint_even_when_its_producer_gives_none(code):
+    """Every error says what to do: ``check`` above asserts it for each error the tests produce, and an
+    error whose producer gives no hint (a third-party op's check) gets its code's."""
+    from specdsl.errors import DEFAULT_HINTS, ErrorSink
+
+    assert set(DEFAULT_HINTS) == set(CODES)
+    sink = ErrorSink()
+    sink.add(code, "something is wrong")
+    assert sink.errors[0].hint == DEFAULT_HINTS[code] and len(DEFAULT_HINTS[code]) > 20
+    assert f"  hint: {DEFAULT_HINTS[code]}" in sink.errors[0].render()
+    sink.add(code, "something is wrong", hint="do this")
+    assert sink.errors[1].hint == "do this"
 
 
 def test_every_code_has_a_test():

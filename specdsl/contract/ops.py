@@ -107,9 +107,9 @@ class CheckContext:
                 if close and close.startswith("did you mean"):
                     hint = f"{close} (columns here: {', '.join(cols)})"
             elif err.code == "S303":
-                hint = "templates see `row`, `vars` and the names under `vars:`"
+                hint = hint or "templates see `row`, `vars` and the names under `vars:`"
             elif err.code == "S304":
-                hint = "templates may not reach private attributes"
+                hint = hint or "templates may not reach private attributes"
             pos = self.pos_of(*keys)
             if err.lineno and err.lineno > 1 and "\n" in text:
                 pos = SourcePos(pos.file, pos.line + err.lineno, pos.col)

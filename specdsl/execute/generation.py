@@ -7,15 +7,20 @@ commits it at once while answers arrive slowly and in small groups when they arr
 transaction per few dozen answers, not per answer). Killing the process at any moment loses at most
 the requests that were in flight plus the answers of the last ~10 ms; ``run_requests`` returns (or
 raises) only once every answer is committed.
+
+It is also where every failed request's error is redacted of the run's resolved secrets (the key, a
+``${env:...}`` header), whatever the backend: nothing after it (the journal's failures table, the run
+summary, run.json, report.html, a --fail-fast error) sees a message that quotes one.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
+from specdsl import secrets
 from specdsl.errors import RunError
 from specdsl.contract.hookspecs import GenerationBackend, GenRequest, GenResult
 from specdsl.execute.journal import JournalWriter
@@ -71,6 +76,7 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
     first_failure: list[GenResult] = []
     caller_errors: list[BaseException] = []
     todo_keys = {r.key for r in todo}
+    known_secrets = secrets.resolved_secrets(options)  # value -> the variable it came from
 
     def event(last: GenResult | None) -> GenerationProgress:
         elapsed = time.monotonic() - t0
@@ -82,6 +88,8 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
             requests_per_s=new / elapsed if elapsed > 0 else 0.0, last=last)
 
     def on_result(res: GenResult) -> None:
+        if res.error is not None and known_secrets:
+            res = replace(res, error=secrets.redact_values(res.error, known_secrets))
         with lock:
             if res.key not in todo_keys:
                 return  # a key we did not ask for (a confused backend): never journal it
@@ -128,7 +136,9 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
             if first_failure:
                 raise _fail_fast_error(first_failure[0], unique[first_failure[0].key]) from exc
             raise RunError(f"generation backend {getattr(backend, 'name', backend)!r} failed: "
-                           f"{type(exc).__name__}: {exc}") from exc
+                           f"{type(exc).__name__}: {secrets.excerpt(str(exc), known_secrets, 2000)}",
+                           hint="a bug in the backend, or a fault it did not classify: rerun to resume (every "
+                                "answer received is journaled)") from exc
         finally:
             writer.close()  # every answer received is durable before the caller hears of the outcome
     if first_failure:

@@ -149,7 +149,8 @@ class Services:
 
             tok = AutoTokenizer.from_pretrained(path)
             if not getattr(tok, "is_fast", False):
-                raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets")
+                raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets",
+                               hint="use a model whose folder has a tokenizer.json (a fast tokenizer)")
             self._tokenizers[path] = tok
         return self._tokenizers[path]
 
@@ -195,8 +196,8 @@ class Services:
         rows_of: dict[str, str] = {}
         for r in requests:
             rows_of.setdefault(r.key, r.row_id or r.key[:12])
-        failures = [(rows_of.get(k, k[:12]), secrets.redact(str(res.error), resolved))
-                    for k, res in results.items() if not res.ok]
+        # Errors come redacted of the resolved secrets from run_requests (the one place that does it).
+        failures = [(rows_of.get(k, k[:12]), str(res.error)) for k, res in results.items() if not res.ok]
         with self._lock:
             if requests and not _priced(backend, resolved):
                 stats.cost_unknown = True

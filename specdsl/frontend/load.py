@@ -33,6 +33,23 @@ _ALLOWED_TAGS = {
 KeyPath = tuple[str | int, ...]
 # Plain scalars PyYAML (YAML 1.1) leaves as strings but YAML 1.2 reads as floats: exponents without a dot.
 _EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+# Hints shared by several errors.
+_FLATTEN = "a spec needs only a few levels of nesting: flatten the data, or move it into a source file"
+_PLAIN_KEYS = "write each key as a plain name (`name:`), not a list, mapping or `? ` complex key"
+
+
+def _syntax_hint(problem: str, context: str | None) -> str:
+    """What to do about a YAML syntax error, from the parser's words."""
+    if "mapping values are not allowed" in problem:
+        return "a value that holds `: ` needs quotes (user: \"Q: {{ row.q }}\"), and a key its own line"
+    if "could not find expected ':'" in problem:
+        return "each line of a mapping is `key: value`; check the indentation and any quote left open"
+    if "found character '\\t'" in problem:
+        return "indent with spaces; YAML does not allow tabs"
+    if "found undefined alias" in problem:
+        return "define the anchor (`&name`) before its alias (`*name`)"
+    where = f" (while {context.replace('while ', '', 1)})" if context else ""
+    return f"check the indentation, quotes and brackets near here{where}"
 
 
 @dataclass(frozen=True)
@@ -99,7 +116,8 @@ def read_text(path: Path, display: str | None = None) -> str:
         with Path(path).open("rb") as fh:
             raw = fh.read(MAX_FILE_BYTES + 1)  # never read more than the limit of a hostile file
     except OSError as exc:
-        sink.add("S006", f"cannot read spec file: {exc.strerror or exc}", SourcePos(display, 1, 1))
+        sink.add("S006", f"cannot read spec file: {exc.strerror or exc}", SourcePos(display, 1, 1),
+                 hint="give the path of a readable YAML file (not a folder)")
         raise SpecErrors(sink.errors)
     if len(raw) > MAX_FILE_BYTES:
         size = Path(path).stat().st_size
@@ -161,7 +179,7 @@ def load_yaml_text(text: str, file: str) -> LoadedDoc:
         pos = _mark_pos(file, mark, lines) if mark else SourcePos(file, 1, 1)
         problem = exc.problem or "invalid YAML"
         if "nesting depth" in problem:  # libyaml's own depth guard fired before our pre-scan
-            sink.add("S007", f"the document nests too deeply ({problem})", pos)
+            sink.add("S007", f"the document nests too deeply ({problem})", pos, hint=_FLATTEN)
         else:
             opened = _unclosed_quote(text, exc)
             if opened is not None:
@@ -173,8 +191,7 @@ def load_yaml_text(text: str, file: str) -> LoadedDoc:
                          hint="close the quote on this line (a quote inside the string is doubled: 'it''s', "
                               "or escaped: \"say \\\"hi\\\"\")")
             else:
-                sink.add("S001", f"YAML syntax error: {problem}", pos,
-                         hint=exc.context.replace("while ", "", 1) if exc.context else None)
+                sink.add("S001", f"YAML syntax error: {problem}", pos, hint=_syntax_hint(problem, exc.context))
         raise SpecErrors(sink.errors, sources)
     except yaml.YAMLError as exc:  # reader errors (control characters) carry a character index instead
         index = getattr(exc, "position", 0) or 0
@@ -185,16 +202,18 @@ def load_yaml_text(text: str, file: str) -> LoadedDoc:
                  hint="remove control characters; specs are plain UTF-8 text")
         raise SpecErrors(sink.errors, sources)
     except RecursionError:
-        sink.add("S007", "the document is too deeply nested", SourcePos(file, 1, 1))
+        sink.add("S007", "the document is too deeply nested", SourcePos(file, 1, 1), hint=_FLATTEN)
         raise SpecErrors(sink.errors, sources)
 
     nodes = [n for n in nodes if n is not None]
     if not nodes:
-        sink.add("S005", "the spec file holds no YAML document", SourcePos(file, 1, 1))
+        sink.add("S005", "the spec file holds no YAML document", SourcePos(file, 1, 1),
+                 hint="a spec starts with `specdsl: 1`, then `name:`, `sources:` and `steps:` (see specs/ for examples)")
         raise SpecErrors(sink.errors, sources)
     if len(nodes) > 1:
         sink.add("S001", "a spec file holds exactly one YAML document; found several (`---`)",
-                 SourcePos(file, nodes[1].start_mark.line + 1, 1))
+                 SourcePos(file, nodes[1].start_mark.line + 1, 1),
+                 hint="remove the `---` line; put each further spec in a file of its own")
     builder = _Builder(file, sink)
     try:
         data = builder.build(nodes[0], ())
@@ -242,7 +261,8 @@ class _Builder:
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
         if len(path) > MAX_DEPTH:  # only reachable through (recursive) aliases; the pre-scan bounds the rest
             self.sink.add("S007", f"aliases expand deeper than {MAX_DEPTH} levels (a recursive alias?)",
-                          _mark_pos(self.file, node.start_mark))
+                          _mark_pos(self.file, node.start_mark),
+                          hint="an alias must not point into the mapping that holds it; write the values out")
             raise _TooLarge
         self.budget -= 1
         if self.budget < 0:
@@ -279,7 +299,7 @@ class _Builder:
         try:
             value = self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
-            self.sink.add("S105", f"invalid scalar: {exc}", pos)
+            self.sink.add("S105", f"invalid scalar: {exc}", pos, hint="quote the value to keep it as text")
             return None
         if node.tag == "tag:yaml.org,2002:timestamp":
             return node.value  # keep dates as written; specs never need datetime objects
@@ -306,12 +326,12 @@ class _Builder:
                 continue
             key_pos = _mark_pos(self.file, key_node.start_mark)
             if not isinstance(key_node, yaml.ScalarNode):
-                self.sink.add("S102", "mapping keys must be plain scalars", key_pos)
+                self.sink.add("S102", "mapping keys must be plain scalars", key_pos, hint=_PLAIN_KEYS)
                 continue
             key = self.build(key_node, path + ("<key>",))
             self.value_pos.pop(path + ("<key>",), None)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
-                self.sink.add("S102", "mapping keys must be plain scalars", key_pos)
+                self.sink.add("S102", "mapping keys must be plain scalars", key_pos, hint=_PLAIN_KEYS)
                 continue
             # YAML 1.1 reads plain keys like `on`, `yes`, `no` and `null` as booleans/None; a key is a
             # name, so keep what the user wrote (`on: heldout` means the key "on").

@@ -83,7 +83,7 @@ def _step_decls(doc: LoadedDoc, i: int, raw: Mapping[str, Any], registry: Any, s
         return expanded
     if "with" in raw:
         sink.add("S104", "`with:` belongs to recipe steps (`use:`)", doc.pos(("steps", i, "with"), key=True),
-                 ("steps", i, "with"))
+                 ("steps", i, "with"), hint="name the recipe with `use:`, or move these parameters under the op's key")
     if len(op_keys) != 1:
         where = doc.pos(("steps", i))
         if not op_keys:
@@ -182,7 +182,9 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
     try:
         produced = recipe.expand(raw["id"], params)
     except ValueError as exc:  # a recipe's own rule about its parameters
-        sink.add("S211", f"recipe '{name}': {exc}", doc.pos(("steps", index, "use")), ("steps", index, "with"))
+        sink.add("S211", f"recipe '{name}': {exc}", doc.pos(("steps", index, "use")), ("steps", index, "with"),
+                 hint=f"change the parameters under `with:` as the message says (`specdsl schema` lists "
+                      f"what '{name}' takes)")
         return None
     except Exception as exc:  # noqa: BLE001 - a plugin's recipe must not crash the compiler
         sink.add("S211", f"recipe '{name}' failed to expand: {exc!r}", doc.pos(("steps", index, "use")),
@@ -191,14 +193,17 @@ def _expand(doc: LoadedDoc, index: int, raw: Mapping[str, Any], registry: Any, s
     if not isinstance(produced, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str)
                                                  for s in produced):
         sink.add("S211", f"recipe '{name}' expanded to something that is not a list of steps with ids",
-                 doc.pos(("steps", index, "use")), ("steps", index))
+                 doc.pos(("steps", index, "use")), ("steps", index),
+                 hint=f"a bug in the plugin that provides it ({type(recipe).__module__}); report it there")
         return None
     out = []
     for step in produced:
         op_keys = [k for k in step if k not in _STEP_KEYS + ("note",)]
         if len(op_keys) != 1 or op_keys[0] not in registry.step_ops():
             sink.add("S211", f"recipe '{name}' produced an invalid step {step.get('id')!r} (ops: {op_keys})",
-                     doc.pos(("steps", index, "use")), ("steps", index))
+                     doc.pos(("steps", index, "use")), ("steps", index),
+                     hint=f"a bug in the plugin that provides it ({type(recipe).__module__}), or an op it needs is "
+                          "not installed (`specdsl plugins`)")
             return None
         note = step.get("note")
         out.append(StepDecl(step["id"], op_keys[0], step[op_keys[0]], ("steps", index), recipe=name,

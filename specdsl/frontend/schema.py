@@ -273,7 +273,7 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
                 hint = close if close and close.startswith("did") else f"installed ops: {', '.join(ops)}"
                 yield "S208", f"unknown op '{extra}'", path + (extra,), True, hint
             else:
-                hint = did_you_mean(extra, sorted(allowed))
+                hint = did_you_mean(extra, sorted(allowed)) or f"{where} takes no keys; remove it"
                 yield "S104", f"unknown key '{extra}'", path + (extra,), True, hint
         return
     if v == "required":
@@ -281,7 +281,7 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
         for key in missing:
             # A list item (a step) has no key to point at: point at the item itself, not at the list's key.
             on_key = bool(path) and not isinstance(path[-1], int)
-            yield "S101", f"missing required key '{key}' in {where}", path, on_key, None
+            yield "S101", f"missing required key '{key}' in {where}", path, on_key, _required_hint(key, schema)
         return
     if v == "enum" and len(path) == 3 and path[0] == "models" and path[2] == "backend":
         yield "S207", f"unknown backend {err.instance!r}", path, False, \
@@ -297,7 +297,8 @@ def _translate(err: Any, path: tuple, doc: LoadedDoc, registry: Any):
     if isinstance(unknown, Mapping):
         # A name from the registry (a probe, a training target): the fragment says which error code it gets.
         yield unknown["code"], f"unknown {unknown['what']} {err.instance!r}", path, False, \
-            did_you_mean(str(err.instance), [str(x) for x in schema.get("enum", [])])
+            did_you_mean(str(err.instance), [str(x) for x in schema.get("enum", [])]) or \
+            f"no {unknown['what']} is installed (`specdsl plugins` lists what is)"
         return
     if v == "const" and path and path[-1] == "backend":
         return  # an if/then branch for another backend; the enum check reports unknown ones
@@ -333,7 +334,8 @@ def _translate_plain(err: Any, path: tuple, schema: Mapping[str, Any], prefix: b
         expected = schema.get("type")
         expected = " or ".join(expected) if isinstance(expected, list) else expected
         subject = where if prefix else "it"
-        yield "S102", f"{subject} must be {_article(expected)}, not {_json_type(err.instance)}", path, False, None
+        yield "S102", f"{subject} must be {_article(expected)}, not {_json_type(err.instance)}", path, False, \
+            _type_hint(expected, err.instance)
         return
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems",
              "maxItems", "enum", "const", "pattern", "uniqueItems", "multipleOf", "minProperties", "maxProperties"):
@@ -346,12 +348,60 @@ def _translate_plain(err: Any, path: tuple, schema: Mapping[str, Any], prefix: b
                 hint = f"{close} {hint}"
         elif v == "pattern":
             hint = f"it must match {schema.get('pattern')}"
+        else:
+            hint = _limit_hint(v, schema)
         yield "S103", (f"{where}: " if prefix else "") + _short(err.message), path, False, hint
         return
     if v == "propertyNames":
         yield "S105", f"invalid name under {where}: {_short(err.message)}", path, False, f"names match {ID_PATTERN}"
         return
-    yield "S105", f"{where}: {_short(err.message)}", path, False, None
+    description = schema.get("description")
+    yield "S105", f"{where}: {_short(err.message)}", path, False, \
+        f"expected: {_short(description)}" if isinstance(description, str) and description else \
+        "`specdsl schema` prints what each key takes"
+
+
+def _required_hint(key: str, schema: Mapping[str, Any]) -> str:
+    """``add `key: ...```, with what the key means when the schema says."""
+    prop = (schema.get("properties") or {}).get(key)
+    description = prop.get("description") if isinstance(prop, dict) else None
+    first = description.split(". ")[0].rstrip(".") if isinstance(description, str) else ""
+    return f"add `{key}: ...`" + (f" ({_short(first)})" if first else "")
+
+
+def _type_hint(expected: Any, instance: Any) -> str:
+    if expected in ("integer", "number") and isinstance(instance, str):
+        return "write the number without quotes (quoted, YAML reads it as text)"
+    if expected == "string" and isinstance(instance, (int, float, bool)):
+        return "quote the value to make it text"
+    if expected == "array":
+        return "write a list: [a, b] or one `- item` per line"
+    if expected == "object":
+        return "write a mapping: {key: value} or one `key: value` per line"
+    return f"write {_article(str(expected))} here"
+
+
+def _limit_hint(validator_name: str, schema: Mapping[str, Any]) -> str:
+    """What the value may be, from the schema's limits."""
+    lo = schema.get("minimum", schema.get("exclusiveMinimum"))
+    hi = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if validator_name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        low = "" if lo is None else f"{'>' if 'exclusiveMinimum' in schema else '>='} {lo}"
+        high = "" if hi is None else f"{'<' if 'exclusiveMaximum' in schema else '<='} {hi}"
+        return f"use a value {' and '.join(x for x in (low, high) if x)}"
+    if validator_name in ("minLength", "maxLength"):
+        return f"use {schema.get('minLength', 0)} to {schema.get('maxLength', 'any number of')} characters"
+    if validator_name in ("minItems", "maxItems"):
+        return f"list {schema.get('minItems', 0)} to {schema.get('maxItems', 'any number of')} items"
+    if validator_name in ("minProperties", "maxProperties"):
+        return f"give {schema.get('minProperties', 0)} to {schema.get('maxProperties', 'any number of')} entries"
+    if validator_name == "const":
+        return f"the only value allowed here is {schema.get('const')!r}"
+    if validator_name == "uniqueItems":
+        return "remove the repeated items"
+    if validator_name == "multipleOf":
+        return f"use a multiple of {schema.get('multipleOf')}"
+    return "`specdsl schema` prints what each key takes"
 
 
 def _short(message: str) -> str:

@@ -98,8 +98,13 @@ def lower(spec: Spec, registry: Any, *, identities: bool = True) -> Plan:
                 unknown_columns.add(name)
             except Exception as exc:  # noqa: BLE001 - whatever a reader raises, it is this file's problem
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                # Readers start with the file's name ("rows.parquet: not a readable ..."), which the message
+                # names already; dropped, a file named like a secret key reads as no `passwd: value`.
+                reason = reason.removeprefix(f"{path.name}: ")
                 sink.add("S405", f"source '{name}': cannot read '{src.path}': {reason}",
-                         spec.pos(src.key_path + ("path",)), src.key_path + ("path",))
+                         spec.pos(src.key_path + ("path",)), src.key_path + ("path",),
+                         hint=f"check the file and its format (read as {src.format}; `format:` sets it), or "
+                              "declare the source's `columns:` to check the spec without reading it")
                 cols = ()
                 unknown_columns.add(name)
         if src.id_column and cols and src.id_column not in cols:

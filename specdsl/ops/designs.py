@@ -131,7 +131,8 @@ class PamOp(StepOp):
                     pattern=p.get("pattern"), pam=p.get("mask", True), fmt=fmt, system=p.get("system"),
                     into=p.get("into", "messages"))
             except ValueError as exc:
-                raise RunError(f"row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+                raise RunError(f"row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="check this row's values in the step's input (`specdsl inspect`)") from None
             if new is not None:  # rows without a usable (correct) correction cannot make a sample
                 out.append(new)
         return out
@@ -241,7 +242,8 @@ class InterleaveOp(StepOp):
         p = ctx.params
         lo, hi = p.get("min_tokens"), p.get("max_tokens")
         if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
-            ctx.error("S401", f"min_tokens ({lo}) must be <= max_tokens ({hi})", "min_tokens")
+            ctx.error("S401", f"min_tokens ({lo}) must be <= max_tokens ({hi})", "min_tokens",
+                      hint=f"lower min_tokens or raise max_tokens (e.g. min_tokens: {hi}, max_tokens: {lo})")
         ctx.column(p.get("key", "segment"), "key" if "key" in p else "from")
         ctx.column(p.get("question", "question"), "question" if "question" in p else "from")
         ctx.column(p.get("answer", "answer"), "answer" if "answer" in p else "from")

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-from specdsl.errors import RunError
+from specdsl.errors import RunError, did_you_mean
 from specdsl import templates
 from specdsl.tables import summary_table as _table
 from specdsl.probes.rows import parsed_answer, position_rows, prompt_text, write_probe_rows
@@ -266,7 +266,9 @@ class PositionProbe:
                                              n_buckets=settings["buckets"], per_bucket=settings["per_bucket"],
                                              seed=p.get("seed", 0), count_tokens=count)
             except ValueError as exc:
-                raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id) from None
+                raise RunError(f"position probe ({task}): {exc}", node=ctx.node_id,
+                               hint="change the probe's parameters (context_tokens, buckets, per_bucket) as the "
+                                    "message says") from None
             for model in ctx.models:
                 answers = ctx.answer(model, [it.prompt() for it in items], condition=task)
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
@@ -379,7 +381,8 @@ class EvaluateOp(StepOp):
                                    f"({type(probes[name]).__module__}); report it there")
             if name in ("accuracy", "self_correction"):
                 if "on" not in ctx.params:
-                    ctx.error("S101", f"probe '{name}' needs rows: add `on:` (a step or source)", "probes", i)
+                    ctx.error("S101", f"probe '{name}' needs rows: add `on:` (a step or source)", "probes", i,
+                              hint="e.g. on: heldout (the step or source whose rows it asks about)")
                 else:
                     for key, default in DEFAULT_COLUMNS.items():
                         ctx.column(probe.get(key, default), "probes", i, key if key in probe else "probe",
@@ -389,7 +392,9 @@ class EvaluateOp(StepOp):
                              columns=ctx.inputs.get("on", ()))
                 model = cond.get("model")
                 if isinstance(model, str) and model not in ctx.models:
-                    ctx.error("S201", f"unknown model '{model}'", "probes", i, "conditions", j, "model")
+                    ctx.error("S201", f"unknown model '{model}'", "probes", i, "conditions", j, "model",
+                              hint=did_you_mean(model, ctx.models) or "define it under `models:` (or train it in "
+                                                                       "a step and name that step)")
                 elif isinstance(model, str) and model not in (ctx.params.get("models") or []):
                     # `models:` is what the node depends on: its fingerprint (a changed model re-runs the
                     # evaluation) and its order (a trained model is trained first). A model only a condition

@@ -52,18 +52,22 @@ class FilterOp(StepOp):
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         p = ctx.params
         if not p.get("match") and not p.get("where"):
-            ctx.error("S101", "filter needs `match:` or `where:`")
+            ctx.error("S101", "filter needs `match:` or `where:`",
+                      hint="keep rows where a template is true (where: \"{{ row.score > 3 }}\"), or where a "
+                           "column matches the gold answer (match: {field: ..., gold: ...})")
         m = p.get("match") or {}
         if m:
             ctx.column(m.get("field"), "match", "field")
             ctx.column(m.get("gold"), "match", "gold")
             if m.get("rule") == "regex":
                 if not m.get("pattern"):
-                    ctx.error("S101", "rule: regex needs `pattern:`", "match")
+                    ctx.error("S101", "rule: regex needs `pattern:`", "match",
+                              hint="add the regular expression: pattern: \"\\\\d+\"")
                 else:
                     problem = templates.regex_problem(m["pattern"])  # bad, or exponential on a near-miss
                     if problem:
-                        ctx.error("S105", problem, "match", "pattern")
+                        ctx.error("S105", problem, "match", "pattern",
+                                  hint="fix the pattern; avoid repeating a group that holds `+` or `*`")
         if p.get("into"):
             return tuple(ctx.columns) + (p["into"],)
         return ctx.columns
@@ -105,7 +109,9 @@ class FilterOp(StepOp):
                 if verdict and p.get("where"):
                     verdict = is_truthy(templates.render(p["where"], row, ctx.vars))
             except Exception as exc:  # noqa: BLE001
-                raise RunError(f"filter failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+                raise RunError(f"filter failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="fix the template for rows like this one (a `{% if %}` or `| default(...)` handles "
+                                    "a missing or empty value)") from None
             if p.get("into"):
                 out.append({**row, p["into"]: verdict})
             elif verdict == want:

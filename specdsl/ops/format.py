@@ -29,10 +29,14 @@ class FormatOp(StepOp):
         wrong = ("prompt", "completion") if to == "chat" else ("system", "user", "assistant")
         for key in need:
             if key not in p:
-                ctx.error("S101", f"format to {to} needs `{key}:`")
+                column = "question" if key in ("user", "prompt") else "answer"
+                ctx.error("S101", f"format to {to} needs `{key}:`",
+                          hint=f"add `{key}:` (a template, e.g. {key}: \"{{{{ row.{column} }}}}\")")
         for key in wrong:
             if key in p:
-                ctx.error("S401", f"`{key}:` does not apply to format to {to}", key, key=True)
+                ctx.error("S401", f"`{key}:` does not apply to format to {to}", key, key=True,
+                          hint=f"format to {to} takes {', '.join(f'`{k}:`' for k in need)}"
+                               + (" (and `system:`)" if to == "chat" else "") + "; remove it or change `to:`")
         cols = [c for c in ctx.columns if c not in ("messages", "prompt", "completion")]
         return tuple(cols) + (("messages",) if to == "chat" else ("prompt", "completion"))
 
@@ -75,6 +79,8 @@ class FormatOp(StepOp):
                     new["prompt"] = templates.render(p["prompt"], row, ctx.vars)
                     new["completion"] = templates.render(p["completion"], row, ctx.vars)
             except Exception as exc:  # noqa: BLE001
-                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="fix the template for rows like this one (a `{% if %}` or `| default(...)` handles "
+                                    "a missing or empty value)") from None
             out.append(new)
         return out

@@ -79,7 +79,8 @@ class GenerateOp(StepOp):
         if not p.get("user") and not p.get("messages"):
             ctx.error("S101", "generate needs `user:` (a template) or `messages:`", hint="e.g. user: \"{{ row.question }}\"")
         if p.get("messages") and (p.get("user") or p.get("system")):
-            ctx.error("S401", "give either `messages:` or `system:`/`user:`, not both", "messages")
+            ctx.error("S401", "give either `messages:` or `system:`/`user:`, not both", "messages",
+                      hint="`messages:` is the whole conversation; with it, put the system and user turns in it")
         for i, m in enumerate(p.get("messages") or []):
             ctx.template(m.get("content"), "messages", i, "content")
         into = p.get("into", "response")

@@ -50,6 +50,8 @@ class MapOp(StepOp):
                     new[name] = templates.render(text, row, ctx.vars)
                 except Exception as exc:  # noqa: BLE001
                     raise RunError(f"column '{name}': template failed on row id={row.get('id')!r}: {exc}",
-                                   node=ctx.node_id) from None
+                                   node=ctx.node_id,
+                                   hint="fix the template for rows like this one (a `{% if %}` or `| default(...)` "
+                                        "handles a missing or empty value)") from None
             out.append(new)
         return out

@@ -170,4 +170,5 @@ def record_summary(folder: Path, record: Mapping[str, Any], kind: str) -> dict[s
 
 
 def run_error(exc: OSError, folder: Path, node: str) -> RunError:
-    return RunError(f"cannot write to {folder}: {exc.strerror or exc}", node=node)
+    return RunError(f"cannot write to {folder}: {exc.strerror or exc}", node=node,
+                    hint="check that the folder is writable and the disk has room, or change the step's `path:`")

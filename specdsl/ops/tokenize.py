@@ -52,7 +52,9 @@ class TokenizeOp(StepOp):
                     sample = render_prompt_completion(tokenizer, row["prompt"], row["completion"])
                 enc = tokenize_with_mask(tokenizer, sample, max_length=p.get("max_length"))
             except (TemplateMaskError, ValueError, KeyError) as exc:
-                raise RunError(f"cannot tokenize row id={row.get('id')!r}: {exc}", node=ctx.node_id) from None
+                raise RunError(f"cannot tokenize row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="check the format step's output for this row (its messages or prompt and "
+                                    "completion)") from None
             new: dict[str, Any] = {
                 "id": row.get("id"), "input_ids": enc["input_ids"], "labels": enc["labels"],
                 "n_tokens": enc["num_tokens"], "n_trained": enc["num_trained_tokens"], "text": sample.text,

@@ -416,7 +416,8 @@ def _records(path: Path, fmt: str, limit: int | None, display: str) -> Iterator[
                     continue
                 row = parse_json_line(line, lineno, display, _line_error)
                 if not isinstance(row, dict):
-                    raise RunError(f"{display}:{lineno}: each line must be a JSON object, not {type(row).__name__}")
+                    raise RunError(f"{display}:{lineno}: each line must be a JSON object, not {type(row).__name__}",
+                                   hint='write one object per line: {"id": "a", "question": "..."}')
                 yield row
                 count += 1
                 if limit and count >= limit:
@@ -428,10 +429,12 @@ def _records(path: Path, fmt: str, limit: int | None, display: str) -> Iterator[
             try:
                 rows = _json_rows(fh, limit)
             except (JsonSyntaxError, json.JSONDecodeError) as exc:
-                raise RunError(f"{display}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+                raise RunError(f"{display}:{exc.lineno}: malformed JSON ({exc.msg})",
+                               hint="fix the JSON at that line (or write the data as JSON Lines)") from None
             except NotAListOfObjects as exc:
                 where = f":{exc.lineno}" if exc.lineno else ""
-                raise RunError(f"{display}{where}: a JSON source must be a list of objects") from None
+                raise RunError(f"{display}{where}: a JSON source must be a list of objects",
+                               hint='write [{"id": "a", ...}, ...], or one object per line as .jsonl') from None
         yield from rows
     elif fmt == "parquet":
         yield from _parquet_records(path, limit, display)

@@ -12,6 +12,7 @@ The package, one concern a module
 ``limiter``     concurrency / rpm / tpm admission, Retry-After pauses
 ``transports``  ``litellm`` (any provider) or ``direct`` (one aiohttp session, OpenAI wire format); how
                 ``transport: auto`` picks one
+``preflight``   one ``GET {api_base}/models`` before a batch: a dead server or an unknown model, early
 ``pricing``     per-token prices from litellm's local cost map
 ``loader``      the one ``import litellm`` (offline, quiet)
 
@@ -36,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 from specdsl.backends.litellm.engine import Engine
 from specdsl.backends.litellm.limiter import RequestLimiter
 from specdsl.backends.litellm.options import DEFAULTS, OPTIONS_SCHEMA, Settings, check_options
+from specdsl.backends.litellm.preflight import run_checked
 from specdsl.backends.litellm.pricing import PriceTable, cost, cost_map_prices
 from specdsl.backends.litellm.transports import (LiteLLMTransport, direct_transport, resolve_transport,
                                                  self_hosted_model, self_hosted_transport)
@@ -161,7 +163,8 @@ class LiteLLMBackend:
             engine.send = transport.send
             engine_ref.append(engine)
             async with transport:
-                await engine.run(requests)
+                await run_checked(engine, s, requests, provider=s.model.partition("/")[0], model_name=self_hosted,
+                                  headers=transport.headers, on_result=on_result)
             return
         prices = self._prices.per_token(s.model)
 
@@ -179,5 +182,11 @@ class LiteLLMBackend:
                         self._limiter)
         engine_ref.append(engine)
         async with transport:
-            await engine.run(requests)
+            await run_checked(engine, s, requests, provider=provider, model_name=model_name,
+                              headers=getattr(transport, "headers", None) or _auth_headers(s), on_result=on_result)
+
+
+def _auth_headers(s: Settings) -> dict[str, str]:
+    """The headers a request through litellm would carry to an OpenAI-compatible server."""
+    return {**s.extra_headers, **({"Authorization": f"Bearer {s.api_key}"} if s.api_key else {})}
 

@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from specdsl.backends.litellm.limiter import RequestLimiter, estimate_tokens
 from specdsl.backends.litellm.options import Settings
 from specdsl.contract.hookspecs import GenRequest, GenResult
-from specdsl.secrets import redact_values
+from specdsl.secrets import excerpt, redact_values
 
 # Retry policy constants (the knobs users need are options; these are the safety rails).
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -200,7 +200,7 @@ class Engine:
                 except Failure:
                     raise
                 except Exception as exc:  # unforeseen (a response litellm cannot parse): fail this one
-                    raise Failure(f"{type(exc).__name__}: {redact_values(str(exc), s.secrets)[:300]}",
+                    raise Failure(f"{type(exc).__name__}: {excerpt(str(exc), s.secrets)}",
                                   retryable=False) from None
                 used = in_tok + out_tok
             except Failure as f:

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "concurrency": 16,
     "transport": "auto",
     "drop_params": False,
+    "preflight": True,
 }
 
 OPTIONS_SCHEMA: dict[str, Any] = {
@@ -87,12 +88,20 @@ OPTIONS_SCHEMA: dict[str, Any] = {
         },
         "extra_headers": {
             "type": "object", "additionalProperties": {"type": "string"},
-            "description": "Extra HTTP headers sent with every request. Values must not be secrets.",
+            "description": "Extra HTTP headers sent with every request. A credential header's value is a "
+                           "secret reference (`${env:NAME}`), never written inline.",
         },
         "drop_params": {
             "type": "boolean",
             "description": "Drop sampling parameters the model does not support instead of failing "
                            "(litellm's drop_params). Default: false.",
+        },
+        "preflight": {
+            "type": "boolean",
+            "description": "Before a step's requests go to a self-hosted server (an `api_base` with "
+                           "`openai/`, `hosted_vllm/` or `custom_openai/`), one `GET {api_base}/models`: a "
+                           "server that cannot be reached fails the step at once, and a model the server "
+                           "does not list is tried with one request before the rest. Default: true.",
         },
         "transport": {
             "enum": ["auto", "direct", "litellm"],
@@ -126,6 +135,7 @@ class Settings:
     transport: str
     # Every secret value these settings hold, redacted from messages. Neither it nor the key is in repr().
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    preflight: bool = True               # GET {api_base}/models before a batch (see preflight.py)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Settings":
@@ -148,6 +158,7 @@ class Settings:
             retry_backoff_s=float(o["retry_backoff_s"]), concurrency=max(1, int(o["concurrency"])),
             rpm=o.get("rpm"), tpm=o.get("tpm"), extra_headers=dict(o.get("extra_headers") or {}),
             drop_params=bool(o["drop_params"]), transport=str(o["transport"]), secrets=secrets,
+            preflight=bool(o["preflight"]),
         )
 
 

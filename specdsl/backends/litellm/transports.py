@@ -35,7 +35,7 @@ from specdsl.backends.litellm.engine import AUTH_STATUS, RETRYABLE_STATUS, Failu
 from specdsl.backends.litellm.loader import import_litellm
 from specdsl.backends.litellm.options import OPENAI_WIRE_PROVIDERS, Settings
 from specdsl.contract.hookspecs import GenRequest
-from specdsl.secrets import redact_values
+from specdsl.secrets import excerpt
 
 
 def error_detail(raw: bytes, secrets: Sequence[str]) -> str:
@@ -43,15 +43,14 @@ def error_detail(raw: bytes, secrets: Sequence[str]) -> str:
 
     Shapes: OpenAI and the litellm proxy ``{"error": {"message": ...}}``; vLLM ``{"object": "error",
     "message": ...}``; FastAPI, as ``transformers serve`` answers, ``{"detail": "..."}`` or a list of
-    ``{"loc", "msg"}``; TGI ``{"error": "..."}``. Secrets are redacted before the message is cut: a key the
-    body quotes across the cut would otherwise survive in part, where no later redaction can recognise it.
+    ``{"loc", "msg"}``; TGI ``{"error": "..."}``. Redacted and cut by :func:`specdsl.secrets.excerpt`.
     """
     text = raw.decode("utf-8", "replace").strip()
     try:
         message = _message_of(json.loads(raw))
     except Exception:
         message = None
-    return redact_values((message or text or "(empty body)").strip(), secrets)[:300]
+    return excerpt((message or text or "(empty body)").strip(), secrets)
 
 
 def _message_of(data: Any) -> str | None:
@@ -143,7 +142,7 @@ class DirectTransport:
             choice = payload["choices"][0]
             text = choice["message"].get("content")
         except Exception:
-            shown = redact_values(raw.decode("utf-8", "replace"), self.s.secrets).encode("utf-8")[:200]
+            shown = excerpt(raw.decode("utf-8", "replace"), self.s.secrets, limit=200)
             raise Failure(f"malformed response from {self.url}: {shown!r}", retryable=True) from None
         if text is None:
             raise Failure(f"the response has no text (finish_reason={choice.get('finish_reason')!r})",
@@ -182,7 +181,7 @@ class LiteLLMTransport:
         lt = self.litellm
         status = getattr(exc, "status_code", None)
         status = status if isinstance(status, int) else None
-        detail = redact_values(str(getattr(exc, "message", None) or exc), self.s.secrets)[:300]
+        detail = excerpt(str(getattr(exc, "message", None) or exc), self.s.secrets)
         if isinstance(exc, (lt.Timeout, TimeoutError)):
             return Failure(f"timed out after {self.s.timeout_s:g} s", retryable=True, status=408)
         if is_missing_credentials(exc):

@@ -139,7 +139,8 @@ def resolve_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     out.update(params)
 
     def bad(key: str, why: str) -> RunError:
-        return RunError(f"training parameter {key}={out[key]!r}: {why}")
+        return RunError(f"training parameter {key}={out[key]!r}: {why}",
+                        hint=f"change `{key}:` in the train step")
 
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)

@@ -39,7 +39,8 @@ def accelerate_config(params: Mapping[str, Any], device: str, *, bf16: bool, mac
     """
     procs, nodes, strategy = params["processes"], params["nodes"], params["strategy"]
     if device == "cpu" and strategy != "ddp":
-        raise RunError(f"strategy: {strategy} needs the cuda target; on cpu only ddp (gloo) is supported")
+        raise RunError(f"strategy: {strategy} needs the cuda target; on cpu only ddp (gloo) is supported",
+                       hint="use `strategy: ddp` on cpu, or run on a machine with GPUs (`target: cuda`)")
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "num_processes": procs * nodes,

@@ -132,7 +132,8 @@ def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any
     # Precision: bf16 mixed precision (fp32 master weights) where the GPU supports it.
     if params["precision"] == "bf16":
         if cuda and not caps.get("bf16"):
-            raise RunError("precision: bf16 needs a GPU with bfloat16 support (Ampere or newer)")
+            raise RunError("precision: bf16 needs a GPU with bfloat16 support (Ampere or newer)",
+                           hint="use `precision: auto` (bf16 where the GPU supports it, else fp32) or `precision: fp32`")
         bf16 = True
     elif params["precision"] == "fp32":
         bf16 = False
@@ -144,7 +145,8 @@ def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any
     packing = params["packing"] if params["packing"] is not None else cuda
     budget = params["max_tokens_per_batch"]
     if budget is not None and not packing:
-        raise RunError("max_tokens_per_batch needs packing: true (a token budget fills packed batches)")
+        raise RunError("max_tokens_per_batch needs packing: true (a token budget fills packed batches)",
+                       hint="add `packing: true`, or give `batch_size:` instead")
     budget_auto = bool(packing and budget is None and cuda)
     budget_why = ""
     if budget_auto:
@@ -204,7 +206,8 @@ def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any
                            hint="install it or leave attn_implementation: auto")
         if (attn.startswith("flash") or attn == "flex_attention") and not cuda:
             # flash attention is CUDA-only; torch's flex attention has no backward pass on the CPU.
-            raise RunError(f"attn_implementation: {attn} needs the cuda target")
+            raise RunError(f"attn_implementation: {attn} needs the cuda target",
+                           hint="remove `attn_implementation:` on cpu (sdpa is used), or run with `target: cuda`")
         why.append(f"attention {attn} (requested)")
 
     liger = params["liger"]
@@ -214,7 +217,8 @@ def plan_settings(params: Mapping[str, Any], device: str, caps: Mapping[str, Any
                    ("liger kernels off (liger_kernel not installed)" if cuda else "liger kernels off (cpu)"))
     elif liger:
         if not cuda:
-            raise RunError("liger: true needs the cuda target (Liger's kernels are Triton GPU kernels)")
+            raise RunError("liger: true needs the cuda target (Liger's kernels are Triton GPU kernels)",
+                           hint="remove `liger: true` on cpu, or run with `target: cuda`")
         if not caps.get("liger"):
             raise RunError("liger: true but liger_kernel is not installed", hint="pip install liger-kernel")
         why.append("liger kernels on (requested)")

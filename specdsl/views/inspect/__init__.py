@@ -68,7 +68,7 @@ def inspect_node(plan: Plan, node_id: str, *, rows: int | None = 3, html: str | 
         raise RunError(f"'{node_id}' is not in the store {root} (fingerprint {node.short}: never run, or the spec "
                        "changed since)", node=node_id, hint=f"compute it first: {run_hint}")
     if rows is not None and rows < 0:
-        raise RunError("rows must be >= 0")
+        raise RunError("rows must be >= 0", hint="give --rows 0 or more")
     meta = store.meta(node.fingerprint)
     console = console or Console()
     shown = read_node_rows(store, node.fingerprint, rows)
@@ -157,5 +157,6 @@ def _write(path: Path, text: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise RunError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}",
+                       hint="write the page to a folder you can write to (--html PATH)") from None
     return path
