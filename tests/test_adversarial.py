@@ -420,12 +420,12 @@ def test_a_catastrophic_regex_from_data_is_refused_not_run(tmp_path):
     from specdsl import templates
     from specdsl.designs.matchers import match_answer
 
-    start = time.monotonic()
+    start = time.process_time()  # CPU time: the work done, not how busy the machine is
     with pytest.raises(ValueError, match="exponential"):
         templates.render("{{ row.q | regex_search(row.p) }}", {"q": "a" * 40 + "!", "p": "(a+)+$"}, {})
     with pytest.raises(ValueError, match="exponential"):
         match_answer("regex", "a" * 40 + "!", "(a*)*$")  # no pattern: the gold is the regex
-    assert time.monotonic() - start < 1
+    assert time.process_time() - start < 1
     assert match_answer("regex", "Answer: 42", "42", pattern=r"Answer:\s*(\d+)")
 
 

@@ -156,9 +156,9 @@ def test_S006_bad_utf8_points_at_the_byte(workdir):
 
 
 def test_S006_huge_file_is_refused_before_parsing(workdir):
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the work done, not how busy the machine is
     exc = compile_errors(workdir, "specdsl: 1\nname: t\n# " + "x" * (3 * 1024 * 1024) + "\n")
-    assert time.perf_counter() - start < 1
+    assert time.process_time() - start < 1
     check(exc, "S006", 1, 1, "the limit is 2,097,152", hint="keep the data in source files", caret=False)
 
 
@@ -166,9 +166,9 @@ def test_S007_alias_bomb_is_rejected_fast(workdir):
     lines = ["specdsl: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 10):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")  # 10**10 values if expanded
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the work done, not how busy the machine is
     exc = compile_errors(workdir, "\n".join(lines) + "\n")
-    assert time.perf_counter() - start < 1
+    assert time.process_time() - start < 1
     check(exc, "S007", 6, 5, "expands to more than 20,000 values", hint="fewer or shallower aliases")
 
 
@@ -185,9 +185,9 @@ def test_S007_5000_levels_of_nesting_rejected_fast(workdir, style):
         text = "specdsl: 1\nname:\n  " + "- " * 5000 + "x\n"
     else:
         text = "specdsl: 1\nname: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n"
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the work done, not how busy the machine is
     exc = compile_errors(workdir, text)
-    assert time.perf_counter() - start < 1
+    assert time.process_time() - start < 1
     err = exc.errors[0]
     assert err.code == "S007" and err.pos.line >= 2 and err.pos.col >= 1
     assert "nests" in err.message
@@ -594,9 +594,9 @@ def test_S301_unknown_filter_or_test_is_caught_before_running(workdir, template,
 
 def test_S301_absurdly_nested_template_is_an_error_not_a_crash(workdir):
     template = "{{ " + "(" * 3000 + "row.question" + ")" * 3000 + " }}"
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the work done, not how busy the machine is
     exc = compile_errors(workdir, spec(f'  - id: a\n    map: {{from: problems, columns: {{x: "{template}"}}}}\n'))
-    assert time.perf_counter() - start < 1
+    assert time.process_time() - start < 1
     check(exc, "S301", 11, 40, "template nests too deeply to check")
 
 

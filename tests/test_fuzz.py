@@ -127,16 +127,16 @@ def check_outcome(path: Path) -> None:
     registry = default_registry()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: the work done, not how busy the machine is
         results = api.validate_paths([path], registry=registry)
-        assert time.perf_counter() - start < 1
-        start = time.perf_counter()
+        assert time.process_time() - start < 1
+        start = time.process_time()  # CPU time: the work done, not how busy the machine is
         try:
             api.compile_spec(path, registry=registry, identities=True)
             compiled = None
         except SpecErrors as exc:
             compiled = exc
-        assert time.perf_counter() - start < 1
+        assert time.process_time() - start < 1
     stage = "ok" if compiled is None else min(compiled.codes)[:2]
     STATS[stage] = STATS.get(stage, 0) + 1
     for outcome in (results[str(path)], compiled):
