@@ -7,6 +7,7 @@ mapping and prices) and ``litellm`` (litellm.acompletion per request).
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -505,3 +506,20 @@ def test_a_header_secret_from_a_reference_is_redacted_from_error_bodies(backend,
         out = collect(backend, secrets.resolve(options, model="teacher"), [req(1)])
     error = out["key-1"].error
     assert "400" in error and not [p for p in _pieces(SECRET) if p in error], error
+
+
+def test_direct_request_body_is_the_json_of_model_messages_and_parameters():
+    """The direct transport encodes the constant part of its body once per parameter set: the bytes are
+    still exactly json.dumps of the whole body (typed: 0, 0.0 and False are different parameter sets)."""
+    from specdsl.backends.litellm.options import Settings as _Settings
+    from specdsl.backends.litellm.transports import DirectTransport, send_as_is
+
+    s = _Settings.from_options({"model": "hosted_vllm/m", "api_base": "http://x/v1"})
+    transport = DirectTransport([], s, "m/é", "http://x/v1/chat/completions", None, send_as_is)
+    messages = ({"role": "system", "content": 'é "quoted"\n'}, {"role": "user", "content": "日本"})
+    for params in ({"max_tokens": 64, "seed": 0}, {}, {"stop": ["a"], "temperature": 0.5}, {"temperature": 0},
+                   {"temperature": 0.0}, {"temperature": False}, {"max_tokens": None}, {"model": "other"}):
+        for _ in range(2):  # the second time from the remembered encoding
+            expected = json.dumps({"model": "m/é", "messages": [dict(m) for m in messages], **send_as_is(params)},
+                                  ensure_ascii=False).encode("utf-8")
+            assert transport._body(GenRequest(key="k", messages=messages), params) == expected

@@ -159,8 +159,8 @@ class LiteLLMBackend:
             # Skipping `import litellm` (3-4 s of CPU) is most of a short run's overhead.
             prices = cost_map_prices(s.model)
             s, transport = self_hosted_transport(engine_ref, s, self_hosted)
-            engine = Engine(s, None, on_result, lambda i, o: cost(prices, i, o), describe, self._limiter)
-            engine.send = transport.send
+            engine = Engine(s, transport.send, on_result, lambda i, o: cost(prices, i, o), describe,
+                            self._limiter, backstop=False)
             engine_ref.append(engine)
             async with transport:
                 await engine.run(requests)
@@ -178,7 +178,7 @@ class LiteLLMBackend:
         else:
             transport = LiteLLMTransport(engine_ref, s)
         engine = Engine(s, transport.send, on_result, lambda i, o: cost(prices, i, o), describe,
-                        self._limiter)
+                        self._limiter, backstop=transport_name != "direct")
         engine_ref.append(engine)
         async with transport:
             await engine.run(requests)

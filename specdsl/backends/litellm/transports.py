@@ -91,6 +91,9 @@ class DirectTransport:
         self.session = None
         self._timeout = None
         self._proxy: str | None = None
+        # The body's JSON around the messages, per distinct parameter set (see _body).
+        self._head = '{"model": ' + json.dumps(model_name, ensure_ascii=False) + ', "messages": '
+        self._tails: dict[tuple, str] = {}
 
     async def __aenter__(self):
         import aiohttp
@@ -109,12 +112,30 @@ class DirectTransport:
     async def __aexit__(self, *exc):
         await self.session.close()
 
+    def _body(self, req: GenRequest, params: Mapping[str, Any]) -> bytes:
+        """``{"model": ..., "messages": [...], **mapped parameters}`` as JSON bytes. A step sends the same
+        parameters with nearly every request: their mapping and encoding are done once per distinct set
+        (a few hundred at most are remembered), only the messages are encoded per request."""
+        messages = [dict(m) for m in req.messages]
+        try:
+            key = tuple((k, type(v), v) for k, v in params.items())  # typed: 0, 0.0 and False encode apart
+            tail = self._tails.get(key)
+        except TypeError:  # an unhashable parameter value (a list of stop strings): not remembered
+            key, tail = None, None
+        if tail is None:
+            mapped = self.map_params(params)
+            if "model" in mapped or "messages" in mapped:  # they would replace the fields above, in place
+                return json.dumps({"model": self.model_name, "messages": messages, **mapped},
+                                  ensure_ascii=False).encode("utf-8")
+            tail = ", " + json.dumps(mapped, ensure_ascii=False)[1:] if mapped else "}"
+            if key is not None and len(self._tails) < 256:
+                self._tails[key] = tail
+        return (self._head + json.dumps(messages, ensure_ascii=False) + tail).encode("utf-8")
+
     async def send(self, req: GenRequest, params: Mapping[str, Any]) -> tuple[str, int, int]:
         import aiohttp
 
-        body = {"model": self.model_name, "messages": [dict(m) for m in req.messages],
-                **self.map_params(params)}
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        data = self._body(req, params)
         try:
             async with self.session.post(self.url, data=data, headers=self.headers,
                                          timeout=self._timeout, proxy=self._proxy) as resp:
