@@ -1,20 +1,22 @@
 """Whole `specdsl run` processes against the fake provider, beside a bare aiohttp client, interleaved.
 
-    python bench/bench_run_requests.py [--rows 2000:0.2:64,20000:0.05:256] [--repeats 3]
-                                       [--before /path/to/other/checkout] [--prefix hosted_vllm]
+    python bench/bench_run_requests.py [--rows 2000:0.2:64,20000:0.05:256,openai/2000:0.2:64]
+                                       [--repeats 3] [--before /path/to/other/checkout] [--prefix hosted_vllm]
 
-Each row is ``requests:latency_s:concurrency``. Every variant talks to the same fake OpenAI-compatible
-server (a separate process), addressed as a self-hosted server (``hosted_vllm/``, as one would a vLLM
-fleet; ``--prefix openai`` measures the ``openai/``-at-a-custom-``api_base`` form, which goes through
-litellm). A specdsl run is timed as a user sees it: a fresh ``specdsl run`` process (interpreter,
-imports, compile, journal, backend, store, manifest) on a fresh store. ``--before`` also times the
-same run with another checkout's ``specdsl`` on PYTHONPATH (e.g. the main branch), so before/after
-ratios come from one run on one machine state.
+Each row is ``[prefix/]requests:latency_s:concurrency``. Every variant talks to the same fake
+OpenAI-compatible server (a separate process), addressed as a self-hosted server (``hosted_vllm/``, as
+one would a vLLM fleet, unless the row or ``--prefix`` names another prefix; ``openai/`` is the
+``openai/<model>``-at-a-custom-``api_base`` form). A specdsl run is timed as a user sees it: a fresh
+``specdsl run`` process (interpreter, imports, compile, journal, backend, store, manifest) on a fresh
+store. ``--before`` also times the same run with another checkout's ``specdsl`` on PYTHONPATH (e.g. the
+main branch), so before/after ratios come from one run on one machine state.
 
 The variants run interleaved (bare, after, before, bare, after, ...) ``--repeats`` times and each
 keeps its best, so a burst of load from elsewhere does not land on one variant alone. Ratios are
 against the best bare client of the same row. A cached rerun (everything journaled) is timed too: the
-fixed cost of a run. Goal: a whole run within 1.2x the bare client.
+fixed cost of a run. CPU seconds (user + system, the least over the repeats) are printed beside the
+wall times: on a shared machine they move far less with other people's load than wall time does.
+Goal: a whole run within 1.2x the bare client.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,19 +51,33 @@ steps:
 """
 
 
-def timed_run(spec: Path, store: Path, env: dict) -> float:
-    t = time.perf_counter()
+def cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_run(spec: Path, store: Path, env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one ``specdsl run`` process."""
+    t, c = time.perf_counter(), cpu_s(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "specdsl.cli", "run", str(spec), "--store", str(store),
                            "--no-progress"], env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(proc.stdout + proc.stderr)
-    return elapsed
+    return elapsed, cpu_s(resource.RUSAGE_CHILDREN) - c
+
+
+def timed_bare(api_base: str, n: int, conc: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the bare client, in this process."""
+    c = cpu_s(resource.RUSAGE_SELF)
+    took = bench_bare(api_base, n, conc)
+    return took, cpu_s(resource.RUSAGE_SELF) - c
 
 
 def bench_row(n: int, latency: float, conc: int, trees: dict[str, Path], repeats: int, prefix: str) -> None:
     server, api_base = start_server(latency)
     best: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     fixed: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -76,31 +93,33 @@ def bench_row(n: int, latency: float, conc: int, trees: dict[str, Path], repeats
                 order = order[rep % len(order):] + order[: rep % len(order)]  # rotate who goes first
                 for name in order:
                     if name == "bare":
-                        took = bench_bare(api_base, n, conc)
+                        took, used = timed_bare(api_base, n, conc)
                     else:
                         store = d / f"store-{name}-{rep}"
-                        took = timed_run(spec, store, envs[name])
-                        again = timed_run(spec, store, envs[name])  # all journaled: the fixed cost
+                        took, used = timed_run(spec, store, envs[name])
+                        again, _ = timed_run(spec, store, envs[name])  # all journaled: the fixed cost
                         fixed[name] = min(fixed.get(name, again), again)
                     best[name] = min(best.get(name, took), took)
+                    cpu[name] = min(cpu.get(name, used), used)
     finally:
         server.kill()
     bare = best["bare"]
     ideal = n / conc * latency
     print(f"\nrequests={n} latency={latency}s concurrency={conc} ideal={ideal:.2f}s  "
           f"(best of {repeats}, interleaved, {prefix}/)")
-    print(f"  {'bare aiohttp client':34s} {bare:7.2f} s  1.00x")
+    print(f"  {'bare aiohttp client':34s} {bare:7.2f} s  1.00x   cpu {cpu['bare']:6.2f} s")
     for name in trees:
         whole = best[name]
         print(f"  {'specdsl run (' + name + ')':34s} {whole:7.2f} s  {whole / bare:.2f}x   "
+              f"cpu {cpu[name]:6.2f} s ({cpu[name] / cpu['bare']:.2f}x)   "
               f"fixed cost {fixed[name]:.2f} s, minus fixed {(whole - fixed[name]) / bare:.2f}x, "
               f"{(whole - bare) / n * 1000:.2f} ms/request over bare")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="2000:0.2:64,20000:0.05:256",
-                    help="comma-separated requests:latency_s:concurrency")
+    ap.add_argument("--rows", default="2000:0.2:64,20000:0.05:256,openai/2000:0.2:64",
+                    help="comma-separated [prefix/]requests:latency_s:concurrency")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before", type=Path, help="another checkout to time beside this one (e.g. main)")
     ap.add_argument("--prefix", default="hosted_vllm", help="model prefix: hosted_vllm or openai")
@@ -109,8 +128,9 @@ def main() -> int:
     if args.before:
         trees["before"] = args.before.resolve()
     for row in args.rows.split(","):
+        prefix, _, row = row.rpartition("/")
         n, latency, conc = row.split(":")
-        bench_row(int(n), float(latency), int(conc), trees, args.repeats, args.prefix)
+        bench_row(int(n), float(latency), int(conc), trees, args.repeats, prefix or args.prefix)
     return 0
 
 

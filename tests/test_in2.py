@@ -231,3 +231,36 @@ def test_design_modules_import_nothing_heavy():
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'tokenizers') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_segment_keeps_each_segments_token_ids(tiny_model_dir, tmp_path):
+    """segment (v2) stores each segment's token ids beside its text, per segment and per text: the ids
+    the model's tokenizer gives that text (the tokenizer is in the fingerprint through the model)."""
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    from specdsl import api
+
+    text = "Paris is the capital of France. Berlin is the capital of Germany.\n" * 6
+    (tmp_path / "docs.jsonl").write_text(_json.dumps({"id": "d1", "text": text}) + "\n")
+    (tmp_path / "spec.yaml").write_text(f"""specdsl: 1
+name: seg-ids
+models:
+  m: {{backend: transformers, model: {tiny_model_dir}}}
+sources:
+  docs: {{path: docs.jsonl}}
+steps:
+  - id: segs
+    segment: {{from: docs, model: m, min_tokens: 16}}
+  - id: texts
+    segment: {{from: docs, model: m, min_tokens: 16, per: text}}
+""")
+    result = api.run_plan(api.compile_spec(tmp_path / "spec.yaml", passes=False), progress=False)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    segs = result.rows("segs")
+    assert len(segs) > 1
+    for row in segs:
+        assert row["segment_ids"] == tok(row["segment"], add_special_tokens=False)["input_ids"]
+    (whole,) = result.rows("texts")
+    assert whole["segments_ids"] == [row["segment_ids"] for row in segs]

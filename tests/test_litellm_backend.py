@@ -7,6 +7,7 @@ mapping and prices) and ``litellm`` (litellm.acompletion per request).
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -390,8 +391,10 @@ def test_cost_from_local_cost_map(backend):
 # -- self-hosted OpenAI-compatible servers: no litellm import ---------------------------------------------
 
 
-def test_self_hosted_server_answers_without_importing_litellm(tmp_path):
-    """`hosted_vllm/` at an api_base needs nothing litellm computes; the run must not pay its import."""
+@pytest.mark.parametrize("prefix", ["hosted_vllm", "openai"])
+def test_self_hosted_server_answers_without_importing_litellm(tmp_path, prefix):
+    """`hosted_vllm/` (or `openai/` with a name litellm does not know) at an api_base needs nothing litellm
+    computes; the run must not pay its import."""
     import subprocess
     import sys
 
@@ -405,7 +408,7 @@ def test_self_hosted_server_answers_without_importing_litellm(tmp_path):
         "with FakeServer(faults=['429', 'ok'], retry_after=0.05) as srv:\n"
         "    reqs = [GenRequest(key=f'k{i}', messages=({'role': 'user', 'content': f'p{i}'},),\n"
         "                       params={'max_tokens': 8, 'seed': i}) for i in range(3)]\n"
-        "    LiteLLMBackend().generate({'model': 'hosted_vllm/my-model', 'api_base': srv.api_base,\n"
+        f"    LiteLLMBackend().generate({{'model': '{prefix}/my-model', 'api_base': srv.api_base,\n"
         "                               'retry_backoff_s': 0.01}, reqs, lambda r: out.update({r.key: r}))\n"
         "    models = sorted({r.model for r in srv.requests})\n"
         "print(json.dumps({'texts': {k: r.text for k, r in out.items()}, 'cost': [r.cost for r in out.values()],\n"
@@ -433,11 +436,34 @@ def test_openai_models_behind_a_gateway_still_get_litellm_parameter_mapping():
 
     gateway = _Settings.from_options({"model": "openai/o3-mini", "api_base": "http://gateway/v1"})
     assert _self_hosted(gateway) is None
+    for known in ("gpt-4o-mini", "o1", "my-gpt-5-finetune", "ft:gpt-4o-mini:org::abc"):
+        assert _self_hosted(_Settings.from_options({"model": f"openai/{known}", "api_base": "http://gw/v1"})) is None
+    # A server's own model behind an OpenAI-compatible endpoint: litellm would send its parameters unchanged.
+    own = _Settings.from_options({"model": "openai/meta-llama/Llama-3.1-8B-Instruct", "api_base": "http://gw/v1"})
+    assert _self_hosted(own) == "meta-llama/Llama-3.1-8B-Instruct"
+    openai_itself = _Settings.from_options({"model": "openai/my-model", "api_base": "https://api.openai.com/v1"})
+    assert _self_hosted(openai_itself) is None
+    dropping = _Settings.from_options({"model": "openai/my-model", "api_base": "http://gw/v1", "drop_params": True})
+    assert _self_hosted(dropping) is None
     vllm = _Settings.from_options({"model": "hosted_vllm/llama", "api_base": "http://gpu-box:8000/v1"})
     assert _self_hosted(vllm) == "llama"
     forced = _Settings.from_options({"model": "hosted_vllm/llama", "api_base": "http://gpu-box:8000/v1",
                                      "transport": "litellm"})
     assert _self_hosted(forced) is None
+
+
+def test_openai_model_at_a_server_takes_the_key_from_openai_api_key(backend, monkeypatch):
+    """Without `api_key`, `openai/` at a server of one's own sends OPENAI_API_KEY, as litellm would, and a
+    rejected key is reported by that variable's name, never by its value."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeServer(api_key=SECRET) as srv:
+        out = collect(backend, {"model": "openai/my-model", "api_base": srv.api_base, "timeout_s": 5}, [req(1)])
+        assert out["key-1"].ok and srv.requests[0].auth == SECRET
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET + "-wrong")
+    with FakeServer(api_key=SECRET) as srv:
+        out = collect(backend, {"model": "openai/my-model", "api_base": srv.api_base, "timeout_s": 5}, [req(2)])
+    error = out["key-2"].error
+    assert "OPENAI_API_KEY" in error and SECRET not in error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,3 +506,20 @@ def test_a_header_secret_from_a_reference_is_redacted_from_error_bodies(backend,
         out = collect(backend, secrets.resolve(options, model="teacher"), [req(1)])
     error = out["key-1"].error
     assert "400" in error and not [p for p in _pieces(SECRET) if p in error], error
+
+
+def test_direct_request_body_is_the_json_of_model_messages_and_parameters():
+    """The direct transport encodes the constant part of its body once per parameter set: the bytes are
+    still exactly json.dumps of the whole body (typed: 0, 0.0 and False are different parameter sets)."""
+    from specdsl.backends.litellm.options import Settings as _Settings
+    from specdsl.backends.litellm.transports import DirectTransport, send_as_is
+
+    s = _Settings.from_options({"model": "hosted_vllm/m", "api_base": "http://x/v1"})
+    transport = DirectTransport([], s, "m/é", "http://x/v1/chat/completions", None, send_as_is)
+    messages = ({"role": "system", "content": 'é "quoted"\n'}, {"role": "user", "content": "日本"})
+    for params in ({"max_tokens": 64, "seed": 0}, {}, {"stop": ["a"], "temperature": 0.5}, {"temperature": 0},
+                   {"temperature": 0.0}, {"temperature": False}, {"max_tokens": None}, {"model": "other"}):
+        for _ in range(2):  # the second time from the remembered encoding
+            expected = json.dumps({"model": "m/é", "messages": [dict(m) for m in messages], **send_as_is(params)},
+                                  ensure_ascii=False).encode("utf-8")
+            assert transport._body(GenRequest(key="k", messages=messages), params) == expected

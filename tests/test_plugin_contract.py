@@ -126,6 +126,23 @@ def test_a_broken_plugin_beside_the_project_breaks_no_spec(broken_site):
     assert table.returncode == 0 and "tp_broken_contract" in table.stdout and "rejected" in table.stdout
 
 
+def test_every_builtin_keeps_the_whole_contract_schemas_included():
+    """Start-up skips the meta-schema check of the built-ins' schema fragments: this test is that check."""
+    from specdsl.contract.conformance import KINDS, contract_problems
+    from specdsl.frontend.schema import fragment_for
+
+    registry, warned = quiet_registry()
+    assert warned == []
+    for kind in KINDS:
+        for name, obj in getattr(registry, kind).items():
+            assert contract_problems(kind, obj) == [], (kind, name)
+    for name, op in registry.ops.items():
+        if callable(getattr(op, "schema_for", None)):
+            from specdsl.contract.conformance import schema_problem
+
+            assert schema_problem(fragment_for(name, op, registry)) is None, name
+
+
 def test_each_kind_is_checked_against_its_contract():
     class NoRun:
         name, kind, params_schema = "norun", "transform", {"type": "object"}

@@ -98,14 +98,13 @@ class TableWriter:
     @staticmethod
     def _as_json(table: Any, part_json: Iterable[str], json_columns: list[str]) -> Any:
         """``table`` with every column that is JSON text anywhere stored as JSON text here too."""
-        import pyarrow as pa
+        from specdsl.execute.columns import string_array
 
         part_json = set(part_json)
         for name in json_columns:
             if name in part_json or name not in table.column_names:
                 continue
             values = table.column(name).to_pylist()
-            encoded = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values],
-                               type=pa.string())
+            encoded = string_array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values])
             table = table.set_column(table.column_names.index(name), name, encoded)
         return table

@@ -262,6 +262,8 @@ def write_table(path: Path, rows: Rows) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from specdsl.execute.columns import plain_array, string_array
+
     names: list[str] = []
     for row in rows:
         for k in row:
@@ -273,10 +275,11 @@ def write_table(path: Path, rows: Rows) -> list[str]:
         try:
             if any(_nested(v) for v in values):
                 raise TypeError("nested")  # structs would gain null keys on the way back: keep JSON exact
-            arrays.append(pa.array(values))
+            # A plain column is built from its buffers: pa.array would import pandas (see columns.py).
+            array = plain_array(values)
+            arrays.append(array if array is not None else pa.array(values))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
-            arrays.append(pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values],
-                                   type=pa.string()))
+            arrays.append(string_array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values]))
             json_columns.append(name)
     table = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
     pq.write_table(table, path)
@@ -290,7 +293,8 @@ def _nested(value: Any) -> bool:
 def read_table(path: Path, json_columns: Iterable[str] = ()) -> Rows:
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(path).to_pylist()
+    with pq.ParquetFile(path) as parquet:  # not pq.read_table: it imports pyarrow.dataset and pandas
+        rows = parquet.read().to_pylist()
     json_columns = list(json_columns)
     if json_columns:
         for row in rows:

@@ -143,7 +143,8 @@ def fragment_for(name: str, obj: Any, registry: Any) -> Mapping[str, Any]:
 
     try:
         schema = build(registry)
-        problem = schema_problem(schema)
+        # A built-in op's fragment is checked against the meta-schema by the test suite, not per process.
+        problem = schema_problem(schema, meta=not type(op).__module__.startswith("specdsl."))
     except Exception as exc:  # noqa: BLE001 - a plugin's bug must not break every spec's schema
         problem = f"raised {exc!r}"
     if problem is None:

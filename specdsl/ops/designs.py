@@ -164,6 +164,9 @@ def _decodes_concatenatively(tokenizer) -> bool:
 
 class SegmentOp(StepOp):
     name = "segment"
+    # 2: each segment's token ids are kept (`<into>_ids`, or `segments_ids` per text). The tokenizer is in
+    # the fingerprint through the model's identity (its content fingerprint covers the tokenizer files).
+    version = "2"
     requires = (("transformers", "local"),)  # the model's tokenizer counts tokens
     description = "IN2: cut texts into segments of at least min_tokens tokens (leftover merged into the last)"
     model_keys = ("model",)
@@ -186,28 +189,34 @@ class SegmentOp(StepOp):
         ctx.column(p.get("text", "text"), "text" if "text" in p else "from")
         base = tuple(c for c in ctx.columns if c != "id")
         if p.get("per", "segment") == "segment":
-            return ("id", "text_id") + base + (p.get("into", "segment"), "segment_index", "n_segments")
-        return ("id", "text_id") + base + ("segments", "n_segments")
+            into = p.get("into", "segment")
+            return ("id", "text_id") + base + (into, f"{into}_ids", "segment_index", "n_segments")
+        return ("id", "text_id") + base + ("segments", "segments_ids", "n_segments")
 
     def run(self, ctx: RunContext) -> Rows:
         from specdsl.designs.in2 import segment_text
 
         p = ctx.params
-        count = _counter(ctx.services.tokenizer(p["model"]))
+        tok = ctx.services.tokenizer(p["model"])
+        count = _counter(tok)
         col, into = p.get("text", "text"), p.get("into", "segment")
-        out = []
+        cut = []
         for row in ctx.rows:
             text = row.get(col)
             if not isinstance(text, str) or not text.strip():
                 continue
-            segments = segment_text(text, count, min_tokens=p.get("min_tokens", 128))
+            cut.append((row, segment_text(text, count, min_tokens=p.get("min_tokens", 128))))
+        # Each segment's ids, from one batch call: what interleave assembles contexts from.
+        ids_of = _token_ids(tok, [seg for _row, segments in cut for seg in segments])
+        out = []
+        for row, segments in cut:
             if p.get("per", "segment") == "text":
                 out.append({**row, "id": str(row["id"]), "text_id": str(row["id"]), "segments": segments,
-                            "n_segments": len(segments)})
+                            "segments_ids": [ids_of[seg] for seg in segments], "n_segments": len(segments)})
                 continue
             for i, seg in enumerate(segments):
                 out.append({**row, "id": f"{row['id']}:{i}", "text_id": str(row["id"]), into: seg,
-                            "segment_index": i, "n_segments": len(segments)})
+                            f"{into}_ids": ids_of[seg], "segment_index": i, "n_segments": len(segments)})
         return out
 
 

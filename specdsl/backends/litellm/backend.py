@@ -146,6 +146,8 @@ class LiteLLMBackend:
     def transport_for(self, options: Mapping[str, Any]) -> str:
         """The transport ``generate`` will use for these options: "direct" or "litellm"."""
         s = Settings.from_options(options)
+        if self_hosted_model(s) is not None:
+            return "direct"  # decided without importing litellm, as generate() does
         return resolve_transport(s)[0]
 
     async def _agenerate(self, s: Settings, requests: list[GenRequest],
@@ -158,9 +160,9 @@ class LiteLLMBackend:
             # computes: the model name is what follows the prefix and the parameters go as they are.
             # Skipping `import litellm` (3-4 s of CPU) is most of a short run's overhead.
             prices = cost_map_prices(s.model)
-            engine = Engine(s, None, on_result, lambda i, o: cost(prices, i, o), describe, self._limiter)
-            transport = self_hosted_transport(engine_ref, s, self_hosted)
-            engine.send = transport.send
+            s, transport = self_hosted_transport(engine_ref, s, self_hosted)
+            engine = Engine(s, transport.send, on_result, lambda i, o: cost(prices, i, o), describe,
+                            self._limiter, backstop=False)
             engine_ref.append(engine)
             async with transport:
                 await run_checked(engine, s, requests, provider=s.model.partition("/")[0], model_name=self_hosted,
@@ -179,7 +181,7 @@ class LiteLLMBackend:
         else:
             transport = LiteLLMTransport(engine_ref, s)
         engine = Engine(s, transport.send, on_result, lambda i, o: cost(prices, i, o), describe,
-                        self._limiter)
+                        self._limiter, backstop=transport_name != "direct")
         engine_ref.append(engine)
         async with transport:
             await run_checked(engine, s, requests, provider=provider, model_name=model_name,

@@ -17,8 +17,9 @@ Two transports
              provider APIs included (``openai/...`` to api.openai.com): their headers (``OpenAI-Organization``),
              callbacks and parameter rules are litellm's business. :func:`auto_picks_direct` is the rule.
 
-A self-hosted OpenAI-compatible server (``hosted_vllm/`` or ``custom_openai/`` with an ``api_base``) gets
-the direct transport without litellm at all: nothing litellm computes applies to it.
+A self-hosted OpenAI-compatible server (``hosted_vllm/`` or ``custom_openai/`` with an ``api_base``, or
+``openai/<its own model>`` at an ``api_base`` that is not OpenAI's) gets the direct transport without
+litellm at all: nothing litellm computes applies to it (:func:`self_hosted_model` is the rule).
 
 aiohttp and litellm are imported where a transport starts, not here.
 """
@@ -34,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 from specdsl.backends.litellm.engine import AUTH_STATUS, RETRYABLE_STATUS, Failure, first_line, parse_retry_after
 from specdsl.backends.litellm.loader import import_litellm
 from specdsl.backends.litellm.options import OPENAI_WIRE_PROVIDERS, Settings
+from specdsl.backends.litellm.pricing import litellm_maps_openai_params
 from specdsl.contract.hookspecs import GenRequest
 from specdsl.secrets import excerpt
 
@@ -88,6 +90,9 @@ class DirectTransport:
         self.session = None
         self._timeout = None
         self._proxy: str | None = None
+        # The body's JSON around the messages, per distinct parameter set (see _body).
+        self._head = '{"model": ' + json.dumps(model_name, ensure_ascii=False) + ', "messages": '
+        self._tails: dict[tuple, str] = {}
 
     async def __aenter__(self):
         import aiohttp
@@ -106,12 +111,30 @@ class DirectTransport:
     async def __aexit__(self, *exc):
         await self.session.close()
 
+    def _body(self, req: GenRequest, params: Mapping[str, Any]) -> bytes:
+        """``{"model": ..., "messages": [...], **mapped parameters}`` as JSON bytes. A step sends the same
+        parameters with nearly every request: their mapping and encoding are done once per distinct set
+        (a few hundred at most are remembered), only the messages are encoded per request."""
+        messages = [dict(m) for m in req.messages]
+        try:
+            key = tuple((k, type(v), v) for k, v in params.items())  # typed: 0, 0.0 and False encode apart
+            tail = self._tails.get(key)
+        except TypeError:  # an unhashable parameter value (a list of stop strings): not remembered
+            key, tail = None, None
+        if tail is None:
+            mapped = self.map_params(params)
+            if "model" in mapped or "messages" in mapped:  # they would replace the fields above, in place
+                return json.dumps({"model": self.model_name, "messages": messages, **mapped},
+                                  ensure_ascii=False).encode("utf-8")
+            tail = ", " + json.dumps(mapped, ensure_ascii=False)[1:] if mapped else "}"
+            if key is not None and len(self._tails) < 256:
+                self._tails[key] = tail
+        return (self._head + json.dumps(messages, ensure_ascii=False) + tail).encode("utf-8")
+
     async def send(self, req: GenRequest, params: Mapping[str, Any]) -> tuple[str, int, int]:
         import aiohttp
 
-        body = {"model": self.model_name, "messages": [dict(m) for m in req.messages],
-                **self.map_params(params)}
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        data = self._body(req, params)
         try:
             async with self.session.post(self.url, data=data, headers=self.headers,
                                          timeout=self._timeout, proxy=self._proxy) as resp:
@@ -352,19 +375,26 @@ def direct_transport(engine_ref: list, s: Settings, provider: str,
 
 
 # Prefixes that say "a server of mine speaking OpenAI's wire format": litellm maps no parameter for them.
-# (`openai/` models keep going through litellm even at a custom api_base: a gateway may front OpenAI's
-# own models, whose parameters litellm rewrites, e.g. max_tokens -> max_completion_tokens.)
 SELF_HOSTED_PROVIDERS = frozenset({"hosted_vllm", "custom_openai"})
 
 
 def self_hosted_model(s: Settings) -> str | None:
-    """The model name to send when litellm has nothing to add, else None."""
+    """The model name to send when litellm has nothing to add, else None.
+
+    ``hosted_vllm/`` and ``custom_openai/`` at an ``api_base``; and ``openai/<name>`` at an ``api_base``
+    that is not OpenAI's own API, for a name litellm would send unchanged (see
+    :func:`~specdsl.backends.litellm.pricing.litellm_maps_openai_params`). A gateway in front of OpenAI's
+    own models (``openai/o3-mini``, ``openai/gpt-4o``) keeps litellm's per-model parameter rules."""
     if s.transport == "litellm" or not s.api_base or s.drop_params:
         return None
     provider, _, name = s.model.partition("/")
-    if provider not in SELF_HOSTED_PROVIDERS or not name:
+    if not name:
         return None
-    return name
+    if provider in SELF_HOSTED_PROVIDERS:
+        return name
+    if provider == "openai" and auto_picks_direct(provider, s.api_base) and not litellm_maps_openai_params(name):
+        return name
+    return None
 
 
 def send_as_is(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -372,10 +402,15 @@ def send_as_is(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def self_hosted_transport(engine_ref: list, s: Settings, model_name: str) -> DirectTransport:
-    """The direct transport for a self-hosted server (see :func:`self_hosted_model`): no litellm at all."""
-    return DirectTransport(engine_ref, s, model_name, s.api_base.rstrip("/") + "/chat/completions", s.api_key,
-                           send_as_is)
+def self_hosted_transport(engine_ref: list, s: Settings, model_name: str) -> tuple[Settings, DirectTransport]:
+    """The direct transport for a self-hosted server (see :func:`self_hosted_model`): no litellm at all.
+    An ``openai/`` model without an ``api_key`` option takes OPENAI_API_KEY, as litellm would."""
+    api_key = s.api_key
+    if api_key is None and s.model.startswith("openai/") and os.environ.get("OPENAI_API_KEY"):
+        api_key = os.environ["OPENAI_API_KEY"]
+        s = s.replace(api_key_env=s.api_key_env or "OPENAI_API_KEY", secrets=s.secrets + (api_key,))
+    return s, DirectTransport(engine_ref, s, model_name, s.api_base.rstrip("/") + "/chat/completions", api_key,
+                              send_as_is)
 
 
 def env_proxy_for(url: str) -> str | None:

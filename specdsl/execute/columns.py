@@ -1,0 +1,73 @@
+"""Python values -> Arrow arrays for the store, without ``pyarrow.array`` where a column is plain.
+
+``pyarrow.array`` on a Python list asks pyarrow's pandas shim whether the list is a pandas object, and
+the first such question imports pandas when it is installed: 0.3 s of every run on a quiet machine,
+over 1 s on a loaded one, for a library the run never uses. A column of one plain type (str, int,
+float or bool, with or without None, or only None) is built here from its buffers instead: the same
+type and values ``pyarrow.array`` infers, proved equal by tests. Anything else returns None and the
+caller keeps ``pyarrow.array``.
+
+pyarrow and numpy (which pyarrow imports anyway) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import Any, Sequence
+
+_INT32_MAX = 2**31 - 1  # string offsets are int32; a larger column is left to pyarrow (large chunks)
+
+
+def plain_array(values: Sequence[Any]) -> Any | None:
+    """``pyarrow.array(values)`` for a column of one plain Python type (see the module docstring), or
+    None when the column is anything else (nested values, mixed types, an int outside int64, a string
+    that is not valid Unicode)."""
+    import numpy as np
+    import pyarrow as pa
+
+    n = len(values)
+    kinds = set(map(type, values))
+    has_null = type(None) in kinds
+    kinds.discard(type(None))
+    if not kinds:
+        return pa.nulls(n)
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    validity, null_count = None, 0
+    if has_null:
+        present = np.fromiter((v is not None for v in values), dtype=np.bool_, count=n)
+        null_count = n - int(present.sum())
+        validity = pa.py_buffer(np.packbits(present, bitorder="little"))
+    try:
+        if kind is str:
+            encoded = [b"" if v is None else v.encode("utf-8") for v in values]
+            offsets = np.fromiter(accumulate(map(len, encoded), initial=0), dtype=np.int64, count=n + 1)
+            if offsets[-1] > _INT32_MAX:
+                return None
+            return pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(offsets.astype(np.int32)),
+                                                          pa.py_buffer(b"".join(encoded))], null_count=null_count)
+        if kind is int:
+            data = np.fromiter((0 if v is None else v for v in values), dtype=np.int64, count=n)
+            return pa.Array.from_buffers(pa.int64(), n, [validity, pa.py_buffer(data)], null_count=null_count)
+        if kind is float:
+            data = np.fromiter((0.0 if v is None else v for v in values), dtype=np.float64, count=n)
+            return pa.Array.from_buffers(pa.float64(), n, [validity, pa.py_buffer(data)], null_count=null_count)
+        if kind is bool:
+            data = np.packbits(np.fromiter((v is True for v in values), dtype=np.bool_, count=n), bitorder="little")
+            return pa.Array.from_buffers(pa.bool_(), n, [validity, pa.py_buffer(data)], null_count=null_count)
+    except (OverflowError, UnicodeEncodeError):
+        return None
+    return None
+
+
+def string_array(values: Sequence[str | None]) -> Any:
+    """``pyarrow.array(values, type=pyarrow.string())`` for str-or-None values."""
+    import pyarrow as pa
+
+    array = plain_array(values)
+    if array is not None and pa.types.is_null(array.type):
+        return pa.nulls(len(values), pa.string())
+    if array is None or not pa.types.is_string(array.type):
+        array = pa.array(values, type=pa.string())
+    return array
