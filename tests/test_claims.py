@@ -228,3 +228,13 @@ def test_a_run_prints_each_claim_with_n_interval_test_and_conclusion(tmp_path, m
     assert "McNemar exact p = 1.91e-06; n = 30 items" in summary
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["evaluations"]["score"]["results"][0]["claims"][0]["conclusion"] == claims[0]["conclusion"]
+
+
+def test_a_margin_case_is_not_resolved_and_says_why():
+    # The CI run of the shipped erasure spec: 60 items, 11 right only under A, 3 only under B.
+    a = [True] * 11 + [False] * 3 + [True] * 4 + [False] * 42
+    b = [False] * 11 + [True] * 3 + [True] * 4 + [False] * 42
+    out = judge({"better": "a", "than": "b"}, _evidence(a=a, b=b))
+    assert out["p"] == 0.0574 and out["verdict"] == "not resolved"
+    reason = "the interval includes 0" if out["ci95"][0] <= 0 else "the interval and the test disagree at the margin"
+    assert reason in out["conclusion"]

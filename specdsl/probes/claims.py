@@ -229,8 +229,12 @@ def _conclusion(judged: Mapping[str, Any], resolved_variants: int) -> str:
     if judged["verdict"] == "reversed":
         return (f"the opposite of the claim: {better} is WORSE than {than} on {metric} ({direction} is better): "
                 f"{numbers}; {over}.")
-    return (f"NOT RESOLVED: this run cannot tell {better} from {than} on {metric} ({numbers}; {over}); the "
-            "interval includes 0 or p >= 0.05, so it shows no effect either way.")
+    if ci is None or ci[0] <= 0 <= ci[1]:
+        reason = "the interval includes 0"
+    else:
+        reason = f"p >= {ALPHA} (the interval and the test disagree at the margin)"
+    return (f"NOT RESOLVED: this run cannot tell {better} from {than} on {metric} ({numbers}; {over}); {reason}, "
+            "so it does not establish a difference either way.")
 
 
 def claims_table(judged: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
