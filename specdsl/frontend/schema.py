@@ -131,14 +131,29 @@ def _described(schema: Mapping[str, Any], description: str) -> Mapping[str, Any]
     return schema if "description" in schema else {**schema, "description": description}
 
 
+# fragment_for's results per (registry, op): checking a built schema against the meta-schema costs tens of
+# milliseconds, and a matrixed recipe step asks for the same fragments once per variant.
+_FRAGMENTS: dict[tuple[int, int], tuple[Any, Any, Mapping[str, Any]]] = {}
+
+
 def fragment_for(name: str, obj: Any, registry: Any) -> Mapping[str, Any]:
     """An op's or recipe's parameter schema; built from the registry when it has ``schema_for``. A
     ``schema_for`` that raises or builds an invalid schema falls back to the static ``params_schema``
-    (checked when the plugin registered), so one plugin's broken fragment never breaks every spec's schema."""
+    (checked when the plugin registered), so one plugin's broken fragment never breaks every spec's schema.
+    Built once per registry and op."""
     op = obj
     build = getattr(op, "schema_for", None)
     if not callable(build):
         return op.params_schema
+    cached = _FRAGMENTS.get((id(registry), id(op)))
+    if cached is not None and cached[0] is registry and cached[1] is op:
+        return cached[2]
+    fragment = _built_fragment(name, op, build, registry)
+    _FRAGMENTS[(id(registry), id(op))] = (registry, op, fragment)
+    return fragment
+
+
+def _built_fragment(name: str, op: Any, build: Any, registry: Any) -> Mapping[str, Any]:
     from specdsl.contract.conformance import schema_problem
 
     try:

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from specdsl.errors import RunError, did_you_mean
 from specdsl import templates
 from specdsl.tables import summary_table as _table
+from specdsl.probes.claims import CLAIMS_SCHEMA, claims_table, judge, pairs_for
 from specdsl.probes.rows import parsed_answer, position_rows, prompt_text, write_probe_rows
 from specdsl.contract.ops import (COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Estimate, Rows, RunContext, StepOp,
                                   obj_schema)
@@ -113,10 +114,20 @@ class AccuracyProbe:
                            "system": {**TEMPLATE, "description": "system prompt (a template over the row); omit for none"}}},
             "description": "default: each evaluated model without a system prompt"},
         "baseline": {"type": "string", "description": "the condition deltas are measured against"},
+        "claims": CLAIMS_SCHEMA,
     }, required=["probe"])
 
+    @staticmethod
+    def claim_arms(params: Mapping[str, Any], models: Sequence[str]) -> list[str]:
+        """What a claim may name: the conditions (default: one per model)."""
+        return [c.get("name") for c in params.get("conditions") or []] or list(models)
+
+    @staticmethod
+    def claim_metrics(params: Mapping[str, Any]) -> list[str]:
+        return ["accuracy"]
+
     def run(self, ctx: ProbeContext) -> dict[str, Any]:
-        from specdsl.probes.accuracy import paired_comparisons, score_accuracy
+        from specdsl.probes.accuracy import accuracy_evidence, paired_comparisons, score_accuracy
 
         p = ctx.params
         q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
@@ -152,7 +163,8 @@ class AccuracyProbe:
                 if r["condition"] in by_condition:  # the same items under both: a paired comparison
                     r["delta_ci95"] = _interval_text(by_condition[r["condition"]]["ci95"])
                     r["p_mcnemar"] = f"{by_condition[r['condition']]['p_mcnemar']:.3g}"  # text: a table rounds floats to 0.1
-        return {"probe": "accuracy", "results": results, "table": table, "paired": paired, "rows": per_row}
+        return {"probe": "accuracy", "results": results, "table": table, "paired": paired, "rows": per_row,
+                "evidence": accuracy_evidence(scored)}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
                  rows: int | None, services: Any) -> list[dict[str, Any]]:
@@ -180,19 +192,30 @@ class SelfCorrectionProbe:
         "question": COLUMN, "gold": COLUMN, "rule": RULE, "pattern": PATTERN,
         "prompt": {**TEMPLATE, "description": "the user prompt (default: the question plus an instruction to "
                                               "answer, verify, and correct if needed)"},
+        "claims": CLAIMS_SCHEMA,
     }, required=["probe"])
+
+    @staticmethod
+    def claim_arms(params: Mapping[str, Any], models: Sequence[str]) -> list[str]:
+        return list(models)
+
+    @staticmethod
+    def claim_metrics(params: Mapping[str, Any]) -> list[str]:
+        from specdsl.probes.self_correction import self_correction_metrics
+
+        return list(self_correction_metrics())
 
     DEFAULT_PROMPT = ("{{ row.QUESTION }}\n\nSolve the problem step by step and end with 'Answer: <number>'. Then verify "
                       "your answer; if it is wrong, solve it again.")
 
     def run(self, ctx: ProbeContext) -> dict[str, Any]:
-        from specdsl.probes.self_correction import score_self_correction
+        from specdsl.probes.self_correction import score_self_correction, self_correction_evidence
 
         p = ctx.params
         q, gold = (p.get(key, DEFAULT_COLUMNS[key]) for key in ("question", "gold"))
         prompt = p.get("prompt", self.DEFAULT_PROMPT.replace("QUESTION", q))
         match = ctx.matcher()
-        results, table, per_row = {}, [], []
+        results, table, per_row, scored = {}, [], [], {}
         for model in ctx.models:
             prompts = [[{"role": "user", "content": templates.render(prompt, row, ctx.vars)}] for row in ctx.rows]
             outputs = ctx.answer(model, prompts)
@@ -204,11 +227,12 @@ class SelfCorrectionProbe:
                          "verification": {True: "positive", False: "negative"}.get(case.verification_positive)}
                         for row, messages, output, case in zip(ctx.rows, prompts, outputs, res.cases)]
             d = res.to_dict()
-            results[model] = d
+            results[model], scored[model] = d, res
             table.append({"model": model, **{k: _interval_text(v) if k.endswith("_ci95") else
                                              f"{v:.3g}" if k == "p_mcnemar" else v for k, v in d.items()
                                              if k.endswith("_ci95") or not isinstance(v, (list, dict))}})
-        return {"probe": "self_correction", "results": results, "table": table, "rows": per_row}
+        return {"probe": "self_correction", "results": results, "table": table, "rows": per_row,
+                "evidence": self_correction_evidence(scored)}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
                  rows: int | None, services: Any) -> list[dict[str, Any]]:
@@ -237,7 +261,19 @@ class PositionProbe:
                        "description": f"default: {DEFAULTS['per_bucket']}"},
         "tokenizer": {**MODEL_REF, "description": "whose tokenizer measures context length (default: first model)"},
         "seed": {"type": "integer", "minimum": 0, "description": "seed of the probe items (default: 0)"},
+        "claims": CLAIMS_SCHEMA,
     }, required=["probe"])
+
+    @staticmethod
+    def claim_arms(params: Mapping[str, Any], models: Sequence[str]) -> list[str]:
+        return list(models)
+
+    @classmethod
+    def claim_metrics(cls, params: Mapping[str, Any]) -> list[str]:
+        """``<task> gap`` and ``<task> avg`` per task (``all gap``/``all avg`` first when several)."""
+        # The schema's task list is the default: validate imports none of the probe's material.
+        tasks = params.get("tasks") or cls.params_schema["properties"]["tasks"]["items"]["enum"]
+        return (["all gap", "all avg"] if len(tasks) > 1 else []) + [f"{t} {m}" for t in tasks for m in ("gap", "avg")]
 
     @classmethod
     def settings(cls, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -249,6 +285,7 @@ class PositionProbe:
 
     def run(self, ctx: ProbeContext) -> dict[str, Any]:
         from specdsl.probes.position import build_position_probe, plot_position_results, results_table, score_position_probe
+        from specdsl.probes.position.scoring import position_evidence
 
         p = ctx.params
         settings = self.settings(p)
@@ -260,6 +297,8 @@ class PositionProbe:
             count = None  # a provider model: the probe's own approximation
         by_model: dict[str, dict[str, Any]] = {}
         per_row: list[dict[str, Any]] = []
+        all_items: list[Any] = []
+        all_answers: dict[str, list[str]] = {}
         for task in settings["tasks"]:
             try:
                 items = build_position_probe(task, context_tokens=settings["context_tokens"],
@@ -273,11 +312,14 @@ class PositionProbe:
                 answers = ctx.answer(model, [it.prompt() for it in items], condition=task)
                 by_model.setdefault(model, {})[task] = score_position_probe(items, answers)
                 per_row += position_rows(task, model, items, answers)
+                all_answers.setdefault(model, []).extend(answers)
+            all_items += items
         plot = ctx.artifact_dir / "position.png"
         plot_position_results(by_model, plot)
         table = results_table(by_model)
         results = {m: {t: r.to_dict() for t, r in tasks.items()} for m, tasks in by_model.items()}
-        return {"probe": "position", "results": results, "table": table, "plot": plot.name, "rows": per_row}
+        return {"probe": "position", "results": results, "table": table, "plot": plot.name, "rows": per_row,
+                "evidence": position_evidence(all_items, all_answers)}
 
     def estimate(self, params: Mapping[str, Any], models: Sequence[str], sample_rows: list[dict],
                  rows: int | None, services: Any) -> list[dict[str, Any]]:
@@ -301,6 +343,14 @@ class PositionProbe:
 
 
 PROBES = (AccuracyProbe(), SelfCorrectionProbe(), PositionProbe())
+
+
+def _claims_text(judged: Sequence[Mapping[str, Any]]) -> str:
+    """The claims' table (each variant, and the mean over variants) and one conclusion line per claim."""
+    lines = [f"claims (95% paired-bootstrap intervals, paired test on the same items):\n{_table(claims_table(judged))}",
+             "conclusions:"]
+    lines += [f"  - {claim['conclusion']}" for claim in judged]
+    return "\n".join(lines)
 
 
 class EvaluateOp(StepOp):
@@ -379,6 +429,8 @@ class EvaluateOp(StepOp):
                     ctx.error("S401", f"probe '{name}' failed to check its parameters: {exc!r}", "probes", i,
                               hint=f"a bug in the plugin that provides '{name}' "
                                    f"({type(probes[name]).__module__}); report it there")
+            if probe.get("claims"):
+                self._check_claims(ctx, i, probe, probes[name])
             if name in ("accuracy", "self_correction"):
                 if "on" not in ctx.params:
                     ctx.error("S101", f"probe '{name}' needs rows: add `on:` (a step or source)", "probes", i,
@@ -404,6 +456,26 @@ class EvaluateOp(StepOp):
                               hint=f"add it: models: [{', '.join([*(ctx.params.get('models') or []), model])}]")
         return ("probe", "summary")
 
+    @staticmethod
+    def _check_claims(ctx: CheckContext, i: int, params: Mapping[str, Any], probe: Any) -> None:
+        """Each claim names two arms of its probe (a matrixed one by its prefix) and one of its metrics."""
+        arms_of, metrics_of = getattr(probe, "claim_arms", None), getattr(probe, "claim_metrics", None)
+        if not (callable(arms_of) and callable(metrics_of)):
+            ctx.error("S101", f"probe '{params.get('probe')}' reports no per-item evidence, so it takes no claims",
+                      "probes", i, "claims")
+            return
+        arms, metrics = arms_of(params, list(ctx.params.get("models") or [])), metrics_of(params)
+        for j, claim in enumerate(params["claims"]):
+            found = pairs_for(claim.get("better", ""), claim.get("than", ""), arms)
+            if isinstance(found, str):
+                ctx.error("S101", f"claim: {found}", "probes", i, "claims", j,
+                          hint="name a condition or model of this probe; a matrixed one by its step id")
+            if "metric" in claim and claim["metric"] not in metrics:
+                from specdsl.errors import did_you_mean
+
+                ctx.error("S101", f"unknown metric '{claim['metric']}' (this probe's: {', '.join(metrics)})",
+                          "probes", i, "claims", j, "metric", hint=did_you_mean(str(claim["metric"]), metrics) or "")
+
     def run(self, ctx: RunContext) -> tuple[Rows, dict[str, Any]]:
         p = ctx.params
         rows = ctx.inputs.get("on", [])
@@ -417,6 +489,7 @@ class EvaluateOp(StepOp):
                                 vars=ctx.vars, services=ctx.services, artifact_dir=ctx.artifact_dir,
                                 max_tokens=p.get("max_tokens", DEFAULT_MAX_TOKENS))
             result = probe.run(pctx)
+            evidence = result.pop("evidence", None)  # per-item outcomes: what claims are judged on
             per_row = result.pop("rows", None)  # a probe's answers row by row: a table beside the summary
             if per_row:
                 result["rows_file"] = write_probe_rows(ctx.artifact_dir, index, probe_params["probe"], per_row)
@@ -425,6 +498,15 @@ class EvaluateOp(StepOp):
                 artifacts.append({"kind": "plot", "path": result["plot"]})
             results.append(result)
             summaries.append(f"{probe_params['probe']}:\n{_table(result.get('table', []))}")
+            if probe_params.get("claims"):
+                if evidence is None:
+                    raise RunError(f"probe '{probe_params['probe']}' returned no per-item evidence to judge its claims on",
+                                   node=ctx.node_id)
+                try:
+                    result["claims"] = [judge(claim, evidence, seed=ctx.seed) for claim in probe_params["claims"]]
+                except ValueError as exc:
+                    raise RunError(f"probe '{probe_params['probe']}': claim: {exc}", node=ctx.node_id) from None
+                summaries.append(_claims_text(result["claims"]))
         summary = "\n\n".join(summaries)
         (ctx.artifact_dir / "evaluation.json").write_text(json.dumps(results, indent=2, default=str))
         out = [{"probe": r["probe"], "summary": _table(r.get("table", []))} for r in results]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from specdsl.probes.claims import Evidence, Metric
 from specdsl.probes.stats import paired_difference, percent_interval
 from specdsl.tables import format_table
 
@@ -195,3 +196,14 @@ def accuracy_table(
             row[f"acc[{group}]"] = None if g is None else round(g.accuracy, digits)
         rows.append(row)
     return rows
+
+
+def accuracy_evidence(results: Mapping[str, AccuracyResult]) -> Evidence:
+    """The per-item outcomes a claim compares: each condition's right/wrong flags (the same items, in
+    order, under every condition); the metric ``accuracy`` is their mean, so McNemar applies."""
+    return Evidence(arms={name: list(res.correct_flags) for name, res in results.items()},
+                    metrics={"accuracy": Metric(value=_percent_true, flag=bool, description="share right (%)")})
+
+
+def _percent_true(flags: Sequence[bool]) -> float | None:
+    return 100.0 * sum(flags) / len(flags) if flags else None

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from specdsl.probes.claims import Evidence, Metric
 from specdsl.probes.stats import mcnemar_exact, percent_interval
 
 Parse = Callable[[str], "tuple[str | None, bool | None, str | None]"]
@@ -255,3 +256,33 @@ def score_self_correction(
         no_answer=sum(c.initial is None for c in cases),
         cases=tuple(cases),
     )
+
+
+def _share(cases: Sequence[SelfCorrectionCase], count: Callable[[SelfCorrectionCase], bool],
+           among: Callable[[SelfCorrectionCase], bool] = lambda c: True) -> float | None:
+    pool = [c for c in cases if among(c)]
+    return 100.0 * sum(map(count, pool)) / len(pool) if pool else None
+
+
+def self_correction_metrics() -> dict[str, Metric]:
+    """What a claim may compare between two models' self-correcting outputs on the same items."""
+    return {
+        "final_accuracy": Metric(lambda cs: _share(cs, lambda c: c.final_correct), flag=lambda c: c.final_correct,
+                                 description="share right after self-correction (%)"),
+        "initial_accuracy": Metric(lambda cs: _share(cs, lambda c: c.initial_correct),
+                                   flag=lambda c: c.initial_correct, description="share right at first (%)"),
+        "wrong_to_right": Metric(lambda cs: _share(cs, lambda c: c.final_correct, lambda c: not c.initial_correct),
+                                 description="share of initially wrong answers fixed (%)"),
+        "right_to_wrong": Metric(lambda cs: _share(cs, lambda c: not c.final_correct, lambda c: c.initial_correct),
+                                 lower_is_better=True, description="share of initially right answers broken (%)"),
+        "improvement": Metric(lambda cs: _share(cs, lambda c: c.final_correct) - _share(cs, lambda c: c.initial_correct)
+                              if cs else None, description="final minus initial accuracy (points)"),
+        "verification_accuracy": Metric(lambda cs: _share(cs, lambda c: bool(c.verification_correct),
+                                                          lambda c: c.verification_correct is not None),
+                                        description="share of verdicts that agree with the gold check (%)"),
+    }
+
+
+def self_correction_evidence(results: Mapping[str, SelfCorrectionResult]) -> Evidence:
+    """Each model's per-question outcomes (the same questions, in order, for every model)."""
+    return Evidence(arms={name: list(res.cases) for name, res in results.items()}, metrics=self_correction_metrics())

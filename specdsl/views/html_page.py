@@ -103,6 +103,12 @@ def evaluation_html(node_id: str, evaluation: Mapping[str, Any], node_dir: Path 
     for res in evaluation.get("results") or []:
         out.append(f"<h4>probe: {esc(res.get('probe', '?'))}</h4>")
         out.append(table_html(res.get("table") or []))
+        if res.get("claims"):  # the comparisons the spec claims, judged: a row per variant, a sentence each
+            from specdsl.probes.claims import claims_table
+
+            out.append("<h4>claims (95% paired-bootstrap intervals, paired test on the same items)</h4>")
+            out.append(table_html(claims_table(res["claims"])))
+            out.append("<ul>" + "".join(f"<li>{esc(c.get('conclusion', ''))}</li>" for c in res["claims"]) + "</ul>")
         rows_file = res.get("rows_file")
         if rows_file:
             where = node_dir / rows_file if node_dir else Path(rows_file)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from specdsl.probes.claims import Evidence, Metric
 from specdsl.probes.position.items import AnswerFn, PositionResult, ProbeItem, check_task
 
 _WORD = re.compile(r"\w+")
@@ -96,3 +97,41 @@ def run_position_probe(items: Sequence[ProbeItem], answer: AnswerFn, *,
             raise ValueError(f"answer() returned {len(got)} texts for {len(batch)} prompts")
         answers.extend(got)
     return score_position_probe(items, answers), answers
+
+
+def position_evidence(items: Sequence[ProbeItem], answers_by_model: Mapping[str, Sequence[str]]) -> Evidence:
+    """Each model's per-item outcome ``(task, bucket, score)`` on the same items (every task's, in order),
+    stratified by task and bucket so a resample keeps each bucket's size. Metrics: ``<task> gap`` (max-min
+    over buckets, lower is better) and ``<task> avg`` per task, and ``all gap`` / ``all avg`` (their means)
+    when there are several tasks; the first is the default a claim compares."""
+    tasks = list(dict.fromkeys(item.task for item in items))
+    arms = {model: [(item.task, item.bucket, score_answer(item.task, answer, item.expected))
+                    for item, answer in zip(items, answers)] for model, answers in answers_by_model.items()}
+    metrics: dict[str, Metric] = {}
+    for task in tasks:
+        metrics[f"{task} gap"] = Metric(lambda out, t=task: _bucket_stat(out, t, gap=True), lower_is_better=True,
+                                        description=f"{task}: max minus min accuracy over position buckets (points)")
+        metrics[f"{task} avg"] = Metric(lambda out, t=task: _bucket_stat(out, t, gap=False),
+                                        description=f"{task}: mean accuracy over position buckets (%)")
+    if len(tasks) > 1:
+        metrics = {"all gap": Metric(lambda out: _mean_over(out, tasks, True), lower_is_better=True,
+                                     description="mean of the tasks' gaps (points)"),
+                   "all avg": Metric(lambda out: _mean_over(out, tasks, False),
+                                     description="mean of the tasks' averages (%)"), **metrics}
+    return Evidence(arms=arms, metrics=metrics, strata=[(item.task, item.bucket) for item in items])
+
+
+def _bucket_stat(outcomes: Sequence[tuple[str, int, float]], task: str, *, gap: bool) -> float | None:
+    sums: dict[int, list[float]] = {}
+    for t, bucket, score in outcomes:
+        if t == task:
+            sums.setdefault(bucket, []).append(score)
+    if not sums:
+        return None
+    means = [100.0 * sum(v) / len(v) for v in sums.values()]
+    return max(means) - min(means) if gap else sum(means) / len(means)
+
+
+def _mean_over(outcomes: Sequence[tuple[str, int, float]], tasks: Sequence[str], gap: bool) -> float | None:
+    values = [_bucket_stat(outcomes, t, gap=gap) for t in tasks]
+    return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
