@@ -467,3 +467,30 @@ def test_a_step_without_id_is_reported_at_that_step(tmp_path):
     spec.write_text(spec.read_text() + '  - map: {from: rows, columns: {q3: "{{ row.q }}"}}\n')
     errors = validate_errors(spec)
     assert [(e.code, e.pos.line) for e in errors] == [("S101", 8)], errors
+
+
+def test_two_nodes_with_one_fingerprint_are_computed_once_and_nothing_is_quarantined(tmp_path):
+    # Identical steps (as each seed's tokenize helper of a matrixed train step is) share a fingerprint:
+    # the second is the first's committed output, not a recomputation that moves the first aside.
+    (tmp_path / "rows.jsonl").write_text('{"id":"a","q":"x"}\n{"id":"b","q":"y"}\n')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("""\
+specdsl: 1
+name: same-twice
+sources:
+  rows: {path: rows.jsonl}
+steps:
+  - {id: one, map: {from: rows, columns: {u: "{{ row.q }}!"}}}
+  - {id: two, map: {from: rows, columns: {u: "{{ row.q }}!"}}}
+  - {id: out1, export: {from: one, path: out1}}
+  - {id: out2, export: {from: two, path: out2}}
+""")
+    plan = api.compile_spec(spec)
+    assert plan.node("one").fingerprint == plan.node("two").fingerprint
+    result = api.run_plan(plan, store_dir=tmp_path / "store", progress=False)
+    statuses = {n.id: n.status for n in result.nodes}
+    assert (statuses["one"], statuses["two"]) == ("ran", "cached")
+    expected = [{"id": "a", "q": "x", "u": "x!"}, {"id": "b", "q": "y", "u": "y!"}]
+    assert result.rows("two") == result.rows("one") == expected
+    assert not (tmp_path / "store" / "quarantine").exists() or not any((tmp_path / "store" / "quarantine").iterdir())
+    assert (tmp_path / "out2" / "data.jsonl").read_text() == (tmp_path / "out1" / "data.jsonl").read_text()

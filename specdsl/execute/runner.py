@@ -152,6 +152,9 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
                         executor=registry.executors[executor])
     outputs: dict[str, list[dict[str, Any]]] = {}
     tainted: set[str] = set()   # nodes whose output is incomplete: they and their dependents are not committed
+    # Fingerprints committed by this run. Two nodes can share one (a matrix variant's helper that does not
+    # depend on the varied value, e.g. each seed's tokenize node): the second is taken from the store.
+    committed: set[str] = set()
     started = time.time()
     evaluations: dict[str, Any] = {}
 
@@ -169,6 +172,8 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
         with display:
             for index, node in enumerate(selected):
                 t0 = time.monotonic()
+                if node.fingerprint in committed and only != node.id:
+                    cached.add(node.id)
                 if node.id in cached and only != node.id:
                     meta = store.meta(node.fingerprint)
                     reports.append(NodeReport(node.id, node.op, node.fingerprint, "cached", meta.get("rows"),
@@ -205,6 +210,7 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
                 report.seconds = time.monotonic() - t0
                 if report.status == "ran" and not upstream_tainted:
                     cached.add(node.id)  # committed this run: later nodes may read it from the store
+                    committed.add(node.fingerprint)
                 if report.status == "incomplete" or upstream_tainted:
                     tainted.add(node.id)
                     if report.status == "ran":
