@@ -211,6 +211,11 @@ def _evaluate(node: Any, table: Any, json_columns: set[str], variables: Mapping[
         return _column_kind(table.column(name))
     if isinstance(node, (nodes.Name, nodes.Getattr, nodes.Getitem)):
         return _constant_kind(_var_value(node, variables))
+    if isinstance(node, (nodes.Neg, nodes.Pos)):
+        value = _int(_evaluate(node.node, table, json_columns, variables))
+        if _magnitude(value) >= _INT_SAFE:
+            raise _NotVectorised("overflow")
+        return "int", (-value if isinstance(node, nodes.Neg) else value)
     if isinstance(node, nodes.Not):
         kind, value = _evaluate(node.node, table, json_columns, variables)
         if kind == "bool":
