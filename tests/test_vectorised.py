@@ -190,6 +190,7 @@ def _export(tmp_path, monkeypatch, rows, *, fmt, batch_rows, src="shaped", extra
     plan = api.compile_spec(folder / "spec.yaml", registry=registry)
     result = api.run_plan(plan, store_dir=folder / ".specdsl", registry=registry, progress=False)
     assert result.ok, [n.to_dict() for n in result.nodes]
+    _export.result = result
     return folder / "out"
 
 
@@ -233,11 +234,81 @@ def test_a_streamed_export_writes_what_a_whole_table_export_writes(tmp_path, mon
     assert (jsonl_small / "README.md").read_text() == (jsonl_whole / "README.md").read_text()
 
 
-def test_a_one_batch_parquet_export_is_byte_for_byte_a_whole_table_write(tmp_path, monkeypatch):
+@pytest.mark.parametrize("src", ["rows", "shaped"])
+def test_a_one_batch_parquet_export_is_byte_for_byte_a_whole_table_write(tmp_path, monkeypatch, src):
     from specdsl.ops.export import arrow_table
 
-    rows = EXPORT_ROWS[0]
-    out = _export(tmp_path, monkeypatch, rows, fmt="parquet", batch_rows=None, src="rows")
-    table, _json = arrow_table(rows)
+    out = _export(tmp_path, monkeypatch, EXPORT_ROWS[0], fmt="parquet", batch_rows=None, src=src)
+    table, _json = arrow_table(_export.result.rows(src))  # what the export wrote before it streamed
     pq.write_table(table, tmp_path / "whole.parquet")
     assert (out / "data.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("values", [
+    [[{"role": "user", "content": "a\n\"é😀"}, {"role": "assistant", "content": "b"}], None, []],
+    [[{"role": "user"}], [{"role": "user", "content": None}, None]],
+    [[{"content": "x", "role": "user"}], [{"role": "user", "content": "y"}]],
+    [[{"role": "user", "content": "x"}], [{"role": "user", "content": 3}]],
+    [[{"role": "user", "content": "x"}], [{"role": "user", "content": "y", "name": "z"}]],
+    [[{"type": "text", "text": "x"}], "plain", [{"type": "text", "text": "y"}]],
+    ["plain", "text"], [{"a": {"b": ["c"]}}, {"a": {"b": None}}], [[{"a": 1}]], [[], [{"a": "x"}]],
+    [{"a": "2020-01-01"}, {"a": "1"}],
+])
+def test_a_json_text_column_parsed_by_arrow_is_what_python_would_type(values):
+    from specdsl.ops.export import _typed, export_batch
+
+    batch = stored([{"id": str(i), "c": v} for i, v in enumerate(values)])
+    table, json_columns, _rows = export_batch(batch, None)
+    expected, as_json = _typed([v for v in values])
+    assert ("c" in json_columns) == as_json
+    assert table.column("c").type.equals(expected.type)
+    assert table.column("c").to_pylist() == expected.to_pylist()
+
+
+def _line_by_line(path, limit=None):
+    """The JSON-lines read before lines were parsed in chunks: one json call per line."""
+    from specdsl.errors import RunError
+    from specdsl.sources.files import _line_error, parse_json_line
+
+    rows = []
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = parse_json_line(line, lineno, "d.jsonl", _line_error)
+            if not isinstance(row, dict):
+                raise RunError(f"d.jsonl:{lineno}: each line must be a JSON object, not {type(row).__name__}")
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+GOOD = [json.dumps({"id": f"r{i}", "t": "é\n" * (i % 3), "x": [i, None, 1.5]}).encode() for i in range(11)]
+
+
+@pytest.mark.parametrize("lines, limit", [
+    (GOOD, None), (GOOD, 4), (GOOD[:5] + [b"", b"   "] + GOOD[5:], None),
+    (GOOD[:6] + [b'{"a": 1'] + GOOD[6:], None), (GOOD[:6] + [b'{"a": 1'] + GOOD[6:], 6),
+    (GOOD[:3] + [b"[1, 2]"] + GOOD[3:], None), (GOOD[:3] + [b'{"a": 1}, {"b": 2}'] + GOOD[3:], None),
+    (GOOD[:3] + [b'{"a": 1} {"b": 2}'] + GOOD[3:], None), (GOOD[:2] + [b'{"a": "\xff"}'] + GOOD[2:], None),
+    (GOOD[:2] + [b'{"a": "\xed\xa0\x80"}'] + GOOD[2:], None), ([b"\xef\xbb\xbf" + GOOD[0]] + GOOD[1:], None),
+    (GOOD[:4] + [b"1e999999", b'{"n": NaN}'] + GOOD[4:], None), (GOOD[:4] + [b"\x0c{}"], None),
+    (GOOD[:4] + [b"[" * 5000 + b"]" * 5000], None), ([b'{"n": ' + b"9" * 5000 + b"}"], None),
+])
+def test_json_lines_parsed_in_chunks_read_what_line_by_line_reads(tmp_path, monkeypatch, lines, limit):
+    from specdsl.errors import RunError
+    from specdsl.sources import files
+
+    monkeypatch.setattr(files, "_JSONL_LINES_PER_PARSE", 4)
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    try:
+        expected = _line_by_line(path, limit)
+    except RunError as exc:
+        expected = ("error", exc.message if hasattr(exc, "message") else str(exc))
+    try:
+        got = list(files._jsonl_records(path, limit, "d.jsonl"))
+    except RunError as exc:
+        got = ("error", exc.message if hasattr(exc, "message") else str(exc))
+    assert repr(got) == repr(expected)  # repr: NaN equals itself there

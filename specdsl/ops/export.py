@@ -223,6 +223,10 @@ def export_batch(batch: Batch, columns: list[str] | None) -> tuple[Any, list[str
         elif name not in stored_json and str(column.type) in _AS_INFERRED:
             arrays.append(column)
         else:
+            array = _parsed_json_column(column) if name in stored_json else None
+            if array is not None:
+                arrays.append(array)
+                continue
             values = column.to_pylist()
             if name in stored_json:
                 values = [None if v is None else json.loads(v) for v in values]
@@ -231,6 +235,50 @@ def export_batch(batch: Batch, columns: list[str] | None) -> tuple[Any, list[str
             if as_json:
                 json_columns.append(name)
     return pa.Table.from_arrays(arrays, names=list(names)) if names else pa.table({}), json_columns, None
+
+
+def _parsed_json_column(column: Any) -> Any | None:
+    """A stored JSON-text column (chat ``messages``) parsed by Arrow's JSON reader into the array
+    ``pa.array([json.loads(v) ...])`` gives, or None. The type is inferred from the first value, in Python,
+    and the reader is held to it: a value that does not fit it (another type, a key the first value lacks)
+    fails the read and the column is converted in Python. Only types of lists, dicts and strings are
+    read this way: for those, a value that fits gives what inference would."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+
+    first = next((v for v in column.chunk(0).to_pylist() if v is not None), None) if column.num_chunks else None
+    if first is None:
+        return None
+    try:
+        guessed = pa.array([json.loads(first)]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError, ValueError):
+        return None
+    if not _lists_dicts_strings(guessed):
+        return None
+    lines = pc.binary_join_element_wise(pa.scalar('{"v":'), pc.fill_null(column, pa.scalar("null")),
+                                        pa.scalar("}\n"), pa.scalar(""))
+    body = pc.binary_join(pa.array([lines.combine_chunks()], type=pa.list_(pa.string())), "")[0].as_py()
+    options = pj.ParseOptions(explicit_schema=pa.schema([("v", guessed)]), unexpected_field_behavior="error")
+    try:
+        parsed = pj.read_json(pa.py_buffer(body.encode("utf-8")), parse_options=options,
+                              read_options=pj.ReadOptions(block_size=len(body) + 1, use_threads=False))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    array = parsed.column("v").combine_chunks()
+    return array if len(array) == len(column) else None
+
+
+def _lists_dicts_strings(t: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_string(t):
+        return True
+    if pa.types.is_list(t):
+        return _lists_dicts_strings(t.value_type)
+    if pa.types.is_struct(t):
+        return t.num_fields > 0 and all(_lists_dicts_strings(t.field(i).type) for i in range(t.num_fields))
+    return False
 
 
 # Arrow types a column keeps through to_pylist() and pa.array() when it holds a non-null value.
