@@ -279,10 +279,17 @@ def rows_to_table(rows: Rows) -> tuple[Any, list[str]]:
     dicts or lists), or of values Arrow cannot type uniformly, as JSON text."""
     import pyarrow as pa
 
-    names = list(dict.fromkeys(k for row in rows for k in row))
+    from operator import itemgetter
+
+    # The distinct key orders first (rows of one table mostly share one): the columns in order of first
+    # appearance, and which columns every row has (read with a C-level getter, not a call per row).
+    shapes = list(dict.fromkeys(map(tuple, rows)))
+    names = list(dict.fromkeys(k for shape in shapes for k in shape))
+    everywhere = set(shapes[0]).intersection(*shapes[1:]) if shapes else set()
     arrays, json_columns = [], []
     for name in names:
-        array, as_json = column_as_stored([row.get(name) for row in rows])
+        values = list(map(itemgetter(name), rows)) if name in everywhere else [row.get(name) for row in rows]
+        array, as_json = column_as_stored(values)
         arrays.append(array)
         if as_json:
             json_columns.append(name)
