@@ -185,12 +185,14 @@ class _ExportTable:
             for batch, table, json_columns, rows in self.batches():
                 rows = rows if rows is not None else _selected(batch.rows(), self.columns)
                 fh.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
-                if agreed:  # the card's features: the schema a whole-table conversion would give
-                    merged = table.schema if schema is None else _merge_schemas(schema, table.schema)
-                    agreed = merged is not None and json_columns == (self.json_columns if schema is not None
-                                                                     else json_columns)
-                    schema, self.json_columns = merged, json_columns
-        if schema is None or not agreed:
+                if not agreed:  # the card's features: the schema a whole-table conversion would give
+                    continue
+                if schema is None:
+                    schema, self.json_columns = table.schema, json_columns
+                else:
+                    schema = _merge_schemas(schema, table.schema) if json_columns == self.json_columns else None
+                    agreed = schema is not None
+        if schema is None:  # no rows, or batches that disagree: typed whole, as before streaming
             rows = [row for batch in self.ctx.input_batches() for row in _selected(batch.rows(), self.columns)]
             table, self.json_columns = arrow_table(rows)
             schema = table.schema
