@@ -365,6 +365,8 @@ def render_many(source: str, rows: Sequence[Mapping[str, Any]], variables: Mappi
                    for part in fast]
     except Exception:  # noqa: BLE001 - some row needs Jinja: render row by row, the fast way where it can
         return [render(source, row, variables) for row in rows]
+    if not columns:  # the empty template
+        return [""] * len(rows)
     if len(columns) == 1:
         return list(columns[0]) if not isinstance(columns[0], repeat) else [fast[0]] * len(rows)
     return ["".join(parts) for parts in zip(*columns)] if rows else []

@@ -344,7 +344,7 @@ def line_of(spec: Path, needle: str) -> int:
 
 @pytest.mark.parametrize("old, new, needle", [
     ("      batch_size: 8\n", "      batch_size: 1000000000000000000000000\n", "batch_size: 1000"),
-    ("      max_steps: 12\n", "      max_steps: 12\n      gradient_accumulation: 100000000000000000000\n",
+    ("      max_length: 256\n", "      max_length: 256\n      gradient_accumulation: 100000000000000000000\n",
      "gradient_accumulation"),
 ])
 def test_huge_integers_are_out_of_range_at_their_line(tmp_path, old, new, needle):

@@ -94,6 +94,11 @@ def test_other_templates_take_the_jinja_path(source):
     assert templates._fast_parts(source) is None
 
 
+def test_the_empty_template_renders_an_empty_string_per_row():
+    assert templates.render_many("", [{"q": "x"}, {"q": "y"}], {}) == ["", ""]
+    assert templates.render_many("{# only a comment #}", [{"q": "x"}], {}) == [""]
+
+
 def test_comments_vanish_as_in_jinja():
     assert templates._fast_parts("{# note #}{{ row.q }}") is not None
     assert templates.render_many("{# note #}{{ row.q }}!", [{"q": "x"}], {}) == ["x!"]

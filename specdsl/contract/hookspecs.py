@@ -277,8 +277,12 @@ class OpDef(Protocol):
       ``ctx.template()``, so passes may reason about which columns it depends on.
     * ``row_parallel`` (False): stateless per row. The local executor runs it one batch of its input at a
       time (``ctx.rows`` is a batch; each batch of output is written as it comes, so peak memory is a
-      batch, not the table); another executor may run the batches in other processes or machines. An op
-      without it gets its whole input table.
+      batch, not the table); another executor may run the batches in other processes or machines.
+    * ``reads_batches`` (False): the op reads every row of its ``from`` input once, in order, but never
+      needs them all at once (``export``): ``run`` gets ``ctx.batches`` instead of ``ctx.rows``, and
+      ``ctx.input_batches()`` yields the input a :class:`specdsl.contract.ops.Batch` at a time, read from
+      the store as it goes. An op with neither ``row_parallel`` nor ``reads_batches`` gets its whole input
+      table (dedupe, interleave's sampling pool, evaluation): the table must fit in memory.
     * ``drops_rows`` (False, or a function of the step's params): it may output fewer rows than it reads,
       so the plan's estimates downstream of it are upper bounds.
     * ``spec_step`` (True): False for an op only the compiler places (``source``); steps cannot name it.
@@ -293,6 +297,12 @@ class OpDef(Protocol):
 
     * ``estimate(params, input_rows, services) -> Estimate | None``: what ``specdsl plan`` shows (see
       ``StepOp.estimate``); None passes the input's row count on.
+    * ``run_arrow(ctx, batch) -> Batch | None``: a ``row_parallel`` op's fast path on a batch read from
+      the store. ``batch.arrow()`` is ``(pyarrow.Table, json_columns)`` as the store holds it (columns of
+      nested values as JSON text); the op returns ``Batch.from_arrow(table, json_columns)``, exactly the
+      batch the store would keep for the rows ``run`` returns (the same values, types and JSON-text
+      columns), or None to have ``run`` called on ``batch.rows()`` instead. Ops without it are called
+      with rows, as before.
     * ``run_batches(ctx) -> Iterator[rows]``: an op that produces its output in batches itself (the
       built-in ``source``); the runner writes each batch as it comes and never calls ``run``.
     * ``expand(ctx) -> Sequence[HelperNode]``: nodes to put in front of the step when it is lowered

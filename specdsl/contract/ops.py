@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from specdsl.errors import ErrorSink, SourcePos, did_you_mean
 from specdsl import templates
@@ -128,9 +128,61 @@ class CheckContext:
             self.error(code, f"column '{name}' does not exist at this step", *keys, hint=hint)
 
 
+class Batch:
+    """Consecutive rows of a table, as the store holds them or as rows.
+
+    From the store a batch is an Arrow table whose ``json_columns`` hold JSON text (values of mixed or
+    nested shape; the store decodes them for rows); in memory it is a list of row dicts. :meth:`rows`
+    gives the rows either way (decoded once); :meth:`arrow` gives ``(table, json_columns)`` only for a
+    batch that is already Arrow (None for rows: converting them is not the op's business). An op's
+    ``run_arrow`` returns one built with :meth:`from_arrow`.
+    """
+
+    def __init__(self, *, rows: Rows | None = None, table: Any = None, json_columns: Sequence[str] = ()):
+        if (rows is None) == (table is None):
+            raise ValueError("a Batch holds rows or an Arrow table, not both")
+        self._rows, self._table, self.json_columns = rows, table, tuple(json_columns)
+
+    @classmethod
+    def from_rows(cls, rows: Rows) -> "Batch":
+        return cls(rows=rows)
+
+    @classmethod
+    def from_arrow(cls, table: Any, json_columns: Iterable[str] = ()) -> "Batch":
+        return cls(table=table, json_columns=tuple(json_columns))
+
+    def __len__(self) -> int:
+        return len(self._rows) if self._rows is not None else self._table.num_rows
+
+    def arrow(self) -> tuple[Any, tuple[str, ...]] | None:
+        return None if self._table is None else (self._table, self.json_columns)
+
+    def rows(self) -> Rows:
+        if self._rows is None:
+            self._rows = decode_json_columns(self._table.to_pylist(), self.json_columns)
+        return self._rows
+
+
+def decode_json_columns(rows: Rows, json_columns: Iterable[str]) -> Rows:
+    """``rows`` with the JSON text of ``json_columns`` parsed back (in place), as the store stores them."""
+    import json
+
+    json_columns = list(json_columns)
+    if json_columns:
+        for row in rows:
+            for c in json_columns:
+                if row.get(c) is not None:
+                    row[c] = json.loads(row[c])
+    return rows
+
+
 @dataclass
 class RunContext:
-    """What an op sees when it runs: upstream rows and the executor's services."""
+    """What an op sees when it runs: upstream rows and the executor's services.
+
+    ``batches`` is set, instead of ``inputs["from"]``, for an op that declares ``reads_batches``: called
+    with no argument it yields its input a :class:`Batch` at a time, in order (once per call).
+    """
 
     node_id: str
     params: Mapping[str, Any]
@@ -139,10 +191,20 @@ class RunContext:
     seed: int
     services: Any   # specdsl.execute.services.Services (kept loose to avoid an import cycle)
     artifact_dir: Path  # a private folder for this node's artifacts (models, plots); kept in the store
+    batches: Callable[[], Iterator[Batch]] | None = None
 
     @property
     def rows(self) -> Rows:
         return self.inputs.get("from", [])
+
+    def input_batches(self, size: int = 8192) -> Iterator[Batch]:
+        """The ``from`` input a batch at a time: the runner's batches, else ``ctx.rows`` in slices."""
+        if self.batches is not None:
+            yield from self.batches()
+            return
+        rows = self.rows
+        for start in range(0, len(rows), size):
+            yield Batch.from_rows(rows[start:start + size])
 
 
 class StepOp(abc.ABC):
@@ -159,6 +221,9 @@ class StepOp(abc.ABC):
     sink_op: bool = False                     # kept even when nothing reads its output
     reads_known: bool = False                 # reads only the columns it names via ctx.column()/ctx.template()
     row_parallel: bool = False                # stateless per row: an executor may run it on chunks of rows
+    # Reads its input once, in order, a batch at a time (``ctx.batches``) but needs every row (export): the
+    # runner streams the table to it instead of loading it whole.
+    reads_batches: bool = False
     # May output fewer rows than it reads (a filter, a dedupe), so plan estimates downstream of it are upper
     # bounds. A function of the step's params where they decide (a filter with `into:` keeps every row).
     drops_rows: bool | Callable[[Mapping[str, Any]], bool] = False

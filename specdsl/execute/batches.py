@@ -2,11 +2,11 @@
 
 A row-parallel op (``row_parallel = True``) runs on one batch of its input at a time and each batch of
 output goes to disk as it comes, so peak memory is set by the batch size, not by the table. The store's
-layout does not change: :class:`TableWriter` writes each batch as a Parquet part in the node's staging
-folder, then merges the parts into the one ``data.parquet`` (one row group per batch) that every reader
-already knows. A column may come out as JSON text in one batch (chat content that is sometimes a list of
-parts) and as a plain column in another: the merge stores it as JSON text throughout, as the store does
-for a whole table.
+layout does not change: :class:`TableWriter` writes each batch as a row group of the one
+``data.parquet`` that every reader already knows (through Parquet parts merged at the end when the
+batches' schemas differ). A column may come out as JSON text in one batch (chat content that is
+sometimes a list of parts) and as a plain column in another: the merge stores it as JSON text
+throughout, as the store does for a whole table.
 """
 
 from __future__ import annotations
@@ -38,21 +38,54 @@ def chunks(rows: list[dict[str, Any]], size: int) -> Iterator[Rows]:
 
 class TableWriter:
     """Writes a table batch by batch into ``folder``; :meth:`close` leaves ``folder/name`` and returns
-    (rows written, the columns stored as JSON text)."""
+    (rows written, the columns stored as JSON text).
+
+    While every batch has the first one's schema and JSON-text columns (the common case) the batches go
+    straight into ``name``, one row group each. The first batch that differs (a column that was all null
+    so far, one that became JSON text) turns what was written into the first part, and the rest are
+    written as parts that :meth:`close` merges under the unified schema.
+    """
 
     def __init__(self, folder: Path, name: str = "data.parquet"):
         self.folder, self.name = Path(folder), name
         self._parts: list[tuple[Path, list[str]]] = []
+        self._direct: Any = None            # the open pq.ParquetWriter while batches share a schema
+        self._direct_key: Any = None        # (schema, json columns) of that writer
         self.rows = 0
 
     def write(self, rows: Rows) -> None:
-        from specdsl.execute.store import write_table
+        """Write a batch of row dicts (stored as :func:`specdsl.execute.store.write_table` would)."""
+        from specdsl.execute.store import rows_to_table
 
         if not rows:
             return
+        table, json_columns = rows_to_table(rows)
+        self.write_arrow(table, json_columns)
+
+    def write_arrow(self, table: Any, json_columns: Iterable[str] = ()) -> None:
+        """Write a batch already in the store's form: an Arrow table whose ``json_columns`` hold JSON text."""
+        import pyarrow.parquet as pq
+
+        if table.num_rows == 0:
+            return
+        json_columns = [c for c in table.column_names if c in set(json_columns)]
+        key = (table.schema, tuple(json_columns))
+        self.rows += table.num_rows
+        if not self._parts and self._direct is None:
+            self._direct = pq.ParquetWriter(self.folder / self.name, table.schema)
+            self._direct_key = key
+        if self._direct is not None and key[1] == self._direct_key[1] and key[0].equals(self._direct_key[0]):
+            self._direct.write_table(table)
+            return
+        if self._direct is not None:  # the schema changed: what went straight in becomes the first part
+            self._direct.close()
+            self._direct = None
+            first = self.folder / ".part-000000.parquet"
+            os.replace(self.folder / self.name, first)
+            self._parts.append((first, list(self._direct_key[1])))
         part = self.folder / f".part-{len(self._parts):06d}.parquet"
-        self._parts.append((part, write_table(part, rows)))
-        self.rows += len(rows)
+        pq.write_table(table, part)
+        self._parts.append((part, json_columns))
 
     def add_part(self, part: Path, rows: int, json_columns: list[str]) -> None:
         """Take a part another process wrote (a Ray worker, with :func:`specdsl.execute.store.write_table`,
@@ -61,20 +94,21 @@ class TableWriter:
         self.rows += rows
 
     def close(self) -> list[str]:
-        """Merge the parts into one file (one row group per part); returns the JSON-text columns."""
+        """Finish the file (merging the parts under one schema, one row group per part); returns the
+        JSON-text columns."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from specdsl.execute.store import write_table
 
         target = self.folder / self.name
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+            return list(self._direct_key[1])
         if not self._parts:
             write_table(target, [])
             return []
-        if len(self._parts) == 1:  # the common small table: exactly what a whole-table write gives
-            part, json_columns = self._parts[0]
-            os.replace(part, target)
-            return json_columns
         json_columns = sorted({c for _part, cols in self._parts for c in cols})
         schemas = []
         for part, _cols in self._parts:  # footers only: the data is read once, below
@@ -87,11 +121,14 @@ class TableWriter:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
         with pq.ParquetWriter(target, schema) as writer:
             for part, cols in self._parts:
-                table = self._as_json(pq.ParquetFile(part).read(), cols, json_columns)
-                for name in schema.names:  # a column some batches lack is null there
-                    if name not in table.column_names:
-                        table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
-                writer.write_table(table.select(schema.names).cast(schema))
+                with pq.ParquetFile(part) as parquet:
+                    for group in range(parquet.num_row_groups):  # a batch at a time, never a whole part
+                        table = self._as_json(parquet.read_row_group(group), cols, json_columns)
+                        for name in schema.names:  # a column some batches lack is null there
+                            if name not in table.column_names:
+                                table = table.append_column(name, pa.nulls(table.num_rows,
+                                                                           schema.field(name).type))
+                        writer.write_table(table.select(schema.names).cast(schema))
                 part.unlink()
         return json_columns
 

@@ -23,11 +23,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from specdsl.errors import RunError, StopRun
 from specdsl.ir.plan import Plan, PlanNode
-from specdsl.contract.ops import RunContext
+from specdsl.contract.ops import Batch, RunContext
 from specdsl.execute.services import Services
 from specdsl.execute.store import Store
 
@@ -252,9 +252,11 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
             written = _run_in_batches(plan, node, op, services, staging, store, outputs)
             rows_out = written[0]
         else:
-            inputs = {param: load(src) for param, src in node.inputs}
+            batches = _input_batches(plan, node, store, outputs) if getattr(op, "reads_batches", False) and \
+                [param for param, _src in node.inputs] == ["from"] else None
+            inputs = {param: load(src) for param, src in node.inputs} if batches is None else {}
             ctx = RunContext(node_id=node.id, params=node.params, inputs=inputs, vars=plan.vars, seed=plan.seed,
-                             services=services, artifact_dir=staging)
+                             services=services, artifact_dir=staging, batches=batches)
             if getattr(op, "row_parallel", False) and not getattr(services.executor, "in_process", False) \
                     and len(inputs) == 1:
                 # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
@@ -320,7 +322,7 @@ def _streams(op: Any, node: PlanNode, services: Services) -> bool:
 def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, staging: Path, store: Store,
                     outputs: Mapping[str, list[dict[str, Any]]]) -> tuple[int, list[str]]:
     """Run a streaming node: each batch of output is written as it comes (peak memory: a batch)."""
-    from specdsl.execute.batches import TableWriter, batch_rows, chunks
+    from specdsl.execute.batches import TableWriter
 
     def context(rows: list[dict[str, Any]]) -> RunContext:
         return RunContext(node_id=node.id, params=node.params, inputs={"from": rows} if node.inputs else {},
@@ -333,17 +335,14 @@ def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, sta
     elif not getattr(services.executor, "in_process", False):
         return _run_streaming(plan, node, op, services, staging, store, outputs)
     else:
-        src = node.input("from")
-        size = batch_rows()
-        if src in outputs:  # already in memory (an upstream node computed whole this run)
-            batches = chunks(outputs[src], size)
-        else:
-            fingerprint = plan.node(src).fingerprint
-            if not store.has(fingerprint):
-                raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
-            batches = store.iter_batches(fingerprint, size)
-        for chunk in batches:
-            result = op.run(context(chunk))
+        run_arrow = getattr(op, "run_arrow", None)
+        for batch in _input_batches(plan, node, store, outputs)():
+            # An op's Arrow fast path takes a stored batch as it is (None: not this batch), else rows.
+            done = run_arrow(context([]), batch) if callable(run_arrow) and batch.arrow() is not None else None
+            if done is not None:
+                writer.write_arrow(*done.arrow())
+                continue
+            result = op.run(context(batch.rows()))
             writer.write(result[0] if isinstance(result, tuple) else result)
     return writer.rows, writer.close()
 
@@ -364,6 +363,28 @@ def _run_streaming(plan: Plan, node: PlanNode, op: Any, services: Services, stag
         raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
     return services.executor.run_streaming(fn, staging, batch_rows(), table=store.node_dir(fingerprint) / DATA,
                                            json_columns=store.meta(fingerprint).get("json_columns", []))
+
+
+def _input_batches(plan: Plan, node: PlanNode, store: Store,
+                   outputs: Mapping[str, list[dict[str, Any]]]) -> Callable[[], Iterator[Batch]]:
+    """The node's ``from`` input a batch at a time: slices of a table in memory (an upstream node computed
+    whole this run), else the stored table's row groups as Arrow."""
+    from specdsl.execute.batches import batch_rows, chunks
+
+    src = node.input("from")
+    size = batch_rows()
+
+    def batches() -> Iterator[Batch]:
+        if src in outputs:
+            for rows in chunks(outputs[src], size):
+                yield Batch.from_rows(rows)
+            return
+        fingerprint = plan.node(src).fingerprint
+        if not store.has(fingerprint):
+            raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
+        yield from store.iter_arrow_batches(fingerprint, size)
+
+    return batches
 
 
 def is_cached(plan: Plan, node: PlanNode, store: Store, registry: Any) -> bool:

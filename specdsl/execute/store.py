@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from specdsl.contract.ops import Batch, decode_json_columns
 from specdsl.errors import RunError
 
 Rows = list[dict[str, Any]]
@@ -164,6 +165,12 @@ class Store:
         meta = self.meta(fingerprint)
         yield from read_batches(d / DATA, meta.get("json_columns", []), size)
 
+    def iter_arrow_batches(self, fingerprint: str, size: int | None = None) -> Iterator[Batch]:
+        """A node's table a batch at a time as Arrow (:class:`Batch`, JSON-text columns kept as text)."""
+        d = self.node_dir(fingerprint)
+        meta = self.meta(fingerprint)
+        yield from read_arrow_batches(d / DATA, meta.get("json_columns", []), size)
+
     def clean_tmp(self, older_than_s: float = 0) -> list[Path]:
         """Remove staging folders no live process owns: the owner's pid (in the name) is gone, or, for a
         folder without one, it is older than ``older_than_s``. Returns what was removed."""
@@ -259,31 +266,71 @@ class RunLock:
 def write_table(path: Path, rows: Rows) -> list[str]:
     """Rows -> Parquet. Columns Arrow cannot type uniformly (chat content that is sometimes a string,
     sometimes a list of parts) are stored as JSON text and named in the returned list."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    table, json_columns = rows_to_table(rows)
+    pq.write_table(table, path)
+    return json_columns
+
+
+def rows_to_table(rows: Rows) -> tuple[Any, list[str]]:
+    """The Arrow table :func:`write_table` stores for ``rows``, and its JSON-text columns: columns in order
+    of first appearance (a row without one is null there); a column of nested values (dicts, lists of
+    dicts or lists), or of values Arrow cannot type uniformly, as JSON text."""
+    import pyarrow as pa
+
+    from operator import itemgetter
+
+    # The distinct key orders first (rows of one table mostly share one): the columns in order of first
+    # appearance, and which columns every row has (read with a C-level getter, not a call per row).
+    shapes = list(dict.fromkeys(map(tuple, rows)))
+    names = list(dict.fromkeys(k for shape in shapes for k in shape))
+    everywhere = set(shapes[0]).intersection(*shapes[1:]) if shapes else set()
+    arrays, json_columns = [], []
+    for name in names:
+        values = list(map(itemgetter(name), rows)) if name in everywhere else [row.get(name) for row in rows]
+        array, as_json = column_as_stored(values)
+        arrays.append(array)
+        if as_json:
+            json_columns.append(name)
+    return (pa.Table.from_arrays(arrays, names=names) if names else pa.table({})), json_columns
+
+
+def column_as_stored(values: list[Any]) -> tuple[Any, bool]:
+    """One column's values as the store keeps them: (Arrow array, False), or (JSON text, True) for nested
+    values or values Arrow cannot type uniformly."""
+    import pyarrow as pa
 
     from specdsl.execute.columns import plain_array, string_array
 
-    names: list[str] = []
-    for row in rows:
-        for k in row:
-            if k not in names:
-                names.append(k)
-    arrays, json_columns = [], []
-    for name in names:
-        values = [row.get(name) for row in rows]
-        try:
-            if any(_nested(v) for v in values):
-                raise TypeError("nested")  # structs would gain null keys on the way back: keep JSON exact
-            # A plain column is built from its buffers: pa.array would import pandas (see columns.py).
-            array = plain_array(values)
-            arrays.append(array if array is not None else pa.array(values))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
-            arrays.append(string_array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values]))
-            json_columns.append(name)
-    table = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
-    pq.write_table(table, path)
-    return json_columns
+    # A plain column is built from its buffers: pa.array would import pandas (see columns.py).
+    array = plain_array(values)
+    if array is not None:
+        return array, False
+    first = next((v for v in values if v is not None), None)
+    if _nested(first):  # a column with a nested value is JSON text whatever the rest (and pa.array: pandas)
+        return string_array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values]), True
+    try:
+        array = pa.array(values)
+        if _nested_type(array.type):
+            raise TypeError("nested")  # structs would gain null keys on the way back: keep JSON exact
+        return array, False
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
+        return string_array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values]), True
+
+
+def _nested_type(t: Any) -> bool:
+    """The Arrow type inferred for a column holds a dict, or a list holding a dict or a list: what the rows'
+    values are exactly when one is ``_nested`` (type inference is C; the check per value was Python)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t) or pa.types.is_map(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = t.value_type
+        return pa.types.is_struct(inner) or pa.types.is_map(inner) or pa.types.is_list(inner) \
+            or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner)
+    return False
 
 
 def _nested(value: Any) -> bool:
@@ -293,28 +340,24 @@ def _nested(value: Any) -> bool:
 def read_table(path: Path, json_columns: Iterable[str] = ()) -> Rows:
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as parquet:  # not pq.read_table: it imports pyarrow.dataset and pandas
-        rows = parquet.read().to_pylist()
-    json_columns = list(json_columns)
-    if json_columns:
-        for row in rows:
-            for c in json_columns:
-                if row.get(c) is not None:
-                    row[c] = json.loads(row[c])
-    return rows
+    with pq.ParquetFile(path) as parquet:  # not pq.read_table: that imports pyarrow.dataset and pandas
+        table = parquet.read()
+    return decode_json_columns(table.to_pylist(), json_columns)
 
 
 def read_batches(path: Path, json_columns: Iterable[str] = (), size: int | None = None) -> Iterator[Rows]:
     """A stored table's rows, ``size`` at a time (default 8192), JSON-text columns decoded."""
+    for batch in read_arrow_batches(path, json_columns, size):
+        yield batch.rows()
+
+
+def read_arrow_batches(path: Path, json_columns: Iterable[str] = (), size: int | None = None) -> Iterator[Batch]:
+    """A stored table ``size`` rows at a time (default 8192) as Arrow :class:`Batch` es, JSON text kept."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    json_columns = list(json_columns)
+    json_columns = tuple(json_columns)
     with pq.ParquetFile(path) as parquet:
         for batch in parquet.iter_batches(batch_size=size or 8192):
-            rows = batch.to_pylist()
-            if json_columns:
-                for row in rows:
-                    for c in json_columns:
-                        if row.get(c) is not None:
-                            row[c] = json.loads(row[c])
-            yield rows
+            yield Batch.from_arrow(pa.Table.from_batches([batch]), [c for c in json_columns
+                                                                     if c in batch.schema.names])

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from specdsl.contract.ops import STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
+from specdsl.contract.ops import STEP_REF, Batch, CheckContext, Rows, RunContext, StepOp, obj_schema
 from specdsl.ops.outputs import (ALLOW_OUTSIDE, OutputWriter, check_output_path, outputs_current, record_summary,
                                  resolve_output_dir, run_error)
 
@@ -36,6 +36,7 @@ class ExportOp(StepOp):
     kind = "export"
     description = "write a table to a folder beside the spec (JSONL or Parquet), with a dataset card"
     sink_op = True
+    reads_batches = True  # every row, once, in order: streamed a batch at a time (see _ExportTable)
     params_schema = obj_schema({
         "from": {**STEP_REF, "description": "the step, source or helper node (`sft.tokens`) to export"},
         "path": {"type": "string", "minLength": 1,
@@ -72,36 +73,246 @@ class ExportOp(StepOp):
         node = plan.node(ctx.node_id)
         out_dir = resolve_output_dir(plan.spec_file, p["path"], allow_outside=bool(p.get("allow_outside")),
                                      node=ctx.node_id)
-        rows = ctx.rows
-        if p.get("columns"):
-            rows = [{k: r.get(k) for k in p["columns"]} for r in rows]
         fmt = p.get("format", "jsonl")
         data_name = f"data.{fmt}"
-        table, json_columns = arrow_table(rows)
+        table = _ExportTable(ctx, p.get("columns"))
         writer = OutputWriter(out_dir, node=ctx.node_id, fingerprint=node.fingerprint, spec_file=plan.spec_file)
         writer.plan([data_name] + ([CARD] if p.get("card", True) else []))
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if fmt == "jsonl":
-                writer.write_with(data_name, lambda tmp: _write_jsonl(tmp, rows))
-            else:
-                import pyarrow.parquet as pq
-
-                writer.write_with(data_name, lambda tmp: pq.write_table(table, tmp))
+            writer.write_with(data_name, table.write_jsonl if fmt == "jsonl" else table.write_parquet)
             if p.get("card", True):
-                writer.write_text(CARD, dataset_card(ctx, rows, table.schema, fmt, writer.files[data_name]["size"],
-                                                     json_columns if fmt == "parquet" else []))
-            record = writer.finish({"format": fmt, "rows": len(rows)})
+                writer.write_text(CARD, dataset_card(ctx, table.stats, table.schema, fmt,
+                                                     writer.files[data_name]["size"],
+                                                     table.json_columns if fmt == "parquet" else []))
+            record = writer.finish({"format": fmt, "rows": table.rows})
         except OSError as exc:
             raise run_error(exc, out_dir, ctx.node_id) from None
         target = out_dir / data_name
-        return [{"path": str(target), "rows": len(rows)}], {"artifacts": [record_summary(out_dir, record, "export")]}
+        return [{"path": str(target), "rows": table.rows}], {"artifacts": [record_summary(out_dir, record, "export")]}
 
 
-def _write_jsonl(path: Path, rows: Rows) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+class _ExportTable:
+    """The exported table, read a batch at a time (``ctx.input_batches()``) and written as it comes:
+    peak memory is a batch, not the table.
+
+    The file is what one whole-table write gives (:func:`arrow_table` over every row): the same rows, the
+    same schema. A column's type is inferred per batch; a column that is all null in the batches so far
+    and typed in a later one is typed so in every batch (the writing starts over, streaming again, with
+    the merged schema). A table whose batches disagree otherwise (a column that is an integer in one
+    batch and text in another, or JSON text only in some) is the documented limit: it is converted
+    whole, as before streaming.
+    """
+
+    def __init__(self, ctx: RunContext, columns: list[str] | None):
+        self.ctx, self.columns = ctx, list(dict.fromkeys(columns)) if columns else None
+        self.schema: Any = None
+        self.json_columns: list[str] = []
+        self.rows = 0
+        self.stats: dict[str, Any] = {}
+
+    def batches(self) -> Iterator[tuple[Batch, Any, list[str], Rows | None]]:
+        """(input batch, Arrow table as exported, its JSON-text columns, its selected rows when they were
+        decoded) per batch; the card's row and token counts are tallied on the way."""
+        self.rows, first, tokens, trained = 0, True, 0, 0
+        for batch in self.ctx.input_batches():
+            if not len(batch):
+                continue
+            table, json_columns, rows = export_batch(batch, self.columns)
+            if first:
+                names = list(rows[0]) if rows is not None else table.column_names
+                counts = "n_tokens" in names
+                first = False
+            if counts:
+                tokens += sum(v or 0 for v in _values(table, rows, "n_tokens"))
+                trained += sum(v or 0 for v in _values(table, rows, "n_trained"))
+            self.rows += table.num_rows
+            yield batch, table, json_columns, rows
+        self.stats = {"rows": self.rows}
+        if not first and counts:
+            self.stats.update(tokens=tokens, trained_tokens=trained,
+                              share_trained=round(trained / max(tokens, 1), 4))
+
+    def write_parquet(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        target: Any = None  # the schema every batch is cast to, once a batch disagreed with the first
+        while True:
+            writer, restart = None, False
+            try:
+                for _batch, table, json_columns, _rows in self.batches():
+                    if writer is None:
+                        self.schema, self.json_columns = target or table.schema, json_columns
+                        writer = pq.ParquetWriter(path, self.schema)
+                    merged = _merge_schemas(self.schema, table.schema) \
+                        if json_columns == self.json_columns else None
+                    if merged is None:
+                        writer.close()
+                        writer = None
+                        self._write_whole_parquet(path)
+                        return
+                    if not merged.equals(self.schema):
+                        target, restart = merged, True  # all-null so far, typed now: start over with the type
+                        break
+                    writer.write_table(table if table.schema.equals(self.schema) else table.cast(self.schema))
+            finally:
+                if writer is not None:
+                    writer.close()
+            if not restart:
+                break
+        if self.schema is None:  # no rows: what a whole-table write of none gives
+            table, self.json_columns = arrow_table([])
+            self.schema = table.schema
+            pq.write_table(table, path)
+
+    def _write_whole_parquet(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        rows = [row for batch in self.ctx.input_batches() for row in _selected(batch.rows(), self.columns)]
+        table, self.json_columns = arrow_table(rows)
+        self.schema = table.schema
+        pq.write_table(table, path)
+        self.rows, self.stats = len(rows), {"rows": len(rows)}
+        if rows and "n_tokens" in rows[0]:
+            tokens = sum(r.get("n_tokens") or 0 for r in rows)
+            trained = sum(r.get("n_trained") or 0 for r in rows)
+            self.stats.update(tokens=tokens, trained_tokens=trained, share_trained=round(trained / max(tokens, 1), 4))
+
+    def write_jsonl(self, path: Path) -> None:
+        schema: Any = None
+        agreed = True
+        with path.open("w", encoding="utf-8") as fh:
+            for batch, table, json_columns, rows in self.batches():
+                rows = rows if rows is not None else _selected(batch.rows(), self.columns)
+                fh.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+                if not agreed:  # the card's features: the schema a whole-table conversion would give
+                    continue
+                if schema is None:
+                    schema, self.json_columns = table.schema, json_columns
+                else:
+                    schema = _merge_schemas(schema, table.schema) if json_columns == self.json_columns else None
+                    agreed = schema is not None
+        if schema is None:  # no rows, or batches that disagree: typed whole, as before streaming
+            rows = [row for batch in self.ctx.input_batches() for row in _selected(batch.rows(), self.columns)]
+            table, self.json_columns = arrow_table(rows)
+            schema = table.schema
+        self.schema = schema
+
+
+def export_batch(batch: Batch, columns: list[str] | None) -> tuple[Any, list[str], Rows | None]:
+    """One input batch as :func:`arrow_table` converts its rows: (table, JSON-text columns, rows or None).
+
+    A stored batch's plain columns are taken as they are where a conversion through Python would give
+    the same array (a scalar column with a value; a column of nulls only becomes Arrow's null type), so
+    only nested or JSON-text columns (``messages``) pay a Python object per value."""
+    import pyarrow as pa
+
+    stored = batch.arrow()
+    if stored is None:
+        rows = _selected(batch.rows(), columns)
+        table, json_columns = arrow_table(rows)
+        return table, json_columns, rows
+    table, stored_json = stored
+    names = columns or table.column_names
+    arrays, json_columns = [], []
+    for name in names:
+        if name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows))
+            continue
+        column = table.column(name)
+        if column.null_count == len(column):
+            arrays.append(pa.nulls(table.num_rows))
+        elif name not in stored_json and str(column.type) in _AS_INFERRED:
+            arrays.append(column)
+        else:
+            array = _parsed_json_column(column) if name in stored_json else None
+            if array is not None:
+                arrays.append(array)
+                continue
+            values = column.to_pylist()
+            if name in stored_json:
+                values = [None if v is None else json.loads(v) for v in values]
+            array, as_json = _typed(values)
+            arrays.append(array)
+            if as_json:
+                json_columns.append(name)
+    return pa.Table.from_arrays(arrays, names=list(names)) if names else pa.table({}), json_columns, None
+
+
+def _parsed_json_column(column: Any) -> Any | None:
+    """A stored JSON-text column (chat ``messages``) parsed by Arrow's JSON reader into the array
+    ``pa.array([json.loads(v) ...])`` gives, or None. The type is inferred from the first value, in Python,
+    and the reader is held to it: a value that does not fit it (another type, a key the first value lacks)
+    fails the read and the column is converted in Python. Only types of lists, dicts and strings are
+    read this way: for those, a value that fits gives what inference would."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+
+    first = next((v for v in column.chunk(0).to_pylist() if v is not None), None) if column.num_chunks else None
+    if first is None:
+        return None
+    try:
+        guessed = pa.array([json.loads(first)]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError, ValueError):
+        return None
+    if not _lists_dicts_strings(guessed):
+        return None
+    lines = pc.binary_join_element_wise(pa.scalar('{"v":'), pc.fill_null(column, pa.scalar("null")),
+                                        pa.scalar("}\n"), pa.scalar(""))
+    body = pc.binary_join(pa.array([lines.combine_chunks()], type=pa.list_(pa.string())), "")[0].as_py()
+    options = pj.ParseOptions(explicit_schema=pa.schema([("v", guessed)]), unexpected_field_behavior="error")
+    try:
+        parsed = pj.read_json(pa.py_buffer(body.encode("utf-8")), parse_options=options,
+                              read_options=pj.ReadOptions(block_size=len(body) + 1, use_threads=False))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    array = parsed.column("v").combine_chunks()
+    return array if len(array) == len(column) else None
+
+
+def _lists_dicts_strings(t: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_string(t):
+        return True
+    if pa.types.is_list(t):
+        return _lists_dicts_strings(t.value_type)
+    if pa.types.is_struct(t):
+        return t.num_fields > 0 and all(_lists_dicts_strings(t.field(i).type) for i in range(t.num_fields))
+    return False
+
+
+# Arrow types a column keeps through to_pylist() and pa.array() when it holds a non-null value.
+_AS_INFERRED = frozenset({"int64", "double", "bool", "string"})
+
+
+def _merge_schemas(current: Any, new: Any) -> Any:
+    """The schema a whole-table conversion gives for two batches': the same where they agree, a batch's
+    type where the other's column is all null; None where they disagree otherwise."""
+    import pyarrow as pa
+
+    if current.names != new.names:
+        return None
+    fields = []
+    for a, b in zip(current, new):
+        if a.type.equals(b.type) or pa.types.is_null(b.type):
+            fields.append(a)
+        elif pa.types.is_null(a.type):
+            fields.append(b)
+        else:
+            return None
+    return pa.schema(fields)
+
+
+def _selected(rows: Rows, columns: list[str] | None) -> Rows:
+    return [{k: r.get(k) for k in columns} for r in rows] if columns else rows
+
+
+def _values(table: Any, rows: Rows | None, name: str) -> list[Any]:
+    if rows is not None:
+        return [r.get(name) for r in rows]
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
 
 
 def arrow_table(rows: Rows) -> tuple[Any, list[str]]:
@@ -112,14 +323,22 @@ def arrow_table(rows: Rows) -> tuple[Any, list[str]]:
     names = list(dict.fromkeys(k for row in rows for k in row))
     arrays, json_columns = [], []
     for name in names:
-        values = [row.get(name) for row in rows]
-        try:
-            arrays.append(pa.array(values))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
-            arrays.append(pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
-                                    for v in values], type=pa.string()))
+        array, as_json = _typed([row.get(name) for row in rows])
+        arrays.append(array)
+        if as_json:
             json_columns.append(name)
     return (pa.Table.from_arrays(arrays, names=names) if names else pa.table({})), json_columns
+
+
+def _typed(values: list[Any]) -> tuple[Any, bool]:
+    """(the Arrow array of ``values``, False), or (their JSON text, True) when Arrow cannot type them."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values), False
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                         for v in values], type=pa.string()), True
 
 
 def features_yaml(schema: Any) -> list[dict[str, Any]]:
@@ -144,7 +363,9 @@ def task_categories(params: Mapping[str, Any], columns: list[str]) -> list[str]:
     return sorted({task for col, task in _TASKS_BY_COLUMN if col in columns})
 
 
-def dataset_card(ctx: RunContext, rows: Rows, schema: Any, fmt: str, num_bytes: int, json_columns: list[str]) -> str:
+def dataset_card(ctx: RunContext, stats: Mapping[str, Any], schema: Any, fmt: str, num_bytes: int,
+                 json_columns: list[str]) -> str:
+    """The README.md of an export: ``stats`` are the rows (and, for a tokenized table, the token counts)."""
     import yaml
 
     plan = ctx.services.plan
@@ -160,14 +381,9 @@ def dataset_card(ctx: RunContext, rows: Rows, schema: Any, fmt: str, num_bytes: 
         front["task_categories"] = tasks
     front["tags"] = ["specdsl", "synthetic"]
     front["dataset_info"] = {"features": features_yaml(schema),
-                             "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": len(rows)}],
+                             "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": stats["rows"]}],
                              "dataset_size": num_bytes}
     front["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": f"data.{fmt}"}]}]
-    stats: dict[str, Any] = {"rows": len(rows)}
-    if rows and "n_tokens" in rows[0]:
-        stats["tokens"] = sum(r.get("n_tokens") or 0 for r in rows)
-        stats["trained_tokens"] = sum(r.get("n_trained") or 0 for r in rows)
-        stats["share_trained"] = round(stats["trained_tokens"] / max(stats["tokens"], 1), 4)
     mask_policy = next((n.params.get("loss", "assistant") for n in plan.nodes if n.op == "train"), None)
     lineage = plan.ancestors(node.id)
     lines = [

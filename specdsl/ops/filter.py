@@ -6,7 +6,8 @@ from typing import Any, Mapping
 
 from specdsl import templates
 from specdsl.errors import RunError
-from specdsl.contract.ops import COLUMN, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+from specdsl.contract.ops import (COLUMN, STEP_REF, TEMPLATE, Batch, CheckContext, Rows, RunContext, StepOp,
+                                  obj_schema)
 
 MATCH_SCHEMA = {
     "type": "object",
@@ -92,6 +93,25 @@ class FilterOp(StepOp):
         if p.get("into"):
             return [{**row, p["into"]: verdict} for row, verdict in zip(rows, verdicts)]
         return [row for row, verdict in zip(rows, verdicts) if verdict == want]
+
+    def run_arrow(self, ctx: RunContext, batch: Batch) -> Batch | None:
+        """A ``where:``-only filter whose condition is vectorised (specdsl.ops.vectorised), on a stored
+        batch: the rows :meth:`run` keeps, as the store would keep them; None for any other filter."""
+        import pyarrow as pa
+
+        from specdsl.ops.vectorised import as_stored, condition_mask, with_columns
+
+        p = ctx.params
+        if p.get("match") or not p.get("where"):
+            return None
+        table, json_columns = batch.arrow()
+        mask = condition_mask(p["where"], table, json_columns, ctx.vars)
+        if mask is None:
+            return None
+        if p.get("into"):
+            return Batch.from_arrow(*with_columns(table, json_columns, {p["into"]: pa.array(mask, pa.bool_())}))
+        keep = mask if p.get("keep", "matched") == "matched" else ~mask
+        return Batch.from_arrow(*as_stored(table.filter(pa.array(keep, pa.bool_())), json_columns))
 
     def _run_rows(self, ctx: RunContext) -> Rows:
         from specdsl.designs.matchers import match_answer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from specdsl import templates
 from specdsl.errors import RunError
-from specdsl.contract.ops import STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+from specdsl.contract.ops import STEP_REF, TEMPLATE, Batch, CheckContext, Rows, RunContext, StepOp, obj_schema
 
 
 class FormatOp(StepOp):
@@ -60,6 +60,38 @@ class FormatOp(StepOp):
                 new["completion"] = rendered["completion"][i]
             out.append(new)
         return out
+
+    def run_arrow(self, ctx: RunContext, batch: Batch) -> Batch | None:
+        """Every template vectorised (specdsl.ops.vectorised) on a stored batch: the rows :meth:`run` gives,
+        as the store would keep them (``messages`` as the JSON text the store writes for a list of dicts,
+        built without a Python object per row); None when a template is not."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from specdsl.ops.vectorised import json_string_array, render_column, with_columns
+
+        p = ctx.params
+        to = p.get("to", "chat")
+        table, json_columns = batch.arrow()
+        keys = (("system",) if p.get("system") else ()) + ("user", "assistant") if to == "chat" \
+            else ("prompt", "completion")
+        rendered = {}
+        for key in keys:
+            rendered[key] = render_column(p[key], table, json_columns, ctx.vars)
+            if rendered[key] is None:
+                return None
+        if to != "chat":
+            return Batch.from_arrow(*with_columns(table, json_columns, rendered))
+        pieces: list = []
+        for i, key in enumerate(keys):  # json.dumps([{"role": ..., "content": ...}, ...], ensure_ascii=False)
+            escaped = json_string_array(rendered[key])
+            if escaped is None:
+                return None
+            opening = "[" if i == 0 else ", "
+            pieces += [pa.scalar(f'{opening}{{"role": "{key}", "content": "'), escaped, pa.scalar('"}')]
+        pieces.append(pa.scalar("]"))
+        messages = pc.binary_join_element_wise(*pieces, pa.scalar(""))
+        return Batch.from_arrow(*with_columns(table, json_columns, {"messages": messages}, new_json=["messages"]))
 
     def _run_rows(self, ctx: RunContext) -> Rows:
         p = ctx.params

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from specdsl.errors import RunError
 from specdsl import templates
-from specdsl.contract.ops import COLUMN, STEP_REF, TEMPLATE, CheckContext, Rows, RunContext, StepOp, obj_schema
+from specdsl.contract.ops import (COLUMN, STEP_REF, TEMPLATE, Batch, CheckContext, Rows, RunContext, StepOp,
+                                  obj_schema)
 
 
 class MapOp(StepOp):
@@ -40,6 +41,19 @@ class MapOp(StepOp):
                 new[name] = values[i]
             out.append(new)
         return out
+
+    def run_arrow(self, ctx: RunContext, batch: Batch) -> Batch | None:
+        """Every column's template vectorised (specdsl.ops.vectorised) on a stored batch: the rows
+        :meth:`run` gives, as the store would keep them; None when a template is not."""
+        from specdsl.ops.vectorised import render_column, with_columns
+
+        table, json_columns = batch.arrow()
+        new = {}
+        for name, text in ctx.params["columns"].items():
+            new[name] = render_column(text, table, json_columns, ctx.vars)
+            if new[name] is None:
+                return None
+        return Batch.from_arrow(*with_columns(table, json_columns, new))
 
     def _run_rows(self, ctx: RunContext) -> Rows:
         out = []
