@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from specdsl.probes.stats import BOOTSTRAP_RESAMPLES, _percentile, mcnemar_exact
+from specdsl.probes.stats import BOOTSTRAP_RESAMPLES, _percentile, mcnemar_exact, significant
 
 ALPHA = 0.05
 
@@ -110,11 +110,6 @@ def _resample(n: int, strata: Sequence[Any] | None, rng: random.Random) -> list[
     return [g[rng.randrange(len(g))] for g in groups.values() for _ in g]
 
 
-def _significant(p: float) -> float:
-    """A p-value to 3 significant digits (rounding to 4 decimals would print 2e-6 as 0)."""
-    return float(f"{p:.3g}")
-
-
 def _p_text(p: float) -> str:
     return f"{p:.3g}"
 
@@ -161,7 +156,7 @@ def judge(claim: Mapping[str, Any], evidence: Evidence, *, seed: int = 0,
             flags_b = [metric.flag(o) for o in evidence.arms[p.than]]
             only_a = sum(x and not y for x, y in zip(flags_a, flags_b))
             only_b = sum(y and not x for x, y in zip(flags_a, flags_b))
-            exact = {"test": "McNemar exact", "p": _significant(mcnemar_exact(only_a, only_b)),
+            exact = {"test": "McNemar exact", "p": significant(mcnemar_exact(only_a, only_b)),
                      "only_better_right": only_a, "only_than_right": only_b}
         row = _row(p.label or "-", n, value(p.better, None), value(p.than, None), gain(p.better, p.than, None),
                    p.values, sign, exact)
@@ -211,7 +206,7 @@ def _row(label: str, n: int, value_a: float | None, value_b: float | None, gain:
         verdict = "not resolved"
     return {"variant": label, "n": n, "better_value": None if value_a is None else round(value_a, 2),
             "than_value": None if value_b is None else round(value_b, 2), "diff": diff, "ci95": interval,
-            "test": test, "p": _significant(p), "verdict": verdict, **{k: v for k, v in (exact or {}).items()
+            "test": test, "p": significant(p), "verdict": verdict, **{k: v for k, v in (exact or {}).items()
                                                                   if k not in ("test", "p")}}
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from specdsl.probes.claims import Evidence, Metric
-from specdsl.probes.stats import mcnemar_exact, percent_interval
+from specdsl.probes.stats import mcnemar_exact, percent_interval, significant
 
 Parse = Callable[[str], "tuple[str | None, bool | None, str | None]"]
 Match = Callable[[str, str], bool]
@@ -169,7 +169,7 @@ class SelfCorrectionResult:
             "final_ci95": percent_interval(finally_right, self.n),
             "wrong_to_right_ci95": percent_interval(self.wrong_to_right, self.n - initially_right),
             "right_to_wrong_ci95": percent_interval(self.right_to_wrong, initially_right),
-            "p_mcnemar": round(mcnemar_exact(self.wrong_to_right, self.right_to_wrong), 4),
+            "p_mcnemar": significant(mcnemar_exact(self.wrong_to_right, self.right_to_wrong)),
         }
 
     def to_dict(self, *, with_cases: bool = False) -> dict:

@@ -84,7 +84,7 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], *, seed: int = 0,
     return {"n": n, "diff": round(100.0 * sum(diffs) / n, 2),
             "ci95": [round(_percentile(means, 0.025), 1), round(_percentile(means, 0.975), 1)],
             "only_this_right": only_a, "only_other_right": only_b,
-            "p_mcnemar": round(mcnemar_exact(only_a, only_b), 4)}
+            "p_mcnemar": significant(mcnemar_exact(only_a, only_b))}
 
 
 def bootstrap_interval(groups: Sequence[Sequence[float]], statistic: Callable[[list[list[float]]], float], *,
@@ -102,3 +102,8 @@ def max_min_gap(groups: list[list[float]]) -> float:
     """The spread of the groups' means: max minus min (the position probe's gap)."""
     means = [sum(g) / len(g) for g in groups]
     return max(means) - min(means)
+
+
+def significant(p: float) -> float:
+    """A p-value to 3 significant digits (rounding to 4 decimals would print 2e-6 as 0)."""
+    return float(f"{p:.3g}")
