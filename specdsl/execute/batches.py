@@ -36,6 +36,27 @@ def chunks(rows: list[dict[str, Any]], size: int) -> Iterator[Rows]:
         yield rows[start:start + size]
 
 
+def canonical_schema(schema: Any) -> Any:
+    """``schema`` with every list's item field named ``item``, as ``pyarrow.array`` names it. A table read
+    back from Parquet names it ``element``; without this, the same rows written from Python rows or from
+    stored batches (the Arrow fast paths, a Ray worker's parts) would differ in the file's bytes."""
+    import pyarrow as pa
+
+    def fix(t: Any) -> Any:
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            item = t.value_field
+            field = pa.field("item", fix(item.type), item.nullable, item.metadata)
+            return pa.large_list(field) if pa.types.is_large_list(t) else pa.list_(field)
+        if pa.types.is_fixed_size_list(t):
+            item = t.value_field
+            return pa.list_(pa.field("item", fix(item.type), item.nullable, item.metadata), t.list_size)
+        if pa.types.is_struct(t):
+            return pa.struct([f.with_type(fix(f.type)) for f in t])
+        return t
+
+    return pa.schema([f.with_type(fix(f.type)) for f in schema], metadata=schema.metadata)
+
+
 class TableWriter:
     """Writes a table batch by batch into ``folder``; :meth:`close` leaves ``folder/name`` and returns
     (rows written, the columns stored as JSON text).
@@ -68,6 +89,11 @@ class TableWriter:
 
         if table.num_rows == 0:
             return
+        canonical = canonical_schema(table.schema)
+        # A batch read back from Parquet names list items 'element'. Schema.equals ignores those names, and
+        # the file keeps them: compare the text.
+        if canonical.to_string() != table.schema.to_string():
+            table = table.cast(canonical)
         json_columns = [c for c in table.column_names if c in set(json_columns)]
         key = (table.schema, tuple(json_columns))
         self.rows += table.num_rows
@@ -118,7 +144,7 @@ class TableWriter:
                     i = part_schema.get_field_index(name)
                     part_schema = part_schema.set(i, pa.field(name, pa.string()))
             schemas.append(part_schema)
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        schema = canonical_schema(pa.unify_schemas(schemas, promote_options="permissive"))
         with pq.ParquetWriter(target, schema) as writer:
             for part, cols in self._parts:
                 with pq.ParquetFile(part) as parquet:
@@ -130,7 +156,7 @@ class TableWriter:
                                                                            schema.field(name).type))
                         writer.write_table(table.select(schema.names).cast(schema))
                 part.unlink()
-        return json_columns
+        return [name for name in schema.names if name in json_columns]  # in column order, as a direct write
 
     @staticmethod
     def _as_json(table: Any, part_json: Iterable[str], json_columns: list[str]) -> Any:
