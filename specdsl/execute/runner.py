@@ -358,9 +358,7 @@ def _run_streaming(plan: Plan, node: PlanNode, op: Any, services: Services, stag
     fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
     if src in outputs:
         return services.executor.run_streaming(fn, staging, batch_rows(), rows=outputs[src])
-    fingerprint = plan.node(src).fingerprint
-    if not store.has(fingerprint):
-        raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
+    fingerprint = _stored_input(plan, src, store)
     return services.executor.run_streaming(fn, staging, batch_rows(), table=store.node_dir(fingerprint) / DATA,
                                            json_columns=store.meta(fingerprint).get("json_columns", []))
 
@@ -379,12 +377,17 @@ def _input_batches(plan: Plan, node: PlanNode, store: Store,
             for rows in chunks(outputs[src], size):
                 yield Batch.from_rows(rows)
             return
-        fingerprint = plan.node(src).fingerprint
-        if not store.has(fingerprint):
-            raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
-        yield from store.iter_arrow_batches(fingerprint, size)
+        yield from store.iter_arrow_batches(_stored_input(plan, src, store), size)
 
     return batches
+
+
+def _stored_input(plan: Plan, src: str, store: Store) -> str:
+    """The fingerprint of input ``src``, which must be in the store (it was not computed this run)."""
+    fingerprint = plan.node(src).fingerprint
+    if not store.has(fingerprint):
+        raise RunError(f"input '{src}' is not in the store", hint=f"run with --until {src} first")
+    return fingerprint
 
 
 def is_cached(plan: Plan, node: PlanNode, store: Store, registry: Any) -> bool:
