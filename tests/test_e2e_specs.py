@@ -106,6 +106,19 @@ def test_prompt_erasure_full_spec_end_to_end(tmp_path):
     _check_orca(plan, result, tmp_path, n=200, seeds=[0, 1])
 
 
+def test_prompt_erasure_three_seeds(tmp_path):
+    """The same spec over three seeds (one matrix edit): each seed's claim rows and their mean, and the
+    teacher asked once for all three (the shared answers node)."""
+    spec = _reduced_copy(tmp_path, "orca_erasure.yaml", {"matrix: {seed: [0, 1]}": "matrix: {seed: [0, 1, 2]}",
+                                                         "      limit: 200 ": "      limit: 60 "})
+    plan, result = _run(spec, tmp_path)
+    _check_orca(plan, result, tmp_path, n=60, seeds=[0, 1, 2])
+    for claim in result.evaluations["score"]["results"][0]["claims"]:
+        labels = [row["variant"] for row in claim["rows"]]
+        assert len(set(labels[:3])) == 3 and labels[3] == "mean of 3"
+        assert "mean of 3" in result.evaluations["score"]["summary"]
+
+
 def test_pam_self_correction_end_to_end(tmp_path):
     plan, result = _run(SPECS / "pam_self_correction.yaml", tmp_path)
     variants = [f"sc.mask-{m}.train_seed-{s}" for m in ("true", "false") for s in (0, 1)]
@@ -129,9 +142,9 @@ def test_pam_self_correction_end_to_end(tmp_path):
     assert len({plan.node(f"{v}.initial").fingerprint for v in variants}) == 1
     evaluation = result.evaluations["score"]
     probe = evaluation["results"][0]
-    assert set(probe["results"]) == {"base", *variants}
-    assert all(r["n"] == 200 for r in probe["results"].values())
-    _check_claims(probe, evaluation["summary"], 200,
+    assert set(probe["results"]) == set(variants)
+    assert all(r["n"] == 100 for r in probe["results"].values())
+    _check_claims(probe, evaluation["summary"], 100,
                   [("sc.mask-true", "sc.mask-false", m) for m in ("final_accuracy", "wrong_to_right", "right_to_wrong")], 2)
 
 

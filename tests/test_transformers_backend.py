@@ -360,3 +360,44 @@ def test_check_options_reads_no_weights_and_imports_no_torch(tmp_path):
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert p == [] and not bad, (p, bad)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_lora_adapter_folder_generates_merged_and_like_the_merged_model(backend, model_dir, tmp_path):
+    """An adapter folder (what `train` keeps) is merged into its base weights when loaded for generation
+    (one matrix product per layer instead of three) and answers exactly as the model that
+    ``merge_and_unload`` writes to disk."""
+    pytest.importorskip("peft")  # the `train` extra: without it no adapter folder exists to load
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specdsl.backends.transformers.loading import load_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    # init_lora_weights=False draws B too, so the adapter changes what the model says.
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.save_pretrained(adapter)
+    merged = tmp_path / "merged"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter) \
+        .merge_and_unload().save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+
+    loaded = load_model(adapter, device="cpu")
+    lora_layers = [m for m in loaded.model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+    assert lora_layers and all(m.merged for m in lora_layers)
+
+    reqs = _requests()
+    from_adapter = _run(backend, {"backend": "transformers", "model": str(adapter), "max_new_tokens": 12,
+                                  "device": "cpu"}, reqs)
+    from_merged = _run(backend, {"backend": "transformers", "model": str(merged), "max_new_tokens": 12,
+                                 "device": "cpu"}, reqs)
+    from_base = _run(backend, {"backend": "transformers", "model": str(model_dir), "max_new_tokens": 12,
+                               "device": "cpu"}, reqs)
+    assert all(from_adapter[r.key].ok for r in reqs)
+    assert [from_adapter[r.key].text for r in reqs] == [from_merged[r.key].text for r in reqs]
+    assert [from_adapter[r.key].text for r in reqs] != [from_base[r.key].text for r in reqs]
