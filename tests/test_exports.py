@@ -176,3 +176,28 @@ def test_a_helper_node_that_does_not_exist_is_a_positioned_error(tmp_path):
     with pytest.raises(SpecErrors) as info:
         api.compile_spec(path, identities=False)
     assert info.value.errors[0].code == "S203" and "sfx.tokens" in info.value.errors[0].message
+
+
+def test_the_json_column_type_guess_is_what_arrow_infers():
+    """Export reads chat columns with Arrow's JSON reader held to a type guessed from the first value; the
+    guess (made in Python: pyarrow.array imports pandas) is exactly pyarrow's inference, or None."""
+    import pyarrow as pa
+    from hypothesis import given, settings, strategies as st
+
+    from specdsl.ops.export import _strings_shape
+
+    keys = st.sampled_from(["role", "content", "name", "trained"])
+    leaves = st.one_of(st.text(max_size=3), st.integers(), st.none(), st.booleans())
+    values = st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                          st.dictionaries(keys, inner, max_size=3)), max_leaves=8)
+
+    @settings(max_examples=400, deadline=None)
+    @given(values)
+    def check(value):
+        guessed = _strings_shape(value)
+        if guessed is not None:
+            assert pa.array([value]).type == guessed
+
+    check()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "name": "bot"}]
+    assert _strings_shape(messages) == pa.array([messages]).type

@@ -95,6 +95,41 @@ steps:
     assert "PANDAS False" in proc.stdout
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_a_transform_pipeline_with_export_does_not_import_pandas(tmp_path, fmt):
+    """source -> filter -> map -> format -> export (the Arrow fast paths and the export writer), in a
+    fresh interpreter: pandas is never imported (pyarrow.scalar and pyarrow.array would import it)."""
+    from tests.conftest import ROOT
+
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"id": f"r{i}", "n": i, "category": ["a", "b"][i % 2], "question": f"q{i}", "answer": str(i)})
+        + "\n" for i in range(40)))
+    (tmp_path / "spec.yaml").write_text(f"""specdsl: 1
+name: nopandas
+sources:
+  rows: {{path: rows.jsonl}}
+steps:
+  - id: kept
+    filter: {{from: rows, where: "{{{{ row.n % 3 != 0 }}}}"}}
+  - id: tagged
+    map: {{from: kept, columns: {{label: "{{{{ row.category }}}}-{{{{ row.n }}}}"}}}}
+  - id: shaped
+    format: {{from: tagged, user: "{{{{ row.question }}}}", assistant: "{{{{ row.answer }}}}"}}
+  - id: out
+    export: {{from: shaped, path: out, format: {fmt}, card: false}}
+""")
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['specdsl', 'run', {str(tmp_path / 'spec.yaml')!r}, '--no-progress']\n"
+            "try:\n    runpy.run_module('specdsl.cli', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('PANDAS', 'pandas' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "PANDAS False" in proc.stdout
+    written = list((tmp_path / "out").glob(f"*.{fmt}"))
+    assert written, list((tmp_path / "out").iterdir())
+
+
 def test_a_batch_read_back_from_parquet_is_written_with_the_same_bytes_as_its_rows(tmp_path):
     # Parquet names a list's items 'element' where pyarrow.array says 'item'; the Arrow fast paths and Ray's
     # parts write batches read back from Parquet, so the writer names them one way (the Ray tier compares

@@ -71,3 +71,57 @@ def string_array(values: Sequence[str | None]) -> Any:
     if array is None or not pa.types.is_string(array.type):
         array = pa.array(values, type=pa.string())
     return array
+
+
+def string_scalar(value: str) -> Any:
+    """``pyarrow.scalar(value, type=pyarrow.string())`` (which also asks the pandas shim) from buffers."""
+    return string_array([value])[0]
+
+
+def joined_text(array: Any) -> bytes:
+    """The UTF-8 bytes of every value of a null-free string array, concatenated in order: what
+    ``"".join(array.to_pylist())`` encodes, read straight from the array's data buffer."""
+    import numpy as np
+
+    if array.null_count:
+        raise ValueError("joined_text needs a string array without nulls")
+    if len(array) == 0:
+        return b""
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset: array.offset + len(array) + 1]
+    return array.buffers()[2].to_pybytes()[int(offsets[0]): int(offsets[-1])]
+
+
+def bool_array(values: Sequence[bool | None]) -> Any:
+    """``pyarrow.array(values, type=pyarrow.bool_())`` for bool-or-None values or a numpy bool array."""
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(values, np.ndarray) and values.dtype == np.bool_ and values.ndim == 1:
+        bits = pa.py_buffer(np.packbits(values, bitorder="little"))
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, bits], null_count=0)
+    array = plain_array(values)
+    if array is not None and pa.types.is_null(array.type):
+        return pa.nulls(len(values), pa.bool_())
+    if array is None or not pa.types.is_boolean(array.type):
+        array = pa.array(values, type=pa.bool_())
+    return array
+
+
+def numpy_of(column: Any) -> Any:
+    """A null-free integer, float or boolean Arrow array (or chunked array) as a numpy array, read from
+    its buffers: ``to_numpy()`` also asks the pandas shim (and imports pandas)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        chunks = [numpy_of(chunk) for chunk in column.chunks]
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=column.type.to_pandas_dtype())
+    if column.null_count:
+        raise ValueError("numpy_of needs an array without nulls")
+    start, n = column.offset, len(column)
+    data = column.buffers()[1]
+    if pa.types.is_boolean(column.type):
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        return bits[start: start + n].astype(np.bool_)
+    dtype = np.dtype(column.type.to_pandas_dtype())
+    return np.frombuffer(data, dtype=dtype)[start: start + n]

@@ -253,14 +253,16 @@ def _parsed_json_column(column: Any) -> Any | None:
     if first is None:
         return None
     try:
-        guessed = pa.array([json.loads(first)]).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError, ValueError):
+        guessed = _strings_shape(json.loads(first))
+    except ValueError:
         return None
-    if not _lists_dicts_strings(guessed):
+    if guessed is None:
         return None
-    lines = pc.binary_join_element_wise(pa.scalar('{"v":'), pc.fill_null(column, pa.scalar("null")),
-                                        pa.scalar("}\n"), pa.scalar(""))
-    body = pc.binary_join(pa.array([lines.combine_chunks()], type=pa.list_(pa.string())), "")[0].as_py()
+    from specdsl.execute.columns import joined_text, string_scalar
+
+    lines = pc.binary_join_element_wise(string_scalar('{"v":'), pc.fill_null(column, string_scalar("null")),
+                                        string_scalar("}\n"), string_scalar(""))
+    body = joined_text(lines.combine_chunks()).decode("utf-8")
     options = pj.ParseOptions(explicit_schema=pa.schema([("v", guessed)]), unexpected_field_behavior="error")
     try:
         parsed = pj.read_json(pa.py_buffer(body.encode("utf-8")), parse_options=options,
@@ -271,16 +273,45 @@ def _parsed_json_column(column: Any) -> Any | None:
     return array if len(array) == len(column) else None
 
 
-def _lists_dicts_strings(t: Any) -> bool:
+def _strings_shape(value: Any) -> Any | None:
+    """The Arrow type ``pa.array([value]).type`` infers, for a value made only of strings, non-empty lists
+    and non-empty dicts (chat messages); None for anything else (numbers, None, empty containers), which
+    the caller converts in Python. Inferred here because ``pa.array`` imports pandas on first use.
+
+    As Arrow infers: a list's items share one type, and dicts in a list make one struct whose fields are
+    every key in order of first appearance."""
     import pyarrow as pa
 
-    if pa.types.is_string(t):
-        return True
-    if pa.types.is_list(t):
-        return _lists_dicts_strings(t.value_type)
-    if pa.types.is_struct(t):
-        return t.num_fields > 0 and all(_lists_dicts_strings(t.field(i).type) for i in range(t.num_fields))
-    return False
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, dict):
+        return _merged_struct([value])
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return pa.list_(pa.string())
+        if all(isinstance(v, dict) for v in value):
+            item = _merged_struct(value)
+        elif all(isinstance(v, list) for v in value):
+            types = {_strings_shape(v) for v in value}
+            item = types.pop() if len(types) == 1 else None
+        else:
+            return None
+        return None if item is None else pa.list_(item)
+    return None
+
+
+def _merged_struct(dicts: list[dict]) -> Any | None:
+    import pyarrow as pa
+
+    fields: dict[str, Any] = {}
+    for d in dicts:
+        if not d:
+            return None
+        for key, v in d.items():
+            t = _strings_shape(v)
+            if t is None or fields.setdefault(key, t) != t:
+                return None
+    return pa.struct([pa.field(k, t) for k, t in fields.items()])
 
 
 # Arrow types a column keeps through to_pylist() and pa.array() when it holds a non-null value.
@@ -334,6 +365,11 @@ def _typed(values: list[Any]) -> tuple[Any, bool]:
     """(the Arrow array of ``values``, False), or (their JSON text, True) when Arrow cannot type them."""
     import pyarrow as pa
 
+    from specdsl.execute.columns import plain_array
+
+    plain = plain_array(values)  # no pandas import for a column of one plain type
+    if plain is not None:
+        return plain, False
     try:
         return pa.array(values), False
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):

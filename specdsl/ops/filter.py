@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from specdsl import templates
+from specdsl.execute.columns import bool_array
 from specdsl.errors import RunError
 from specdsl.contract.ops import (COLUMN, STEP_REF, TEMPLATE, Batch, CheckContext, Rows, RunContext, StepOp,
                                   obj_schema)
@@ -109,9 +110,9 @@ class FilterOp(StepOp):
         if mask is None:
             return None
         if p.get("into"):
-            return Batch.from_arrow(*with_columns(table, json_columns, {p["into"]: pa.array(mask, pa.bool_())}))
+            return Batch.from_arrow(*with_columns(table, json_columns, {p["into"]: bool_array(mask)}))
         keep = mask if p.get("keep", "matched") == "matched" else ~mask
-        return Batch.from_arrow(*as_stored(table.filter(pa.array(keep, pa.bool_())), json_columns))
+        return Batch.from_arrow(*as_stored(table.filter(bool_array(keep)), json_columns))
 
     def _run_rows(self, ctx: RunContext) -> Rows:
         from specdsl.designs.matchers import match_answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from specdsl import templates
+from specdsl.execute.columns import string_scalar
 from specdsl.errors import RunError
 from specdsl.contract.ops import STEP_REF, TEMPLATE, Batch, CheckContext, Rows, RunContext, StepOp, obj_schema
 
@@ -88,9 +89,9 @@ class FormatOp(StepOp):
             if escaped is None:
                 return None
             opening = "[" if i == 0 else ", "
-            pieces += [pa.scalar(f'{opening}{{"role": "{key}", "content": "'), escaped, pa.scalar('"}')]
-        pieces.append(pa.scalar("]"))
-        messages = pc.binary_join_element_wise(*pieces, pa.scalar(""))
+            pieces += [string_scalar(f'{opening}{{"role": "{key}", "content": "'), escaped, string_scalar('"}')]
+        pieces.append(string_scalar("]"))
+        messages = pc.binary_join_element_wise(*pieces, string_scalar(""))
         return Batch.from_arrow(*with_columns(table, json_columns, {"messages": messages}, new_json=["messages"]))
 
     def _run_rows(self, ctx: RunContext) -> Rows:

@@ -21,6 +21,7 @@ from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 from specdsl import templates
+from specdsl.execute.columns import numpy_of, string_array, string_scalar
 
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 _INT_SAFE = 1 << 62  # operands below this in magnitude cannot overflow int64 through + or -
@@ -78,9 +79,9 @@ def render_column(source: str, table: Any, json_columns: Sequence[str], variable
             merged.append(piece)
     if len(merged) == 1:
         only = merged[0]
-        return pa.array([only] * n, type=pa.string()) if isinstance(only, str) else only
-    args = [pa.scalar(p, type=pa.string()) if isinstance(p, str) else p for p in merged]
-    return pc.binary_join_element_wise(*args, pa.scalar("", type=pa.string()))
+        return string_array([only] * n) if isinstance(only, str) else only
+    args = [string_scalar(p) if isinstance(p, str) else p for p in merged]
+    return pc.binary_join_element_wise(*args, string_scalar(""))
 
 
 def _text_pieces(node: Any, table: Any, json_columns: set[str], variables: Mapping[str, Any]) -> list[Any]:
@@ -155,12 +156,12 @@ def _as_text(column: Any) -> Any:
     elif pa.types.is_integer(t):
         text = pc.cast(column, pa.string())
     elif pa.types.is_boolean(t):
-        text = pc.if_else(column, pa.scalar("True"), pa.scalar("False"))
+        text = pc.if_else(column, string_scalar("True"), string_scalar("False"))
     elif pa.types.is_null(t):
-        return pa.array(["None"] * len(column), type=pa.string())
+        return string_array(["None"] * len(column))
     else:
         raise _NotVectorised(str(t))
-    return pc.fill_null(text, pa.scalar("None")).combine_chunks() if column.null_count else _flat(text)
+    return pc.fill_null(text, string_scalar("None")).combine_chunks() if column.null_count else _flat(text)
 
 
 def _flat(array: Any) -> Any:
@@ -255,9 +256,9 @@ def _column_kind(column: Any) -> tuple[str, Any]:
         raise _NotVectorised("nulls")  # None in arithmetic or a comparison: Jinja's error or Python's rule
     t = column.type
     if pa.types.is_integer(t) and not pa.types.is_uint64(t):
-        return "int", column.to_numpy().astype("int64", copy=False)
+        return "int", numpy_of(column).astype("int64", copy=False)
     if pa.types.is_boolean(t):
-        return "bool", column.to_numpy(zero_copy_only=False)
+        return "bool", numpy_of(column)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return "str", column
     raise _NotVectorised(str(t))
@@ -315,9 +316,9 @@ def _compare(node: Any, table: Any, json_columns: set[str], variables: Mapping[s
         if left[0] == "int" and right[0] == "int":
             step = getattr(np, _COMPARE[operand.op])(left[1], right[1])
         elif left[0] == "str" and right[0] == "str" and operand.op in ("eq", "ne"):
-            a, b = (pa.scalar(v) if isinstance(v, str) else v for v in (left[1], right[1]))
+            a, b = (string_scalar(v) if isinstance(v, str) else v for v in (left[1], right[1]))
             step = getattr(pc, _COMPARE[operand.op])(a, b)
-            step = step.to_numpy(zero_copy_only=False) if hasattr(step, "to_numpy") else step.as_py()
+            step = numpy_of(step) if hasattr(step, "to_numpy") else step.as_py()
         else:
             raise _NotVectorised("comparison of mixed kinds")
         result = np.logical_and(result, step)
