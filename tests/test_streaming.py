@@ -114,3 +114,54 @@ def test_source_batches_check_ids_across_batches(tmp_path):
     numbered = tmp_path / "n.csv"
     numbered.write_text("x\n1\n2\n3\n")
     assert [[r["id"] for r in b] for b in iter_row_batches(numbered, "csv", size=2)] == [["0", "1"], ["2"]]
+
+
+def test_ids_kept_as_hashes_are_checked_exactly_even_when_hashes_collide(tmp_path):
+    """Ids are remembered as 64-bit hashes; a hash seen before is confirmed by reading the ids before it
+    again. With a hash that collides for every id of the same length, distinct ids still pass and a
+    real repeat still raises, at the batch that holds it."""
+    from specdsl.sources.files import IdAssigner
+
+    records = [{"id": k} for k in ["ab", "cd", "ef", "gh", "ij", "cd", "kl"]]
+    ids = IdAssigner(None, "d.jsonl", reread=lambda: iter(records), hash_id=len)
+    assert [r["id"] for r in ids.assign(records[:2])] == ["ab", "cd"]
+    assert [r["id"] for r in ids.assign(records[2:5])] == ["ef", "gh", "ij"]  # same hashes, other ids
+    with pytest.raises(RunError, match="id 'cd' appears more than once"):
+        ids.assign(records[5:])
+    # A repeat inside one batch, and row numbers (no id column) that never repeat.
+    same = IdAssigner(None, "d.jsonl", reread=lambda: iter([{"id": "x"}, {"id": "y"}, {"id": "x"}]), hash_id=len)
+    with pytest.raises(RunError, match="id 'x' appears more than once"):
+        same.assign([{"id": "x"}, {"id": "y"}, {"id": "x"}])
+    numbered = IdAssigner(None, "n.csv", reread=lambda: iter([{}] * 30), hash_id=lambda s: 7)
+    assert [r["id"] for b in range(3) for r in numbered.assign([{}] * 10)] == [str(i) for i in range(30)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "parquet_dir"])
+def test_every_reader_confirms_a_repeated_id_across_batches(tmp_path, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from specdsl.plugins import default_registry
+
+    keys = [f"k{i}" for i in range(50)] + ["k7"]
+    if fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps({"id": k, "n": i}) + "\n" for i, k in enumerate(keys)))
+    elif fmt == "csv":
+        path = tmp_path / "d.csv"
+        path.write_text("id,n\n" + "".join(f"{k},{i}\n" for i, k in enumerate(keys)))
+    else:
+        table = pa.table({"id": keys, "n": list(range(len(keys)))})
+        path = tmp_path / ("d.parquet" if fmt == "parquet" else "d")
+        if fmt == "parquet_dir":
+            path.mkdir()
+            pq.write_table(table.slice(0, 30), path / "a.parquet")
+            pq.write_table(table.slice(30), path / "b.parquet")
+        else:
+            pq.write_table(table, path)
+    reader = default_registry().sources[fmt]
+    with pytest.raises(RunError, match="id 'k7' appears more than once"):
+        for _ in reader.iter_batches(path, size=16, display=path.name):
+            pass
+    # Without the repeat every row comes through, in order.
+    assert [r["id"] for b in reader.iter_batches(path, size=16, limit=50, display=path.name) for r in b] == keys[:50]

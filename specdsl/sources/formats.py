@@ -15,9 +15,10 @@ from __future__ import annotations
 import abc
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from specdsl.errors import RunError
 from specdsl.sources import files
@@ -74,6 +75,17 @@ def _folder_identity(paths: list[Path], root: Path) -> dict[str, Any]:
                 h.update(chunk)
         size += p.stat().st_size
     return {"sha256": h.hexdigest(), "bytes": size, "files": len(paths)}
+
+
+def _ids(batches: Callable[[], Iterator[Any]], id_column: str | None, display: str,
+         limit: int | None) -> "files.IdAssigner":
+    """The id checker of a read of ``batches()``, able to read the same records again from the start."""
+
+    def reread() -> Iterator[dict[str, Any]]:
+        records = (row for batch in batches() for row in batch.to_pylist())
+        return itertools.islice(records, limit) if limit else records
+
+    return files.IdAssigner(id_column, display, reread=reread)
 
 
 def _limited(batches: Iterator[Any], limit: int | None, ids: "files.IdAssigner",
@@ -167,7 +179,7 @@ class ParquetFolderSource(_FolderSource):
                                        hint="every Parquet file of a parquet_dir source has the same columns")
                     yield from parquet.iter_batches(batch_size=1 << 16)
 
-        yield from _limited(batches(), limit, files.IdAssigner(id_column, display), size)
+        yield from _limited(batches(), limit, _ids(batches, id_column, display, limit), size)
 
     def identity(self, path: Path) -> Mapping[str, Any]:
         path = Path(path)
@@ -248,7 +260,7 @@ class SavedDatasetSource(_FolderSource):
                     raise RunError(f"{display}/{part.name}: not a readable Arrow file ({exc})",
                                    hint="save the dataset again with save_to_disk") from None
 
-        yield from _limited(batches(), limit, files.IdAssigner(id_column, display), size)
+        yield from _limited(batches(), limit, _ids(batches, id_column, display, limit), size)
 
     def identity(self, path: Path) -> Mapping[str, Any]:
         path = Path(path)
