@@ -6,6 +6,7 @@ backends defined here, as third-party plugins would be.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -76,6 +77,33 @@ def test_progress_events(journal):
         assert (last.total, last.done, last.succeeded, last.failed, last.remaining) == (12, 12, 8, 0, 0)
         assert last.input_tokens == 16 and last.output_tokens == 24  # 2 and 3 words per request
         assert last.requests_per_s > 0 and last.elapsed_s > 0 and last.cost == 0.0
+
+
+def test_throttled_progress_builds_no_event_per_result_and_ends_with_the_totals(journal):
+    backend = LiteLLMBackend()
+    with FakeServer() as srv:
+        opts = options(srv)
+        reqs = make_requests(backend, opts, 30)
+        run_requests(backend, opts, reqs[:5], journal)
+        events: list[GenerationProgress] = []
+        # Progress off (an infinite interval): the first event and the final totals, nothing between.
+        run_requests(backend, opts, reqs, journal, progress=events.append, progress_interval_s=math.inf)
+        assert [e.done for e in events] == [5, 30]
+        last = events[-1]
+        assert (last.total, last.cached, last.succeeded, last.failed) == (30, 5, 25, 0)
+        assert last.input_tokens == 50 and last.output_tokens == 75 and last.last is not None
+
+
+def test_throttled_progress_still_hands_over_the_totals_when_fail_fast_stops_the_run(journal):
+    backend = LiteLLMBackend()
+    with FakeServer(latency=0.02, fault_fn=lambda p, a: "400" if p == "question 5" else None) as srv:
+        opts = options(srv, concurrency=2)
+        events: list[GenerationProgress] = []
+        with pytest.raises(RunError):
+            run_requests(backend, opts, make_requests(backend, opts, 40), journal, fail_fast=True,
+                         progress=events.append, progress_interval_s=math.inf)
+        last = events[-1]
+        assert last.failed == 1 and last.succeeded == len(journal) and last.done == 1 + len(journal)
 
 
 def test_failures_are_returned_journaled_and_retried_next_run(journal):

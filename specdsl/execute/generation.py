@@ -15,6 +15,9 @@ summary, run.json, report.html, a --fail-fast error) sees a message that quotes 
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import math
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -56,12 +59,18 @@ class GenerationProgress:
 
 def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequence[GenRequest],
                  journal, *, fail_fast: bool = False,
-                 progress: Callable[[GenerationProgress], None] | None = None) -> dict[str, GenResult]:
+                 progress: Callable[[GenerationProgress], None] | None = None,
+                 progress_interval_s: float | None = None) -> dict[str, GenResult]:
     """Answer ``requests`` with ``backend``, resuming from and writing to ``journal``.
 
     Returns a result for every distinct key in ``requests``: journaled, new, or failed (``error``
     set). With ``fail_fast`` the first failure raises :class:`RunError` once the backend has stopped;
     everything that completed before it is already journaled.
+
+    ``progress`` gets an event before the first request and after every result; with
+    ``progress_interval_s`` after a result at most once per that many seconds (``math.inf``: never),
+    and always once more with the final totals when the backend is done. A display throttles this
+    way so that it costs nothing per result (no event is built for the results it would not draw).
     """
     unique: dict[str, GenRequest] = {}
     for r in requests:
@@ -77,6 +86,10 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
     caller_errors: list[BaseException] = []
     todo_keys = {r.key for r in todo}
     known_secrets = secrets.resolved_secrets(options)  # value -> the variable it came from
+    every_result = progress_interval_s is None
+    # When the next event is due (the first one, before any result, was just shown), and the latest
+    # result no event has shown yet.
+    throttle = {"next": t0 + (progress_interval_s or 0.0), "stale": None}
 
     def event(last: GenResult | None) -> GenerationProgress:
         elapsed = time.monotonic() - t0
@@ -105,8 +118,13 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
                 state["cost"] += res.cost
             elif first:
                 state["failed"] += 1
-            ev = event(res)
-        if progress is not None:
+            ev = None
+            if progress is not None:
+                if every_result or _due(throttle, progress_interval_s):
+                    ev, throttle["stale"] = event(res), None
+                else:
+                    throttle["stale"] = res
+        if ev is not None:
             try:
                 progress(ev)
             except BaseException as exc:
@@ -122,17 +140,28 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
             err.drain = True
             raise err
 
+    def final_event() -> None:
+        """The totals a throttled caller has not seen yet (its last event must hold them all)."""
+        with lock:
+            last, throttle["stale"] = throttle["stale"], None
+            ev = event(last) if last is not None and not caller_errors else None
+        if ev is not None:
+            progress(ev)
+
     if progress is not None:
         progress(event(None))
     if todo:
         writer = JournalWriter(journal)
         try:
-            backend.generate(options, todo, on_result)
+            with heap_frozen():
+                backend.generate(options, todo, on_result)
         except RunError:
+            _final_event_quietly(final_event)
             raise
         except Exception as exc:
             if caller_errors and exc is caller_errors[0]:
                 raise
+            _final_event_quietly(final_event)
             if first_failure:
                 raise _fail_fast_error(first_failure[0], unique[first_failure[0].key]) from exc
             raise RunError(f"generation backend {getattr(backend, 'name', backend)!r} failed: "
@@ -141,6 +170,7 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
                                 "answer received is journaled)") from exc
         finally:
             writer.close()  # every answer received is durable before the caller hears of the outcome
+        final_event()
     if first_failure:
         raise _fail_fast_error(first_failure[0], unique[first_failure[0].key])
 
@@ -153,6 +183,57 @@ def run_requests(backend: GenerationBackend, options: Mapping, requests: Sequenc
         if fail_fast:
             raise _fail_fast_error(lost[0], unique[lost[0].key])
     return {k: results[k] for k in unique}
+
+
+def _due(throttle: dict, interval_s: float) -> bool:
+    """Whether a throttled progress event is due now (and, if so, when the next one is)."""
+    if interval_s == math.inf:
+        return False
+    now = time.monotonic()
+    if now < throttle["next"]:
+        return False
+    throttle["next"] = now + interval_s
+    return True
+
+
+def _final_event_quietly(final_event: Callable[[], None]) -> None:
+    """The final totals while a failure is on its way up: a failing progress callback must not hide it."""
+    try:
+        final_event()
+    except Exception:  # noqa: BLE001 - the failure being raised is the one the user needs to see
+        pass
+
+
+_freeze_lock = threading.Lock()
+_freezes = 0  # run_requests calls inside heap_frozen now (threads may run several at once)
+
+
+@contextlib.contextmanager
+def heap_frozen():
+    """Keep the garbage collector off the objects that exist before a batch of requests is sent.
+
+    Everything built before the batch (the rows, the requests, the plan, every imported module) lives
+    through it, yet a long batch allocates enough (each answer, its result, its HTTP objects) to trigger
+    full collections, each walking that whole heap again. ``gc.freeze`` sets those objects aside for
+    the batch (objects made during it are collected as usual) and ``gc.unfreeze`` hands them back when
+    the last concurrent batch ends, so a cycle among them is collected by the next full collection
+    after it. A heap someone else froze is left alone.
+    """
+    global _freezes
+    with _freeze_lock:
+        ours = _freezes > 0 or gc.get_freeze_count() == 0
+        if ours:
+            if _freezes == 0:
+                gc.freeze()
+            _freezes += 1
+    try:
+        yield
+    finally:
+        if ours:
+            with _freeze_lock:
+                _freezes -= 1
+                if _freezes == 0:
+                    gc.unfreeze()
 
 
 def _fail_fast_error(res: GenResult, req: GenRequest) -> RunError:

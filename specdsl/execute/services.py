@@ -7,6 +7,7 @@ deduplicated and shown in the progress display, and every trained model land in 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from specdsl.errors import RunError
 from specdsl.contract.hookspecs import GenRequest, GenResult
 from specdsl.ir.plan import Plan
 from specdsl import secrets
-from specdsl.execute.progress import Throttle
+from specdsl.execute.progress import UPDATES_PER_S, Throttle
 from specdsl.execute.store import Store
 
 
@@ -169,17 +170,18 @@ class Services:
         stats = self.stats.setdefault(node_id, NodeStats())
         task = self._start_bar(f"{node_id} · {label or model_ref}", len(requests), "req")
         last: list[Any] = [None]
-        throttle = Throttle()
 
         def on_progress(event: Any) -> None:
-            # Called once per result: keep it to a store and a clock read; draw at most ~10 times a second.
+            # run_requests throttles: at most ~10 events a second while a bar is drawn, only the first and
+            # the last (the totals) when none is, and no event is built for the results in between.
             last[0] = event
-            if task is not None and (event.done >= event.total or throttle.due()):
+            if task is not None:
                 self._show(task, event)
 
         try:
             results = run_requests(self.executor.wrap_backend(backend), resolved, list(requests), self.journal,
-                                   fail_fast=self.fail_fast, progress=on_progress)
+                                   fail_fast=self.fail_fast, progress=on_progress,
+                                   progress_interval_s=1.0 / UPDATES_PER_S if task is not None else math.inf)
         finally:
             if task is not None:
                 if last[0] is not None:

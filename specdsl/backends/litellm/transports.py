@@ -115,7 +115,6 @@ class DirectTransport:
         """``{"model": ..., "messages": [...], **mapped parameters}`` as JSON bytes. A step sends the same
         parameters with nearly every request: their mapping and encoding are done once per distinct set
         (a few hundred at most are remembered), only the messages are encoded per request."""
-        messages = [dict(m) for m in req.messages]
         try:
             key = tuple((k, type(v), v) for k, v in params.items())  # typed: 0, 0.0 and False encode apart
             tail = self._tails.get(key)
@@ -124,12 +123,17 @@ class DirectTransport:
         if tail is None:
             mapped = self.map_params(params)
             if "model" in mapped or "messages" in mapped:  # they would replace the fields above, in place
-                return json.dumps({"model": self.model_name, "messages": messages, **mapped},
-                                  ensure_ascii=False).encode("utf-8")
+                return json.dumps({"model": self.model_name, "messages": [dict(m) for m in req.messages],
+                                   **mapped}, ensure_ascii=False).encode("utf-8")
             tail = ", " + json.dumps(mapped, ensure_ascii=False)[1:] if mapped else "}"
             if key is not None and len(self._tails) < 256:
                 self._tails[key] = tail
-        return (self._head + json.dumps(messages, ensure_ascii=False) + tail).encode("utf-8")
+        try:
+            # Messages are dicts (a tuple encodes as a list): encoded as they are, without a copy each.
+            messages = json.dumps(req.messages, ensure_ascii=False)
+        except TypeError:  # another Mapping type: as plain dicts
+            messages = json.dumps([dict(m) for m in req.messages], ensure_ascii=False)
+        return (self._head + messages + tail).encode("utf-8")
 
     async def send(self, req: GenRequest, params: Mapping[str, Any]) -> tuple[str, int, int]:
         import aiohttp
