@@ -183,8 +183,8 @@ def test_batches_in_another_process_give_the_local_tables(tmp_path, monkeypatch,
 
 
 def test_row_services_load_the_tokenizer_from_the_local_folder_once(tmp_path, tiny_model_dir):
-    services = pickle.loads(pickle.dumps(RowServices({"m": str(tiny_model_dir)},
-                                                     {"api": ("model 'api' is served by 'litellm'", "use a local model")})))
+    unresolved = {"api": ("model 'api' is served by 'litellm'", "use a local model")}
+    services = pickle.loads(pickle.dumps(RowServices({"m": str(tiny_model_dir)}, unresolved)))  # as workers get it
     tok = services.tokenizer("m")
     assert tok.is_fast and services.tokenizer("m") is tok and load_tokenizer(tiny_model_dir, "m") is tok
     with pytest.raises(RunError, match="served by 'litellm'"):

@@ -46,7 +46,7 @@ class RowServices:
             if not isinstance(ref, str) or ref in dirs or ref in unresolved:
                 continue
             try:
-                dirs[ref] = str(Path(services.model_dir(ref)).resolve())
+                dirs[ref] = str(Path(services.model_dir(ref)).absolute())  # workers have another cwd
             except RunError as exc:
                 unresolved[ref] = (exc.message, exc.hint)
         return cls(dirs, unresolved)
