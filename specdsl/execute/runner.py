@@ -484,7 +484,6 @@ def _summarizes(op: Any) -> bool:
     return callable(getattr(op, "batch_summary", None)) and callable(getattr(op, "after_batches", None))
 
 
-
 def _new_stats():
     from specdsl.execute.services import NodeStats
 
