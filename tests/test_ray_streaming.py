@@ -1,9 +1,13 @@
 """Row-parallel nodes stream through Ray Data, and give the local executor's tables.
 
 * a spec with every built-in row-parallel op (filter with ``where`` and with ``match``, with and without
-  ``into``; map; format to chats and to prompt/completion; erase_prompt; pam) gives byte-identical tables
-  under ``--executor local`` and ``--executor ray``, in many batches, reading inputs from the store (row
-  groups of a batch, and a table committed whole) and from memory (an upstream ``concat``);
+  ``into``; map; format to chats and to prompt/completion; erase_prompt; pam; segment per segment and per
+  text; tokenize of chats and of prompt/completion pairs, on the tiny model's tokenizer, which the workers
+  load from its folder) gives byte-identical tables under ``--executor local`` and ``--executor ray``, in
+  many batches, reading inputs from the store (row groups of a batch, and a table committed whole) and from
+  memory (an upstream ``concat``);
+* tokenize's whole-table check (no sample carries loss) gives the local error on Ray, from the workers'
+  per-batch counts;
 * on Ray, an op sees exactly the local executor's batches, never more than a batch of rows, in Ray
   worker processes; the driver holds neither the input nor the output table;
 * an op's error in a streamed batch is the local executor's RunError; the staging parts never reach the
@@ -113,6 +117,8 @@ EVERY_OP_SPEC = """\
 specdsl: 1
 name: ray-every-row-op
 seed: 5
+models:
+  student: {backend: transformers, model: MODEL}
 sources:
   problems: {path: problems.jsonl}
   more: {path: more.jsonl}
@@ -154,19 +160,28 @@ steps:
     map: {from: both, columns: {response: "{{ row.a * STEP }}"}}
   - id: both_right
     filter: {from: both_answered, where: "{{ row.a % 4 != 0 }}"}
+  - id: segments
+    segment: {from: answered, text: response, model: student, min_tokens: 4}
+  - id: documents
+    segment: {from: odd, text: question, model: student, min_tokens: 3, per: text}
+  - id: chat_tokens
+    tokenize: {from: chats, model: student}
+  - id: pair_tokens
+    tokenize: {from: pairs, model: student, max_length: MAX_LENGTH}
   - id: everything    # the last step: keeps every step above in the plan
-    concat: {from: [erased, corrections, pairs, chats, both_right]}
+    concat: {from: [erased, corrections, pairs, chats, both_right, segments, documents, chat_tokens, pair_tokens]}
 """
 ROW_NODES = ["answered", "right", "verdicts", "odd", "erased", "corrections", "pairs", "chats", "both_answered",
-             "both_right"]
+             "both_right", "segments", "documents", "chat_tokens", "pair_tokens"]
 
 
-def make_spec(folder: Path, step: int = 2, rows: int = 300) -> Path:
+def make_spec(folder: Path, model: Path, step: int = 2, rows: int = 300, max_length: int = 64) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_problems(folder / "problems.jsonl", rows)
     write_problems(folder / "more.jsonl", 37, start=rows)
     path = folder / "spec.yaml"
-    path.write_text(EVERY_OP_SPEC.replace("STEP", str(step)))
+    path.write_text(EVERY_OP_SPEC.replace("STEP", str(step)).replace("MODEL", str(model))
+                    .replace("MAX_LENGTH", str(max_length)))
     return path
 
 
@@ -193,11 +208,12 @@ def assert_same_tables(local, remote, node_ids):
             remote.store.meta(remote.plan.node(node_id).fingerprint)["json_columns"], node_id
 
 
-def test_every_row_parallel_op_gives_the_local_tables(ray_instance, tmp_path, monkeypatch):
+def test_every_row_parallel_op_gives_the_local_tables(ray_instance, tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("SPECDSL_BATCH_ROWS", "16")  # 300 rows: 19 batches, ragged after each filter
-    local = run(make_spec(tmp_path / "local"), tmp_path / "local-store", "local")
-    remote = run(make_spec(tmp_path / "ray"), tmp_path / "ray-store", "ray")
+    local = run(make_spec(tmp_path / "local", tiny_model_dir), tmp_path / "local-store", "local")
+    remote = run(make_spec(tmp_path / "ray", tiny_model_dir), tmp_path / "ray-store", "ray")
     assert_same_tables(local, remote, ROW_NODES)
+    assert len(remote.rows("segments")) > 300 and remote.rows("chat_tokens")[0]["n_trained"] > 0
     assert local.plan.node("answered").fingerprint == remote.plan.node("answered").fingerprint
     rows = remote.rows("answered")
     assert [r["id"] for r in rows] == [f"q{i:04d}" for i in range(300)]
@@ -209,8 +225,8 @@ def test_every_row_parallel_op_gives_the_local_tables(ray_instance, tmp_path, mo
 
     # `both` (a concat) was committed whole, one row group of 337 rows: a changed step after it reads
     # that table from the store in spans of several batches, and still sees the local batches.
-    local = run(make_spec(tmp_path / "local", step=3), tmp_path / "local-store", "local")
-    remote = run(make_spec(tmp_path / "ray", step=3), tmp_path / "ray-store", "ray")
+    local = run(make_spec(tmp_path / "local", tiny_model_dir, step=3), tmp_path / "local-store", "local")
+    remote = run(make_spec(tmp_path / "ray", tiny_model_dir, step=3), tmp_path / "ray-store", "ray")
     assert remote.report("both").status == "cached"
     assert pq.ParquetFile(table_path(remote, "both")).num_row_groups == 1
     assert_same_tables(local, remote, ["both_answered", "both_right"])
@@ -237,9 +253,10 @@ def test_a_streamed_node_sees_one_batch_at_a_time_in_the_workers(ray_instance, t
     assert pq.ParquetFile(table_path(remote, "stamped")).num_row_groups == len(range(0, len(pids), 32))
 
 
-def test_an_op_error_in_a_streamed_batch_is_the_local_run_error(ray_instance, tmp_path, monkeypatch):
+def test_an_op_error_in_a_streamed_batch_is_the_local_run_error(ray_instance, tmp_path, monkeypatch,
+                                                                tiny_model_dir):
     monkeypatch.setenv("SPECDSL_BATCH_ROWS", "16")
-    spec = make_spec(tmp_path / "spec")
+    spec = make_spec(tmp_path / "spec", tiny_model_dir)
     spec.write_text(spec.read_text().replace("{{ row.a + row.b if row.a % 5 else row.a }}",
                                              "{{ 100 // (row.a - 271) }}"))
     errors = {}
@@ -249,6 +266,21 @@ def test_an_op_error_in_a_streamed_batch_is_the_local_run_error(ray_instance, tm
         errors[executor] = info.value
     assert str(errors["ray"]) == str(errors["local"]) and errors["ray"].node == "answered"
     assert "q0090" in str(errors["ray"]) and "Traceback" not in str(errors["ray"])
+    assert not list((tmp_path / "ray-store" / "tmp").iterdir())  # the staging folder went with the error
+
+
+def test_no_trained_token_in_any_streamed_batch_is_the_local_run_error(ray_instance, tmp_path, monkeypatch,
+                                                                      tiny_model_dir):
+    """Every pair's prompt fills max_length: tokenize's whole-table check fails from the workers' counts."""
+    monkeypatch.setenv("SPECDSL_BATCH_ROWS", "16")
+    spec = make_spec(tmp_path / "spec", tiny_model_dir, max_length=8)
+    errors = {}
+    for executor in ("local", "ray"):
+        with pytest.raises(RunError) as info:
+            run(spec, tmp_path / f"{executor}-store", executor)
+        errors[executor] = info.value
+    assert str(errors["ray"]) == str(errors["local"]) and errors["ray"].node == "pair_tokens"
+    assert errors["ray"].message == "no token carries loss in any sample"
     assert not list((tmp_path / "ray-store" / "tmp").iterdir())  # the staging folder went with the error
 
 
@@ -266,9 +298,9 @@ def test_a_batch_that_kills_its_worker_fails_the_node_after_retries(ray_instance
     assert not (tmp_path / "store" / "nodes" / plan.node("doomed").fingerprint[:2]).exists()  # nothing committed
 
 
-def test_the_cli_runs_row_ops_on_ray(tmp_path):
+def test_the_cli_runs_row_ops_on_ray(tmp_path, tiny_model_dir):
     """`specdsl run --executor ray` from a shell, on its own private Ray instance."""
-    spec = make_spec(tmp_path, rows=60)
+    spec = make_spec(tmp_path, tiny_model_dir, rows=60)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SPECDSL_BATCH_ROWS": "8", "SPECDSL_RAY_NUM_CPUS": "2"}
     for executor in ("local", "ray"):
         out = subprocess.run([sys.executable, "-m", "specdsl", "run", str(spec), "--executor", executor,

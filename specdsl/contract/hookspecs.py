@@ -305,6 +305,14 @@ class OpDef(Protocol):
       with rows, as before.
     * ``run_batches(ctx) -> Iterator[rows]``: an op that produces its output in batches itself (the
       built-in ``source``); the runner writes each batch as it comes and never calls ``run``.
+    * ``batch_summary(ctx, rows) -> Any`` with ``after_batches(ctx, summaries) -> None`` (no default:
+      an op needs both, or neither is called): a ``row_parallel`` op's check of its whole output, which
+      no single batch can make (``tokenize``: no sample at all carries loss). ``batch_summary`` runs
+      where the batch ran (a Ray worker, too) on that batch's output ``rows`` and returns something small
+      and picklable (counts); ``after_batches`` runs once in the run's process after the last batch and
+      before the commit, with every batch's summary in order, and may raise a ``RunError``: the node
+      fails and nothing is committed, as if ``run`` had raised it. How the output is cut into batches is
+      the executor's (a filter's batches may be empty): combine summaries (sums, any), never count them.
     * ``expand(ctx) -> Sequence[HelperNode]``: nodes to put in front of the step when it is lowered
       (``train`` puts ``tokenize`` in front of itself).
     * ``backend_label(params) -> str | None``: what ``plan`` shows as the node's backend.
@@ -400,16 +408,22 @@ class ExecutorDef(Protocol):
     runner then calls row-parallel ops directly, with the run's services, instead of ``map_rows``.
 
     An executor that runs elsewhere may stream a row-parallel node instead of taking its whole input
-    through ``map_rows``, with the optional method
-    ``run_streaming(fn, staging, batch_rows, *, rows=None, table=None, json_columns=()) -> (rows, json_columns)``:
+    through ``map_rows``, with the optional method ``run_streaming(fn, staging, batch_rows, *, rows=None,
+    table=None, json_columns=()) -> (rows, json_columns[, metas])``:
     apply ``fn`` (picklable, as for ``map_rows``) to the node's input one batch at a time, the batches
     being rows ``[k*batch_rows, (k+1)*batch_rows)`` exactly as the local executor cuts them, and leave the
     output in ``staging/data.parquet`` as :class:`specdsl.execute.batches.TableWriter` writes it (a part
     per non-empty output batch, in input order; ``TableWriter.add_part`` takes a part another process
     wrote). The input is either ``rows`` (a table already in memory) or ``table``, the path of a stored
     ``data.parquet`` whose ``json_columns`` are JSON text to decode. Return the rows written and the
-    JSON-text columns (what ``TableWriter.close`` returns); the runner commits the staging folder. The
-    Ray executor implements it with Ray Data (:mod:`specdsl.executors.ray.streaming`).
+    JSON-text columns (what ``TableWriter.close`` returns); the runner commits the staging folder. ``fn``
+    returns a batch's rows, or ``(rows, meta)``: for an op with ``batch_summary`` (see ``OpDef``) ``meta``
+    carries the summary taken where the batch ran, and an executor returns every batch's ``meta`` (``{}``
+    for plain rows) in input order as a third element, ``metas``. Without it the runner reads the written
+    table back a batch at a time to summarize it. ``fn`` also carries what the op may use of the run's
+    services in another process (:class:`specdsl.execute.row_services.RowServices`: the local folders of
+    the models the op names, and their tokenizers, loaded once per process). The Ray executor implements
+    it with Ray Data (:mod:`specdsl.executors.ray.streaming`).
     """
 
     name: str

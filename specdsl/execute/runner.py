@@ -260,7 +260,8 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
             if getattr(op, "row_parallel", False) and not getattr(services.executor, "in_process", False) \
                     and len(inputs) == 1:
                 # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
-                fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
+                fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed,
+                                       services=_row_services(services, op, node))
                 result = services.executor.map_rows(fn, ctx.rows)
             else:
                 result = op.run(ctx)
@@ -268,6 +269,11 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
                 rows, meta_extra = result
             else:
                 rows = result
+            if getattr(op, "row_parallel", False) and _summarizes(op):
+                # The whole output is here: its batches' summaries are taken from it, as a stream's would be.
+                from specdsl.execute.batches import batch_rows, chunks
+
+                op.after_batches(ctx, [op.batch_summary(ctx, part) for part in chunks(rows, batch_rows())])
             outputs[node.id] = rows
             rows_out = len(rows)
         stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else {}
@@ -332,19 +338,29 @@ def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, sta
     if callable(getattr(op, "run_batches", None)):
         for rows in op.run_batches(context([])):
             writer.write(rows)
-    elif not getattr(services.executor, "in_process", False):
+        return writer.rows, writer.close()
+    if not getattr(services.executor, "in_process", False):
         return _run_streaming(plan, node, op, services, staging, store, outputs)
-    else:
-        run_arrow = getattr(op, "run_arrow", None)
-        for batch in _input_batches(plan, node, store, outputs)():
-            # An op's Arrow fast path takes a stored batch as it is (None: not this batch), else rows.
-            done = run_arrow(context([]), batch) if callable(run_arrow) and batch.arrow() is not None else None
-            if done is not None:
-                writer.write_arrow(*done.arrow())
-                continue
-            result = op.run(context(batch.rows()))
-            writer.write(result[0] if isinstance(result, tuple) else result)
-    return writer.rows, writer.close()
+    run_arrow = getattr(op, "run_arrow", None)
+    summaries: list[Any] | None = [] if _summarizes(op) else None
+    for batch in _input_batches(plan, node, store, outputs)():
+        # An op's Arrow fast path takes a stored batch as it is (None: not this batch), else rows.
+        done = run_arrow(context([]), batch) if callable(run_arrow) and batch.arrow() is not None else None
+        if done is not None:
+            writer.write_arrow(*done.arrow())
+            if summaries is not None:
+                summaries.append(op.batch_summary(context([]), done.rows()))
+            continue
+        ctx = context(batch.rows())
+        result = op.run(ctx)
+        out = result[0] if isinstance(result, tuple) else result
+        writer.write(out)
+        if summaries is not None:
+            summaries.append(op.batch_summary(ctx, out))
+    written = writer.rows, writer.close()
+    if summaries is not None:
+        op.after_batches(context([]), summaries)
+    return written
 
 
 def _run_streaming(plan: Plan, node: PlanNode, op: Any, services: Services, staging: Path, store: Store,
@@ -355,12 +371,29 @@ def _run_streaming(plan: Plan, node: PlanNode, op: Any, services: Services, stag
     from specdsl.execute.store import DATA
 
     src = node.input("from")
-    fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed)
+    summarize = _summarizes(op)
+    fn = functools.partial(run_row_chunk, op, node.id, node.params, plan.vars, plan.seed,
+                           services=_row_services(services, op, node), summarize=summarize)
     if src in outputs:
-        return services.executor.run_streaming(fn, staging, batch_rows(), rows=outputs[src])
-    fingerprint = _stored_input(plan, src, store)
-    return services.executor.run_streaming(fn, staging, batch_rows(), table=store.node_dir(fingerprint) / DATA,
-                                           json_columns=store.meta(fingerprint).get("json_columns", []))
+        written = services.executor.run_streaming(fn, staging, batch_rows(), rows=outputs[src])
+    else:
+        fingerprint = _stored_input(plan, src, store)
+        written = services.executor.run_streaming(
+            fn, staging, batch_rows(), table=store.node_dir(fingerprint) / DATA,
+            json_columns=store.meta(fingerprint).get("json_columns", []))
+    rows, json_columns = written[0], written[1]
+    if summarize:
+        ctx = RunContext(node_id=node.id, params=node.params, inputs={}, vars=plan.vars, seed=plan.seed,
+                         services=services, artifact_dir=staging)
+        if len(written) > 2:  # each batch's summary, as fn returned it where the batch ran
+            summaries = [meta.get("batch_summary") for meta in written[2]]
+        else:  # an executor that returns none: summarize the written table, a batch at a time
+            from specdsl.execute.store import read_batches
+
+            summaries = [op.batch_summary(ctx, part) for part in read_batches(staging / DATA, json_columns,
+                                                                             batch_rows())]
+        op.after_batches(ctx, summaries)
+    return rows, json_columns
 
 
 def _input_batches(plan: Plan, node: PlanNode, store: Store,
@@ -424,11 +457,31 @@ def _prepare_models(plan: Plan, registry: Any) -> None:
 
 
 def run_row_chunk(op: Any, node_id: str, params: Mapping[str, Any], variables: Mapping[str, Any], seed: int,
-                  rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run a row-parallel op on one chunk of rows (in a worker: no services, no artifacts)."""
+                  rows: list[dict[str, Any]], services: Any = None, summarize: bool = False) -> Any:
+    """Run a row-parallel op on one chunk of rows, in a worker: no artifacts, and as ``ctx.services``
+    only ``services`` (a :class:`~specdsl.execute.row_services.RowServices`: the tokenizers of the models
+    the op names). With ``summarize``, returns ``(rows, {"batch_summary": ...})``: the op's
+    ``batch_summary`` of its output, taken where the batch ran, for ``after_batches`` on the driver."""
     ctx = RunContext(node_id=node_id, params=params, inputs={"from": rows}, vars=variables, seed=seed,
-                     services=None, artifact_dir=Path("."))
-    return op.run(ctx)
+                     services=services, artifact_dir=Path("."))
+    result = op.run(ctx)
+    if not summarize:
+        return result
+    out = result[0] if isinstance(result, tuple) else result
+    return out, {"batch_summary": op.batch_summary(ctx, out)}
+
+
+def _row_services(services: Services, op: Any, node: PlanNode) -> Any:
+    """What a batch run in another process gets as ``ctx.services`` (see specdsl.execute.row_services)."""
+    from specdsl.execute.row_services import RowServices
+
+    return RowServices.for_node(services, op, node.params)
+
+
+def _summarizes(op: Any) -> bool:
+    """The op checks its whole output from per-batch summaries (optional ``batch_summary`` and
+    ``after_batches``, see specdsl.contract.hookspecs.OpDef)."""
+    return callable(getattr(op, "batch_summary", None)) and callable(getattr(op, "after_batches", None))
 
 
 def _new_stats():

@@ -163,6 +163,7 @@ def _decodes_concatenatively(tokenizer) -> bool:
 
 
 class SegmentOp(StepOp):
+    row_parallel = True  # each text is cut on its own: an executor may split the rows
     name = "segment"
     # 2: each segment's token ids are kept (`<into>_ids`, or `segments_ids` per text). The tokenizer is in
     # the fingerprint through the model's identity (its content fingerprint covers the tokenizer files).
@@ -182,7 +183,9 @@ class SegmentOp(StepOp):
     }, required=["from", "model"])
 
     def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate:
-        return Estimate(rows_unknown=True, details={"rows": None})  # depends on text lengths: known once it runs
+        # Rows depend on text lengths: known once it runs. Its rows are not its input's, so it passes no
+        # sample rows on (a row-parallel op would otherwise pass its input's).
+        return Estimate(rows_unknown=True, details={"rows": None}, sample_rows=())
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         p = ctx.params
@@ -206,7 +209,8 @@ class SegmentOp(StepOp):
             if not isinstance(text, str) or not text.strip():
                 continue
             cut.append((row, segment_text(text, count, min_tokens=p.get("min_tokens", 128))))
-        # Each segment's ids, from one batch call: what interleave assembles contexts from.
+        # Each segment's ids, from one call per batch (ids do not depend on the batch): what interleave
+        # assembles contexts from.
         ids_of = _token_ids(tok, [seg for _row, segments in cut for seg in segments])
         out = []
         for row, segments in cut:

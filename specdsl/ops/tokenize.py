@@ -1,15 +1,17 @@
 """``tokenize``: render each sample with the student's own chat template and turn its spans into labels.
 
 Train steps lower to a tokenize node feeding the train node, so the exact tokens and labels the loss
-will see are a cached table that ``specdsl inspect`` can show before any training runs.
+will see are a cached table that ``specdsl inspect`` can show before any training runs. Each row is
+tokenized on its own (row-parallel: a batch in, a batch out, on any executor); the one check about the
+whole table, that some sample carries loss, is made from per-batch counts after the last batch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from specdsl.errors import RunError
-from specdsl.contract.ops import MODEL_REF, STEP_REF, CheckContext, Rows, RunContext, StepOp, obj_schema
+from specdsl.contract.ops import MODEL_REF, STEP_REF, CheckContext, Estimate, Rows, RunContext, StepOp, obj_schema
 
 TOKENIZED_COLUMNS = ("id", "input_ids", "labels", "n_tokens", "n_trained", "text", "spans", "truncated")
 # Carried through for inspection (IN2 key positions, the erased instruction shown struck through).
@@ -18,6 +20,7 @@ TOKENIZE_PASSTHROUGH = ("key_positions", "erased_system")
 
 class TokenizeOp(StepOp):
     name = "tokenize"
+    row_parallel = True  # stateless per row: an executor may split the rows (the tokenizer loads per process)
     requires = (("transformers", "local"),)  # the model's tokenizer
     description = "render samples with the model's chat template; labels are -100 outside the trained spans"
     model_keys = ("model",)
@@ -28,6 +31,11 @@ class TokenizeOp(StepOp):
         "loss": {"enum": ["assistant", "completion", "all"], "description": "which text carries loss"},
         "mask": {"type": "boolean", "description": "false: loss on everything the assistant says (ablation)"},
     }, required=["from", "model"])
+
+    def estimate(self, params: Mapping[str, Any], input_rows: int | None, services: Any) -> Estimate:
+        # A row per input row, but not the input's rows: no sample rows for estimates downstream to render
+        # their prompts on (a row-parallel op would otherwise pass its input's on).
+        return Estimate(details={"rows": input_rows}, sample_rows=())
 
     def check(self, ctx: CheckContext) -> tuple[str, ...]:
         check_trainable(ctx)
@@ -65,10 +73,15 @@ class TokenizeOp(StepOp):
                 if extra in row:
                     new[extra] = row[extra]
             out.append(new)
-        if out and not any(r["n_trained"] for r in out):
+        return out
+
+    def batch_summary(self, ctx: RunContext, rows: Rows) -> dict[str, int]:
+        return {"rows": len(rows), "trained": sum(1 for r in rows if r["n_trained"])}
+
+    def after_batches(self, ctx: RunContext, summaries: list[dict[str, int]]) -> None:
+        if sum(s["rows"] for s in summaries) and not sum(s["trained"] for s in summaries):
             raise RunError("no token carries loss in any sample", node=ctx.node_id,
                            hint="check the format step: the assistant message or completion is empty or truncated")
-        return out
 
 
 def _unmask(message: dict) -> dict:

@@ -3,12 +3,15 @@
 ``specdsl run spec.yaml --executor ray`` (or ``run(plan, executor="ray")``) runs the same plan as the
 local executor; only *where* the work happens changes:
 
-* **Row-parallel ops** (``map``, ``filter``, ``format``, ``erase_prompt``, ``pam``: ops with
-  ``row_parallel = True``) stream through Ray Data (:meth:`RayExecutor.run_streaming`,
+* **Row-parallel ops** (``map``, ``filter``, ``format``, ``erase_prompt``, ``pam``, ``segment``,
+  ``tokenize``: ops with ``row_parallel = True``) stream through Ray Data (:meth:`RayExecutor.run_streaming`,
   :mod:`.streaming`): the workers read the local executor's batches of the input straight from the
   stored Parquet (so past one machine the run store must be on shared storage), run the op on each and
   write each output batch as a part in the node's staging folder; the driver merges the parts in input
-  order, so the table is the one the local executor writes, and the driver never holds it.
+  order, so the table is the one the local executor writes, and the driver never holds it. An op that
+  needs a tokenizer loads it in the worker from the model folder the driver resolved
+  (:class:`specdsl.execute.row_services.RowServices`, once per worker process); an op's per-batch
+  summaries (``batch_summary``) come back with the parts, for its whole-table check on the driver.
   ``map_rows`` (chunks of rows as Ray tasks, concatenated in order) remains for callers that hand over
   rows in memory.
 * **Generation** goes through :meth:`RayExecutor.wrap_backend`: the requests that the request journal

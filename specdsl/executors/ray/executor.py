@@ -116,11 +116,12 @@ class RayExecutor:
 
     def run_streaming(self, fn: Callable[[list[dict]], Any], staging: Path, batch_rows: int, *,
                       rows: list[dict] | None = None, table: Path | None = None,
-                      json_columns: Sequence[str] = ()) -> tuple[int, list[str]]:
+                      json_columns: Sequence[str] = ()) -> tuple[int, list[str], list[dict[str, Any]]]:
         """A row-parallel node, streamed through Ray Data: ``fn`` over the input (``rows`` in memory, or
         the stored Parquet ``table`` with its JSON-text columns) one batch of ``batch_rows`` rows at a
         time, in Ray workers; the output left in ``staging/data.parquet``. Returns (rows, JSON-text
-        columns). See :mod:`specdsl.executors.ray.streaming`."""
+        columns, each batch's meta: what ``fn`` returned beside its rows, such as the op's batch summary).
+        See :mod:`specdsl.executors.ray.streaming`."""
         from specdsl.executors.ray.streaming import stream_node
 
         return stream_node(self, fn, staging, batch_rows, rows=rows, table=table, json_columns=json_columns)

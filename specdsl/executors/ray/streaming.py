@@ -105,8 +105,9 @@ class SpanJob:
 
 def run_span(item: dict[str, Any], job: SpanJob) -> dict[str, Any]:
     """One span: each of its batches through the op, each non-empty output written as a part. Returns
-    ``{"outcome": pickle of ("ok", [(part or None, rows, json_columns), ...]) or ("error", info)}``:
-    an exception travels as data, so it is raised on the driver as itself, never as a Ray traceback."""
+    ``{"outcome": pickle of ("ok", [(part or None, rows, json_columns, meta), ...]) or ("error", info)}``
+    (``meta``: what ``fn`` returned beside the rows, a batch's summary, or ``{}``): an exception travels
+    as data, so it is raised on the driver as itself, never as a Ray traceback."""
     from specdsl.execute.store import write_table
 
     first, stop = int(item["first"]), int(item["stop"])
@@ -114,12 +115,12 @@ def run_span(item: dict[str, Any], job: SpanJob) -> dict[str, Any]:
         written = []
         for index, rows in zip(range(first, stop), _span_batches(job, first, stop)):
             result = job.fn(rows)
-            out = result[0] if isinstance(result, tuple) else result
+            out, meta = result if isinstance(result, tuple) else (result, {})
             if not out:  # as TableWriter.write: an empty batch of output leaves no part
-                written.append((None, 0, []))
+                written.append((None, 0, [], meta))
                 continue
             part = Path(job.parts_dir) / f"{index:09d}-{uuid.uuid4().hex[:8]}.parquet"
-            written.append((str(part), len(out), write_table(part, out)))
+            written.append((str(part), len(out), write_table(part, out), meta))
         outcome: tuple[str, Any] = ("ok", written)
     except BaseException as exc:  # noqa: BLE001 - travels back and is raised again in the driver
         outcome = ("error", capture_error(exc))
@@ -196,12 +197,15 @@ def read_span(path: Path, batch: int, first: int, stop: int) -> Iterator[Any]:
 
 
 def stream_node(executor: Any, fn: Callable[[Rows], Any], staging: Path, batch: int, *, rows: Rows | None = None,
-                table: Path | None = None, json_columns: Sequence[str] = ()) -> tuple[int, list[str]]:
+                table: Path | None = None,
+                json_columns: Sequence[str] = ()) -> tuple[int, list[str], list[dict[str, Any]]]:
     """Run ``fn`` over the input (``rows`` in memory, or the stored ``table``) one batch at a time in Ray
-    workers; leave the output in ``staging/data.parquet``. Returns (rows written, JSON-text columns)."""
+    workers; leave the output in ``staging/data.parquet``. Returns (rows written, JSON-text columns, and
+    per batch in input order what ``fn`` returned beside the rows: ``{}`` for a plain list of rows)."""
     from specdsl.execute.batches import TableWriter
 
     writer = TableWriter(staging)
+    metas: list[dict[str, Any]] = []
     parts_dir = Path(staging) / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -221,10 +225,11 @@ def stream_node(executor: Any, fn: Callable[[Rows], Any], staging: Path, batch: 
                     kind, value = pickle.loads(outcome)
                     if kind == "error":
                         raise_again(value)
-                    for part, n, columns in value:
+                    for part, n, columns, meta in value:
+                        metas.append(meta)
                         if part is not None:
                             writer.add_part(Path(part), n, columns)
-        return writer.rows, writer.close()
+        return writer.rows, writer.close(), metas
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)  # parts of retried tasks; never part of the commit
 
