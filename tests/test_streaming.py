@@ -120,7 +120,7 @@ def test_ids_kept_as_hashes_are_checked_exactly_even_when_hashes_collide(tmp_pat
     """Ids are remembered as 64-bit hashes; a hash seen before is confirmed by reading the ids before it
     again. With a hash that collides for every id of the same length, distinct ids still pass and a
     real repeat still raises, at the batch that holds it."""
-    from specdsl.sources.files import IdAssigner
+    from specdsl.sources.ids import IdAssigner
 
     records = [{"id": k} for k in ["ab", "cd", "ef", "gh", "ij", "cd", "kl"]]
     ids = IdAssigner(None, "d.jsonl", reread=lambda: iter(records), hash_id=len)

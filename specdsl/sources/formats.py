@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from specdsl.errors import RunError
 from specdsl.sources import files
+from specdsl.sources.ids import IdAssigner
 
 Rows = list[dict[str, Any]]
 
@@ -78,17 +79,17 @@ def _folder_identity(paths: list[Path], root: Path) -> dict[str, Any]:
 
 
 def _ids(batches: Callable[[], Iterator[Any]], id_column: str | None, display: str,
-         limit: int | None) -> "files.IdAssigner":
+         limit: int | None) -> "IdAssigner":
     """The id checker of a read of ``batches()``, able to read the same records again from the start."""
 
     def reread() -> Iterator[dict[str, Any]]:
         records = (row for batch in batches() for row in batch.to_pylist())
         return itertools.islice(records, limit) if limit else records
 
-    return files.IdAssigner(id_column, display, reread=reread)
+    return IdAssigner(id_column, display, reread=reread)
 
 
-def _limited(batches: Iterator[Any], limit: int | None, ids: "files.IdAssigner",
+def _limited(batches: Iterator[Any], limit: int | None, ids: "IdAssigner",
              size: int | None) -> Iterator[Rows]:
     """Arrow record batches -> batches of rows with ids, at most ``limit`` rows in all."""
     pending: Rows = []
