@@ -70,14 +70,20 @@ def load_tokenizer(path: Path, ref: str) -> Any:
     folder missing on this machine is an error naming it, never a hub download."""
     key = str(path)
     if key not in _TOKENIZERS:
-        if not Path(path).is_dir():
-            raise RunError(f"model '{ref}': its folder {path} is not there on {socket.gethostname()}",
-                           hint=SHARED_MODEL_HINT)
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(key, local_files_only=True)
-        if not getattr(tok, "is_fast", False):
-            raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets",
-                           hint="use a model whose folder has a tokenizer.json (a fast tokenizer)")
-        _TOKENIZERS[key] = tok
+        _TOKENIZERS[key] = read_fast_tokenizer(Path(path), ref)
     return _TOKENIZERS[key]
+
+
+def read_fast_tokenizer(path: Path, ref: str) -> Any:
+    """Load the tokenizer of model ``ref`` from its local folder ``path`` (never a hub); exact masks and
+    segment offsets need a fast tokenizer, so a slow one is an error that says so."""
+    if not path.is_dir():
+        raise RunError(f"model '{ref}': its folder {path} is not there on {socket.gethostname()}",
+                       hint=SHARED_MODEL_HINT)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets",
+                       hint="use a model whose folder has a tokenizer.json (a fast tokenizer)")
+    return tok

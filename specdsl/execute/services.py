@@ -144,16 +144,12 @@ class Services:
         return Path(local_dir(m.options))
 
     def tokenizer(self, ref: str):
-        path = str(self.model_dir(ref))
-        if path not in self._tokenizers:
-            from transformers import AutoTokenizer
+        from specdsl.execute.row_services import read_fast_tokenizer
 
-            tok = AutoTokenizer.from_pretrained(path)
-            if not getattr(tok, "is_fast", False):
-                raise RunError(f"model '{ref}' has no fast tokenizer; exact masks need offsets",
-                               hint="use a model whose folder has a tokenizer.json (a fast tokenizer)")
-            self._tokenizers[path] = tok
-        return self._tokenizers[path]
+        path = self.model_dir(ref)
+        if str(path) not in self._tokenizers:
+            self._tokenizers[str(path)] = read_fast_tokenizer(Path(path), ref)
+        return self._tokenizers[str(path)]
 
     # -- generation -----------------------------------------------------------------------------------
 
