@@ -65,11 +65,18 @@ def string_array(values: Sequence[str | None]) -> Any:
     """``pyarrow.array(values, type=pyarrow.string())`` for str-or-None values."""
     import pyarrow as pa
 
+    return _plain_as(values, pa.string())
+
+
+def _plain_as(values: Sequence[Any], arrow_type: Any) -> Any:
+    """``pyarrow.array(values, type=arrow_type)``, from buffers when the values are of one plain type."""
+    import pyarrow as pa
+
     array = plain_array(values)
     if array is not None and pa.types.is_null(array.type):
-        return pa.nulls(len(values), pa.string())
-    if array is None or not pa.types.is_string(array.type):
-        array = pa.array(values, type=pa.string())
+        return pa.nulls(len(values), arrow_type)
+    if array is None or not array.type.equals(arrow_type):
+        array = pa.array(values, type=arrow_type)
     return array
 
 
@@ -99,12 +106,7 @@ def bool_array(values: Sequence[bool | None]) -> Any:
     if isinstance(values, np.ndarray) and values.dtype == np.bool_ and values.ndim == 1:
         bits = pa.py_buffer(np.packbits(values, bitorder="little"))
         return pa.Array.from_buffers(pa.bool_(), len(values), [None, bits], null_count=0)
-    array = plain_array(values)
-    if array is not None and pa.types.is_null(array.type):
-        return pa.nulls(len(values), pa.bool_())
-    if array is None or not pa.types.is_boolean(array.type):
-        array = pa.array(values, type=pa.bool_())
-    return array
+    return _plain_as(values, pa.bool_())
 
 
 def numpy_of(column: Any) -> Any:
