@@ -38,20 +38,40 @@ class NodeStats:
                 "cost": None if self.cost_unknown else round(self.cost, 6), "errors": self.errors[:20]}
 
 
-def grouped_errors(failures: Sequence[tuple[str, str]], shown_rows: int = 3) -> list[str]:
-    """``(row, message)`` pairs as one line per distinct message: a server that is down fails 10,000 rows
-    with one message, shown once with a count and the first rows, not 10,000 times."""
-    by_message: dict[str, list[str]] = {}
+SHOWN_ROWS = 3  # rows named per distinct error message
+
+
+class ErrorGroups:
+    """Failed rows grouped by message as they come: a server that is down fails 10,000 rows with one
+    message, shown once with a count and the first rows, not 10,000 times. Holds a count and the first
+    few rows per message, never every failed row."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, tuple[int, list[str]]] = {}
+
+    def add(self, row: str, message: str) -> None:
+        count, rows = self._groups.get(message, (0, []))
+        if len(rows) < SHOWN_ROWS:
+            rows.append(row)
+        self._groups[message] = (count + 1, rows)
+
+    def lines(self) -> list[str]:
+        out = []
+        for message, (count, rows) in self._groups.items():
+            if count == 1:
+                out.append(f"row {rows[0]}: {message}")
+            else:
+                more = f" and {count - SHOWN_ROWS} more" if count > SHOWN_ROWS else ""
+                out.append(f"{count} rows ({', '.join(rows)}{more}): {message}")
+        return out
+
+
+def grouped_errors(failures: Sequence[tuple[str, str]]) -> list[str]:
+    """``(row, message)`` pairs as one line per distinct message (see :class:`ErrorGroups`)."""
+    groups = ErrorGroups()
     for row, message in failures:
-        by_message.setdefault(message, []).append(row)
-    out = []
-    for message, rows in by_message.items():
-        if len(rows) == 1:
-            out.append(f"row {rows[0]}: {message}")
-        else:
-            more = f" and {len(rows) - shown_rows} more" if len(rows) > shown_rows else ""
-            out.append(f"{len(rows)} rows ({', '.join(rows[:shown_rows])}{more}): {message}")
-    return out
+        groups.add(row, message)
+    return groups.lines()
 
 
 def _priced(backend: Any, options: Mapping[str, Any]) -> bool:
@@ -159,49 +179,13 @@ class Services:
 
         ``label`` names the progress bar after the node (default: the model); evaluate passes its probe and
         condition, so two bars of one node never read the same."""
-        from specdsl.execute.generation import run_requests
+        with self.generation(node_id, model_ref, label=label) as session:
+            return session.answer(requests)
 
-        backend, options = self.backend_and_options(model_ref)
-        resolved = secrets.resolve(options, model=model_ref)
-        stats = self.stats.setdefault(node_id, NodeStats())
-        task = self._start_bar(f"{node_id} · {label or model_ref}", len(requests), "req")
-        last: list[Any] = [None]
-
-        def on_progress(event: Any) -> None:
-            # run_requests throttles: at most ~10 events a second while a bar is drawn, only the first and
-            # the last (the totals) when none is, and no event is built for the results in between.
-            last[0] = event
-            if task is not None:
-                self._show(task, event)
-
-        try:
-            results = run_requests(self.executor.wrap_backend(backend), resolved, list(requests), self.journal,
-                                   fail_fast=self.fail_fast, progress=on_progress,
-                                   progress_interval_s=1.0 / UPDATES_PER_S if task is not None else math.inf)
-        finally:
-            if task is not None:
-                if last[0] is not None:
-                    self._show(task, last[0])
-                self.progress.finish(task)
-            if last[0] is not None:
-                ev = last[0]
-                with self._lock:
-                    stats.requests += ev.total
-                    stats.cached_requests += ev.cached
-                    stats.input_tokens += ev.input_tokens
-                    stats.output_tokens += ev.output_tokens
-                    stats.cost += ev.cost
-        rows_of: dict[str, str] = {}
-        for r in requests:
-            rows_of.setdefault(r.key, r.row_id or r.key[:12])
-        # Errors come redacted of the resolved secrets from run_requests (the one place that does it).
-        failures = [(rows_of.get(k, k[:12]), str(res.error)) for k, res in results.items() if not res.ok]
-        with self._lock:
-            if requests and not _priced(backend, resolved):
-                stats.cost_unknown = True
-            stats.failed += len(failures)
-            stats.errors.extend(grouped_errors(failures))
-        return results
+    def generation(self, node_id: str, model_ref: str, *, label: str | None = None) -> "GenerationSession":
+        """A node's requests to one model answered in several calls (a window of rows at a time) behind one
+        progress bar and one set of totals: see :class:`GenerationSession`. Use it as a context manager."""
+        return GenerationSession(self, node_id, model_ref, label)
 
     def _start_bar(self, name: str, total: int | None, unit: str) -> int | None:
         """A progress bar, or None when there is no display or it is off (then nobody updates anything)."""
@@ -266,3 +250,104 @@ class Services:
                 self.progress.update(task, event)
 
         return update
+
+
+class GenerationSession:
+    """One node's generation on one model, answered a window of requests at a time.
+
+    Each :meth:`answer` is a :func:`~specdsl.execute.generation.run_requests` call (journaled, resumable,
+    deduplicated within the window; a repeat in a later window is answered by the journal). The session
+    keeps what the windows share: one progress bar whose counts and tokens run on across windows, and
+    whose total is the requests seen so far plus the caller's count of those still to come
+    (``remaining``), exact once the last window is known; and the node's totals and grouped errors,
+    added to its :class:`NodeStats` when the session closes.
+    """
+
+    def __init__(self, services: Services, node_id: str, model_ref: str, label: str | None):
+        self.services, self.node_id, self.model_ref = services, node_id, model_ref
+        self.backend, options = services.backend_and_options(model_ref)
+        self.options = secrets.resolve(options, model=model_ref)
+        self.name = f"{node_id} · {label or model_ref}"
+        self.task: int | None = None
+        self.started = False
+        # What earlier windows counted: shown under this window's counts on the one bar.
+        self.before = {"total": 0, "done": 0, "cached": 0, "failed": 0, "input_tokens": 0, "output_tokens": 0,
+                       "cost": 0.0}
+        self.errors = ErrorGroups()
+        self.failed = 0  # distinct requests without an answer (a lost one too, which no event counts)
+        self.asked = False  # some window had requests (an unpriced backend then makes the cost unknown)
+
+    def __enter__(self) -> "GenerationSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def answer(self, requests: Sequence[GenRequest], *, remaining: int = 0) -> dict[str, GenResult]:
+        """Answer one window; ``remaining``: how many requests later windows will bring (at most)."""
+        from specdsl.execute.generation import run_requests
+
+        services = self.services
+        if not self.started:
+            self.started = True
+            self.task = services._start_bar(self.name, len(requests) + remaining, "req")
+        last: list[Any] = [None]
+
+        def on_progress(event: Any) -> None:
+            # run_requests throttles: at most ~10 events a second while a bar is drawn, only the first and
+            # the last (the totals) when none is, and no event is built for the results in between.
+            last[0] = event
+            if self.task is not None:
+                self._show(event, remaining)
+
+        try:
+            results = run_requests(services.executor.wrap_backend(self.backend), self.options, list(requests),
+                                   services.journal, fail_fast=services.fail_fast, progress=on_progress,
+                                   progress_interval_s=1.0 / UPDATES_PER_S if self.task is not None else math.inf)
+        finally:
+            if last[0] is not None:
+                ev = last[0]
+                if self.task is not None:
+                    self._show(ev, remaining)
+                for name in ("total", "done", "cached", "failed", "input_tokens", "output_tokens", "cost"):
+                    self.before[name] += getattr(ev, name)
+        rows_of: dict[str, str] = {}
+        for r in requests:
+            rows_of.setdefault(r.key, r.row_id or r.key[:12])
+        # Errors come redacted of the resolved secrets from run_requests (the one place that does it).
+        for key, res in results.items():
+            if not res.ok:
+                self.failed += 1
+                self.errors.add(rows_of.get(key, key[:12]), str(res.error))
+        self.asked = self.asked or bool(requests)
+        return results
+
+    def _show(self, event: Any, remaining: int) -> None:
+        b = self.before
+        self.services.progress.update(self.task, {
+            "done": b["done"] + event.done, "total": b["total"] + event.total + remaining,
+            "failed": b["failed"] + event.failed, "cached": b["cached"] + event.cached,
+            "input_tokens": b["input_tokens"] + event.input_tokens,
+            "output_tokens": b["output_tokens"] + event.output_tokens, "cost": b["cost"] + event.cost})
+
+    def close(self) -> None:
+        """Finish the bar and add the session's totals to the node's stats (also after a failure: what
+        was answered was paid for)."""
+        services = self.services
+        if self.task is not None:
+            services.progress.finish(self.task)
+            self.task = None
+        b = self.before
+        with services._lock:
+            stats = services.stats.setdefault(self.node_id, NodeStats())
+            stats.requests += b["total"]
+            stats.cached_requests += b["cached"]
+            stats.input_tokens += b["input_tokens"]
+            stats.output_tokens += b["output_tokens"]
+            stats.cost += b["cost"]
+            if self.asked and not _priced(self.backend, self.options):
+                stats.cost_unknown = True
+            stats.failed += self.failed
+            stats.errors.extend(self.errors.lines())
+        self.before = dict.fromkeys(b, 0)
+        self.errors, self.failed = ErrorGroups(), 0
