@@ -303,8 +303,12 @@ class OpDef(Protocol):
       batch the store would keep for the rows ``run`` returns (the same values, types and JSON-text
       columns), or None to have ``run`` called on ``batch.rows()`` instead. Ops without it are called
       with rows, as before.
-    * ``run_batches(ctx) -> Iterator[rows]``: an op that produces its output in batches itself (the
-      built-in ``source``); the runner writes each batch as it comes and never calls ``run``.
+    * ``run_batches(ctx) -> Iterator[rows]``: an op that produces its output in batches itself; the
+      runner writes each batch as it comes and never calls ``run``. Called for an op with no input (the
+      built-in ``source``) or one that ``reads_batches`` its one ``from`` input (``generate``: it reads
+      the input a batch at a time, answers a window of requests at a time and yields the answered rows,
+      so neither the input nor the output is ever whole in memory; ``ctx.input_size`` is the input's row
+      count when known, for a progress total). Any other op gets ``run`` with its inputs whole.
     * ``batch_summary(ctx, rows) -> Any`` with ``after_batches(ctx, summaries) -> None`` (no default:
       an op needs both, or neither is called): a ``row_parallel`` op's check of its whole output, which
       no single batch can make (``tokenize``: no sample at all carries loss). ``batch_summary`` runs

@@ -181,7 +181,8 @@ class RunContext:
     """What an op sees when it runs: upstream rows and the executor's services.
 
     ``batches`` is set, instead of ``inputs["from"]``, for an op that declares ``reads_batches``: called
-    with no argument it yields its input a :class:`Batch` at a time, in order (once per call).
+    with no argument it yields its input a :class:`Batch` at a time, in order (once per call);
+    ``input_size`` is then the input's row count when it is known before reading it (else None).
     """
 
     node_id: str
@@ -192,6 +193,7 @@ class RunContext:
     services: Any   # specdsl.execute.services.Services (kept loose to avoid an import cycle)
     artifact_dir: Path  # a private folder for this node's artifacts (models, plots); kept in the store
     batches: Callable[[], Iterator[Batch]] | None = None
+    input_size: int | None = None
 
     @property
     def rows(self) -> Rows:

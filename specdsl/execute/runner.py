@@ -252,11 +252,11 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
             written = _run_in_batches(plan, node, op, services, staging, store, outputs)
             rows_out = written[0]
         else:
-            batches = _input_batches(plan, node, store, outputs) if getattr(op, "reads_batches", False) and \
-                [param for param, _src in node.inputs] == ["from"] else None
+            batches = _input_batches(plan, node, store, outputs) if _reads_input_batches(op, node) else None
             inputs = {param: load(src) for param, src in node.inputs} if batches is None else {}
             ctx = RunContext(node_id=node.id, params=node.params, inputs=inputs, vars=plan.vars, seed=plan.seed,
-                             services=services, artifact_dir=staging, batches=batches)
+                             services=services, artifact_dir=staging, batches=batches,
+                             input_size=_input_size(plan, node, store, outputs) if batches else None)
             if getattr(op, "row_parallel", False) and not getattr(services.executor, "in_process", False) \
                     and len(inputs) == 1:
                 # Stateless per-row ops may run anywhere: hand chunks of rows to the executor.
@@ -315,10 +315,10 @@ def _run_node(plan: Plan, node: PlanNode, store: Store, services: Services, regi
 
 def _streams(op: Any, node: PlanNode, services: Services) -> bool:
     """Whether the node runs batch by batch: an op that yields its own batches (``run_batches``: a
-    source), or a row-parallel op reading one input on this process or through an executor that streams
-    (``run_streaming``: Ray). Everything else (generation, training, evaluation, an op that needs its
-    whole table) gets its inputs whole."""
-    if callable(getattr(op, "run_batches", None)):
+    source, or generate reading its one input in batches), or a row-parallel op reading one input on this
+    process or through an executor that streams (``run_streaming``: Ray). Everything else (training,
+    evaluation, an op that needs its whole table) gets its inputs whole."""
+    if callable(getattr(op, "run_batches", None)) and (not node.inputs or _reads_input_batches(op, node)):
         return True
     executor = services.executor
     return bool(getattr(op, "row_parallel", False)) and [param for param, _src in node.inputs] == ["from"] \
@@ -336,7 +336,13 @@ def _run_in_batches(plan: Plan, node: PlanNode, op: Any, services: Services, sta
 
     writer = TableWriter(staging)
     if callable(getattr(op, "run_batches", None)):
-        for rows in op.run_batches(context([])):
+        ctx = context([])
+        if node.inputs:  # it reads its input in batches (see _streams): generate
+            ctx = RunContext(node_id=node.id, params=node.params, inputs={}, vars=plan.vars, seed=plan.seed,
+                             services=services, artifact_dir=staging,
+                             batches=_input_batches(plan, node, store, outputs),
+                             input_size=_input_size(plan, node, store, outputs))
+        for rows in op.run_batches(ctx):
             writer.write(rows)
         return writer.rows, writer.close()
     if not getattr(services.executor, "in_process", False):
@@ -413,6 +419,20 @@ def _input_batches(plan: Plan, node: PlanNode, store: Store,
         yield from store.iter_arrow_batches(_stored_input(plan, src, store), size)
 
     return batches
+
+
+def _reads_input_batches(op: Any, node: PlanNode) -> bool:
+    """The op reads its one input a batch at a time (``reads_batches``) instead of whole."""
+    return bool(getattr(op, "reads_batches", False)) and [param for param, _src in node.inputs] == ["from"]
+
+
+def _input_size(plan: Plan, node: PlanNode, store: Store, outputs: Mapping[str, list[dict[str, Any]]]) -> int | None:
+    """Rows in the node's ``from`` input, known without reading it (None: not known)."""
+    src = node.input("from")
+    if src in outputs:
+        return len(outputs[src])
+    rows = store.meta(plan.node(src).fingerprint).get("rows") if store.has(plan.node(src).fingerprint) else None
+    return rows if isinstance(rows, int) else None
 
 
 def _stored_input(plan: Plan, src: str, store: Store) -> str:

@@ -6,7 +6,7 @@ made once, whichever node or run asks for it, and every answer is journaled the 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from specdsl import templates
 from specdsl.errors import RunError
@@ -53,6 +53,7 @@ class GenerateOp(StepOp):
     template_keys = ("system", "user", "where")
     reads_known = True
     drops_rows = True  # a failed request leaves its row out
+    reads_batches = True  # its input a batch at a time, answered a window at a time (run_batches)
 
     @staticmethod
     def keeps_row_ids(params: Mapping[str, Any]) -> bool:
@@ -109,13 +110,14 @@ class GenerateOp(StepOp):
         return Estimate(rows=count, rows_unknown=count is None,
                         details={"rows": count, **services.usage(params["model"], count, avg_in, cap)})
 
-    def requests(self, ctx: RunContext) -> list[tuple[dict, GenRequest | None, list[dict]]]:
-        """(output row, request or None when `where` skips it, messages) for every row and sample."""
+    def requests(self, ctx: RunContext, rows: Rows | None = None) -> list[tuple[dict, GenRequest | None, list[dict]]]:
+        """(output row, request or None when `where` skips it, messages) for every row (default: ``ctx.rows``)
+        and sample."""
         p = ctx.params
         into = p.get("into", "response")
         identity = ctx.services.model_identity(p["model"])
         out = []
-        for row in ctx.rows:
+        for row in ctx.rows if rows is None else rows:
             try:
                 wanted = True
                 if p.get("where"):
@@ -140,18 +142,66 @@ class GenerateOp(StepOp):
                 out.append((new, req, messages))
         return out
 
-    def run(self, ctx: RunContext) -> Rows:
+    def run_batches(self, ctx: RunContext) -> Iterator[Rows]:
+        """The answered rows a window at a time, in input order: the input is read a batch at a time and
+        requests are built and answered a window (:func:`generation_windows`) at a time, so peak memory is
+        a window's rows and answers whatever the table's size. A repeat of an earlier window's request is
+        answered by the journal. The runner writes each batch of output as it comes."""
+        from specdsl.execute.batches import batch_rows, chunks
+
         p = ctx.params
         into = p.get("into", "response")
-        planned = self.requests(ctx)
-        results = ctx.services.generate(ctx.node_id, p["model"], [r for _, r, _ in planned if r is not None])
-        rows = []
-        for row, req, _ in planned:
-            res = results.get(req.key) if req is not None else None
-            if res is not None and not res.ok:
-                # A failed request leaves its row out: the node is reported incomplete (not cached), its
-                # error is in the run summary, and the next run retries just that request.
-                continue
-            row[into] = res.text if res is not None else None
-            rows.append(row)
-        return rows
+        n = p.get("n", 1)
+        size = batch_rows()
+        # Input rows not read yet: the progress bar's total counts their requests before they are built.
+        left = ctx.input_size if ctx.batches is not None else len(ctx.rows)
+        with ctx.services.generation(ctx.node_id, p["model"]) as session:
+            for window in generation_windows(self.requests(ctx, batch.rows()) for batch in ctx.input_batches(size)):
+                if left is not None:
+                    left = max(0, left - len(window) // n)
+                results = session.answer([r for _, r, _ in window if r is not None],
+                                         remaining=(left or 0) * n)
+                rows = []
+                for row, req, _ in window:
+                    res = results.get(req.key) if req is not None else None
+                    if res is not None and not res.ok:
+                        # A failed request leaves its row out: the node is reported incomplete (not cached), its
+                        # error is in the run summary, and the next run retries just that request.
+                        continue
+                    row[into] = res.text if res is not None else None
+                    rows.append(row)
+                del window, results
+                yield from chunks(rows, size)
+
+    def run(self, ctx: RunContext) -> Rows:
+        return [row for rows in self.run_batches(ctx) for row in rows]
+
+
+# A window closes at this many requests or this much prompt text (characters), whichever comes first.
+# Large enough that a backend's concurrency stays busy (the last wave of a window waits for its slowest
+# answer: at 256 in flight, one wave in 128), small enough that a window of long prompts (IN2's 32K-token
+# contexts) stays in the hundreds of MB.
+WINDOW_BATCHES = 4             # input batches (SPECDSL_BATCH_ROWS rows, 8,192 by default) per window
+WINDOW_PROMPT_CHARS = 64 << 20
+
+
+def generation_windows(parts: Iterable[list[tuple[dict, GenRequest | None, list[dict]]]],
+                       max_requests: int | None = None,
+                       max_chars: int = WINDOW_PROMPT_CHARS) -> Iterator[list[tuple[dict, GenRequest | None, list[dict]]]]:
+    """Consecutive batches of planned requests joined into windows of at most about ``max_requests``
+    rows (default: ``WINDOW_BATCHES`` batches) or ``max_chars`` of prompt text; a window always takes
+    whole batches, and at least one."""
+    from specdsl.execute.batches import batch_rows
+
+    limit = max_requests if max_requests is not None else WINDOW_BATCHES * batch_rows()
+    window: list = []
+    chars = 0
+    for part in parts:
+        window.extend(part)
+        chars += sum(len(m["content"]) for _, _, messages in part for m in messages
+                     if isinstance(m.get("content"), str))
+        if len(window) >= limit or chars >= max_chars:
+            yield window
+            window, chars = [], 0
+    if window:
+        yield window
