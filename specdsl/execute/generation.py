@@ -206,25 +206,40 @@ def _final_event_quietly(final_event: Callable[[], None]) -> None:
 
 _freeze_lock = threading.Lock()
 _freezes = 0  # run_requests calls inside heap_frozen now (threads may run several at once)
+_thresholds: tuple[int, ...] = ()  # the collector's thresholds before the first of them
+
+# The young generation's threshold during a batch. The requests in flight live in that generation
+# (~30 objects each: coroutines, futures, headers, timer handles; ~7,000 at concurrency 256), so at
+# CPython's default of 700 allocations each young collection walks them all again, every few dozen
+# answers, and promotes them to be walked again by the middle generation: 0.9 s of collector CPU in a
+# 20,000-request run at concurrency 256, 0.2 s with this threshold (measured; peak RSS unchanged).
+# Garbage in reference cycles waits for at most this many allocations (a few MB).
+BATCH_GC_THRESHOLD = 20_000
 
 
 @contextlib.contextmanager
 def heap_frozen():
-    """Keep the garbage collector off the objects that exist before a batch of requests is sent.
+    """Keep the garbage collector off the objects that exist before a batch of requests is sent, and off
+    the requests in flight.
 
     Everything built before the batch (the rows, the requests, the plan, every imported module) lives
     through it, yet a long batch allocates enough (each answer, its result, its HTTP objects) to trigger
     full collections, each walking that whole heap again. ``gc.freeze`` sets those objects aside for
     the batch (objects made during it are collected as usual) and ``gc.unfreeze`` hands them back when
     the last concurrent batch ends, so a cycle among them is collected by the next full collection
-    after it. A heap someone else froze is left alone.
+    after it. The young generation collects every :data:`BATCH_GC_THRESHOLD` allocations instead of
+    700 meanwhile (see there), and its threshold is put back after. A heap someone else froze is left
+    alone, thresholds included.
     """
-    global _freezes
+    global _freezes, _thresholds
     with _freeze_lock:
         ours = _freezes > 0 or gc.get_freeze_count() == 0
         if ours:
             if _freezes == 0:
                 gc.freeze()
+                _thresholds = gc.get_threshold()
+                if _thresholds[0] and _thresholds[0] < BATCH_GC_THRESHOLD:  # 0: collection is off; keep it so
+                    gc.set_threshold(BATCH_GC_THRESHOLD, *_thresholds[1:])
             _freezes += 1
     try:
         yield
@@ -233,6 +248,7 @@ def heap_frozen():
             with _freeze_lock:
                 _freezes -= 1
                 if _freezes == 0:
+                    gc.set_threshold(*_thresholds)
                     gc.unfreeze()
 
 
