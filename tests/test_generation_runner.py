@@ -293,3 +293,13 @@ def test_a_batch_collects_its_young_objects_less_often_and_puts_the_collector_ba
     thread.join(10)
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+    # A run (api.run_plan) raises the threshold around its batches too: the last one out puts it back.
+    from specdsl.execute.generation import young_collections_rarer
+
+    with young_collections_rarer():
+        with heap_frozen():
+            assert gc.get_threshold()[0] == max(before[0], BATCH_GC_THRESHOLD)
+        assert gc.get_threshold()[0] == max(before[0], BATCH_GC_THRESHOLD)
+        assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before

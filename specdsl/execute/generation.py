@@ -206,15 +206,39 @@ def _final_event_quietly(final_event: Callable[[], None]) -> None:
 
 _freeze_lock = threading.Lock()
 _freezes = 0  # run_requests calls inside heap_frozen now (threads may run several at once)
+_raised = 0  # callers inside young_collections_rarer now
 _thresholds: tuple[int, ...] = ()  # the collector's thresholds before the first of them
 
-# The young generation's threshold during a batch. The requests in flight live in that generation
-# (~30 objects each: coroutines, futures, headers, timer handles; ~7,000 at concurrency 256), so at
-# CPython's default of 700 allocations each young collection walks them all again, every few dozen
-# answers, and promotes them to be walked again by the middle generation: 0.9 s of collector CPU in a
-# 20,000-request run at concurrency 256, 0.2 s with this threshold (measured; peak RSS unchanged).
-# Garbage in reference cycles waits for at most this many allocations (a few MB).
+# How many allocations the young generation collects after, during a run or a batch, instead of
+# CPython's 700. During a batch that generation holds every request in flight (~30 objects each:
+# coroutines, futures, headers, timer handles; ~7,000 at concurrency 256), so at 700 each young
+# collection walks them all again, every few dozen answers, and promotes them to be walked again by the
+# middle generation: 0.9 s of collector CPU in a 20,000-request run at concurrency 256, against 0.2 s
+# (measured; peak RSS unchanged). Before it, building a row and a request per input row set off three
+# full collections of the whole heap (0.1 s; none now). Garbage in reference cycles waits for at most
+# this many allocations (a few MB).
 BATCH_GC_THRESHOLD = 20_000
+
+
+@contextlib.contextmanager
+def young_collections_rarer():
+    """The young generation collects every :data:`BATCH_GC_THRESHOLD` allocations meanwhile (see there);
+    the thresholds are put back when the last of the nested or concurrent callers leaves. A collector
+    that is off (threshold 0) or already rarer is left alone."""
+    global _raised, _thresholds
+    with _freeze_lock:
+        if _raised == 0:
+            _thresholds = gc.get_threshold()
+            if _thresholds[0] and _thresholds[0] < BATCH_GC_THRESHOLD:
+                gc.set_threshold(BATCH_GC_THRESHOLD, *_thresholds[1:])
+        _raised += 1
+    try:
+        yield
+    finally:
+        with _freeze_lock:
+            _raised -= 1
+            if _raised == 0:
+                gc.set_threshold(*_thresholds)
 
 
 @contextlib.contextmanager
@@ -227,28 +251,24 @@ def heap_frozen():
     full collections, each walking that whole heap again. ``gc.freeze`` sets those objects aside for
     the batch (objects made during it are collected as usual) and ``gc.unfreeze`` hands them back when
     the last concurrent batch ends, so a cycle among them is collected by the next full collection
-    after it. The young generation collects every :data:`BATCH_GC_THRESHOLD` allocations instead of
-    700 meanwhile (see there), and its threshold is put back after. A heap someone else froze is left
-    alone, thresholds included.
+    after it. A heap someone else froze is left alone. The young generation collects rarely meanwhile
+    (:func:`young_collections_rarer`).
     """
-    global _freezes, _thresholds
+    global _freezes
     with _freeze_lock:
         ours = _freezes > 0 or gc.get_freeze_count() == 0
         if ours:
             if _freezes == 0:
                 gc.freeze()
-                _thresholds = gc.get_threshold()
-                if _thresholds[0] and _thresholds[0] < BATCH_GC_THRESHOLD:  # 0: collection is off; keep it so
-                    gc.set_threshold(BATCH_GC_THRESHOLD, *_thresholds[1:])
             _freezes += 1
     try:
-        yield
+        with young_collections_rarer():
+            yield
     finally:
         if ours:
             with _freeze_lock:
                 _freezes -= 1
                 if _freezes == 0:
-                    gc.set_threshold(*_thresholds)
                     gc.unfreeze()
 
 
