@@ -80,7 +80,7 @@ def reference_request_key(identity, messages, params) -> str:
 
 
 class Text(str):
-    """A str subclass: its messages go through the whole encoder."""
+    """A str subclass (a key must encode it as the str it is)."""
 
 
 def test_request_key_is_the_reference_hash_for_any_request():
