@@ -17,6 +17,12 @@ against the best bare client of the same row. A cached rerun (everything journal
 fixed cost of a run. CPU seconds (user + system, the least over the repeats) are printed beside the
 wall times: on a shared machine they move far less with other people's load than wall time does.
 Goal: a whole run within 1.2x the bare client.
+
+Byte-compiled modules are cached, as they are for a user (pip compiles an installed package): the runs
+go without ``PYTHONDONTWRITEBYTECODE`` and keep their ``.pyc`` files under a temporary
+``PYTHONPYCACHEPREFIX`` (the checkouts are left untouched), and each variant makes one untimed run on a
+few rows first. Without that each run would compile every specdsl module again (about 0.3 s of CPU
+here), a cost no installed copy pays. ``--compile-each-run`` measures that way instead.
 """
 
 from __future__ import annotations
@@ -74,7 +80,25 @@ def timed_bare(api_base: str, n: int, conc: int) -> tuple[float, float]:
     return took, cpu_s(resource.RUSAGE_SELF) - c
 
 
-def bench_row(n: int, latency: float, conc: int, trees: dict[str, Path], repeats: int, prefix: str) -> None:
+def write_spec(d: Path, n: int, api_base: str, conc: int, prefix: str) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "questions.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "q": f"Question {i}: what is {i} plus {i}?"}) + "\n" for i in range(n)))
+    spec = d / "spec.yaml"
+    spec.write_text(SPEC.format(api_base=api_base, conc=conc, prefix=prefix))
+    return spec
+
+
+def run_env(tree: Path, pycache: Path | None) -> dict:
+    env = {**os.environ, "BENCH_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(tree)}
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    return env
+
+
+def bench_row(n: int, latency: float, conc: int, trees: dict[str, Path], repeats: int, prefix: str,
+              compile_each_run: bool = False) -> None:
     server, api_base = start_server(latency)
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -82,12 +106,13 @@ def bench_row(n: int, latency: float, conc: int, trees: dict[str, Path], repeats
     try:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
-            (d / "questions.jsonl").write_text("".join(
-                json.dumps({"id": f"q{i}", "q": f"Question {i}: what is {i} plus {i}?"}) + "\n" for i in range(n)))
-            spec = d / "spec.yaml"
-            spec.write_text(SPEC.format(api_base=api_base, conc=conc, prefix=prefix))
-            envs = {name: {**os.environ, "BENCH_KEY": "sk-bench", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                           "PYTHONPATH": str(tree)} for name, tree in trees.items()}
+            spec = write_spec(d, n, api_base, conc, prefix)
+            envs = {name: run_env(tree, None if compile_each_run else d / f"pycache-{name}")
+                    for name, tree in trees.items()}
+            if not compile_each_run:  # untimed: every module each variant imports is byte-compiled once
+                warm = write_spec(d / "warm-up", 8, api_base, conc, prefix)
+                for name in trees:
+                    timed_run(warm, d / "warm-up" / f"store-{name}", envs[name])
             for rep in range(repeats):
                 order = ["bare", *trees]
                 order = order[rep % len(order):] + order[: rep % len(order)]  # rotate who goes first
@@ -105,8 +130,9 @@ def bench_row(n: int, latency: float, conc: int, trees: dict[str, Path], repeats
         server.kill()
     bare = best["bare"]
     ideal = n / conc * latency
+    compiling = ", compiling every module each run" if compile_each_run else ""
     print(f"\nrequests={n} latency={latency}s concurrency={conc} ideal={ideal:.2f}s  "
-          f"(best of {repeats}, interleaved, {prefix}/)")
+          f"(best of {repeats}, interleaved, {prefix}/{compiling})")
     print(f"  {'bare aiohttp client':34s} {bare:7.2f} s  1.00x   cpu {cpu['bare']:6.2f} s")
     for name in trees:
         whole = best[name]
@@ -123,6 +149,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before", type=Path, help="another checkout to time beside this one (e.g. main)")
     ap.add_argument("--prefix", default="hosted_vllm", help="model prefix: hosted_vllm or openai")
+    ap.add_argument("--compile-each-run", action="store_true",
+                    help="no cached byte-code: each run compiles the modules it imports (PYTHONDONTWRITEBYTECODE)")
     args = ap.parse_args()
     trees = {"this": ROOT}
     if args.before:
@@ -130,7 +158,8 @@ def main() -> int:
     for row in args.rows.split(","):
         prefix, _, row = row.rpartition("/")
         n, latency, conc = row.split(":")
-        bench_row(int(n), float(latency), int(conc), trees, args.repeats, prefix or args.prefix)
+        bench_row(int(n), float(latency), int(conc), trees, args.repeats, prefix or args.prefix,
+                  args.compile_each_run)
     return 0
 
 

@@ -85,11 +85,13 @@ def run_plan(plan: Plan, **kwargs: Any):
 
     Every run but a dry run writes ``report.html`` beside its ``run.json`` (and the store's latest).
     """
+    from specdsl.execute.generation import young_collections_rarer
     from specdsl.execute.runner import run
     from specdsl.views.report import write_run_reports
 
     kwargs.setdefault("on_manifest", write_run_reports)  # never raises: a report never fails a run
-    return run(plan, **kwargs)
+    with young_collections_rarer():  # a run builds a few objects per row: see BATCH_GC_THRESHOLD
+        return run(plan, **kwargs)
 
 
 def run_spec(path: str | Path, **kwargs: Any):

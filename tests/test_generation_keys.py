@@ -65,3 +65,70 @@ def test_n_samples_of_one_row_are_n_keys():
     assert len(set(sampled)) == len(sampled)  # three samples of a row: three requests, three answers
     # Sample 0 is the request a single-sample step sends: n does not change what an answer is.
     assert sampled[0] == keys(temperature=0.8)[0]
+
+
+# -- request_key itself: the same bytes as the one json.dumps it was written as ------------------------
+
+def reference_request_key(identity, messages, params) -> str:
+    """request_key as first written: journals and fingerprints made before its fast path depend on it."""
+    import hashlib
+    import json
+
+    blob = json.dumps({"identity": identity, "messages": list(messages), "params": params},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class Text(str):
+    """A str subclass (a key must encode it as the str it is)."""
+
+
+def test_request_key_is_the_reference_hash_for_any_request():
+    from hypothesis import given, settings, strategies as st
+
+    from specdsl.contract.hookspecs import request_key
+
+    text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+        ["", "role", "content", "é", "\u2028", '"\\\n\t', "\x00\x1f", "日本語", "😀"])
+    scalar = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text
+    value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                         max_leaves=6)
+    plain_message = st.dictionaries(text, text, max_size=4)
+    odd_message = st.dictionaries(text, value, max_size=3) | st.dictionaries(
+        st.integers(), text, max_size=2) | st.builds(lambda d: {Text(k): v for k, v in d.items()}, plain_message) | \
+        st.builds(lambda d: {k: Text(v) for k, v in d.items()}, plain_message)
+    messages = st.lists(plain_message | odd_message, max_size=4)
+    mapping = st.dictionaries(text, value, max_size=4)
+
+    @settings(max_examples=400, deadline=None)
+    @given(identity=mapping, messages=messages, params=mapping, as_tuple=st.booleans())
+    def same(identity, messages, params, as_tuple):
+        if as_tuple:
+            messages = tuple(messages)
+        assert request_key(identity, messages, params) == reference_request_key(identity, messages, params)
+
+    same()
+
+
+def test_request_key_of_a_usual_request_is_unchanged():
+    from specdsl.contract.hookspecs import request_key
+
+    messages = ({"role": "system", "content": "You are a careful assistant."},
+                {"role": "user", "content": "Question 7: what is 7 plus 7? «é» \u2028"})
+    params = {"max_tokens": 64, "temperature": 0.7, "seed": 3}
+    assert request_key(IDENTITY, messages, params) == reference_request_key(IDENTITY, messages, params)
+    # Pinned: the key a journal written before holds for this request.
+    assert request_key({"backend": "litellm", "model": "m"}, [{"role": "user", "content": "hi"}], {}) == \
+        "df2fa3652e3dc0e6611e0565bd6d052089ee8e6640f254b8c448bf6e7bde946f"
+
+
+def test_request_key_raises_what_json_raises():
+    import pytest
+
+    from specdsl.contract.hookspecs import request_key
+
+    for messages in ([{"role": "user", 1: "x"}], [{"role": object()}], [object()]):
+        with pytest.raises(TypeError):
+            reference_request_key(IDENTITY, messages, {})
+        with pytest.raises(TypeError):
+            request_key(IDENTITY, messages, {})

@@ -260,3 +260,46 @@ def test_a_progress_callback_error_is_raised_unchanged(journal):
         with pytest.raises(ZeroDivisionError):
             run_requests(backend, opts, make_requests(backend, opts, 10), journal, progress=progress)
         assert len(journal) >= 2  # journaled before the progress callback ran
+
+
+def test_a_batch_collects_its_young_objects_less_often_and_puts_the_collector_back():
+    """During a batch the heap before it is frozen and the young generation's threshold raised (the
+    requests in flight would be walked every few dozen answers); both are as they were after, also when
+    two batches overlap on two threads."""
+    import gc
+    import threading
+
+    from specdsl.execute.generation import BATCH_GC_THRESHOLD, heap_frozen
+
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def other_batch():
+        with heap_frozen():
+            inside.set()
+            leave.wait(10)
+
+    with heap_frozen():
+        assert gc.get_threshold()[0] == max(before[0], BATCH_GC_THRESHOLD)
+        assert gc.get_threshold()[1:] == before[1:]
+        assert gc.get_freeze_count() > 0
+        thread = threading.Thread(target=other_batch)
+        thread.start()
+        assert inside.wait(10)
+    assert gc.get_threshold()[0] == max(before[0], BATCH_GC_THRESHOLD)  # the other batch still runs
+    leave.set()
+    thread.join(10)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+    # A run (api.run_plan) raises the threshold around its batches too: the last one out puts it back.
+    from specdsl.execute.generation import young_collections_rarer
+
+    with young_collections_rarer():
+        with heap_frozen():
+            assert gc.get_threshold()[0] == max(before[0], BATCH_GC_THRESHOLD)
+        assert gc.get_threshold()[0] == max(before[0], BATCH_GC_THRESHOLD)
+        assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import socket
+from json.encoder import encode_basestring as _encode_string  # ensure_ascii=False's string encoder
 from typing import Any, Callable, Mapping, Sequence
 
 from specdsl.backends.litellm.engine import AUTH_STATUS, RETRYABLE_STATUS, Failure, first_line, parse_retry_after
@@ -128,12 +129,7 @@ class DirectTransport:
             tail = ", " + json.dumps(mapped, ensure_ascii=False)[1:] if mapped else "}"
             if key is not None and len(self._tails) < 256:
                 self._tails[key] = tail
-        try:
-            # Messages are dicts (a tuple encodes as a list): encoded as they are, without a copy each.
-            messages = json.dumps(req.messages, ensure_ascii=False)
-        except TypeError:  # another Mapping type: as plain dicts
-            messages = json.dumps([dict(m) for m in req.messages], ensure_ascii=False)
-        return (self._head + messages + tail).encode("utf-8")
+        return (self._head + messages_json(req.messages) + tail).encode("utf-8")
 
     async def send(self, req: GenRequest, params: Mapping[str, Any]) -> tuple[str, int, int]:
         import aiohttp
@@ -176,6 +172,35 @@ class DirectTransport:
                           retryable=False)
         usage = payload.get("usage") or {}
         return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), made once
+
+
+def messages_json(messages: Sequence[Mapping[str, Any]]) -> str:
+    """``json.dumps(list(messages), ensure_ascii=False)``, the same text, at about half its cost per request.
+
+    A message that is a dict of str to str (every message a step renders) is written here with json's
+    own string encoder; any other shape goes through the encoder, another Mapping type as a plain dict.
+    """
+    parts = []
+    for message in messages:
+        if type(message) is dict:
+            items = []
+            for k, v in message.items():
+                if type(k) is not str or type(v) is not str:
+                    break
+                items.append(_encode_string(k) + ": " + _encode_string(v))
+            else:
+                parts.append("{" + ", ".join(items) + "}")
+                continue
+        break
+    else:
+        return "[" + ", ".join(parts) + "]"
+    try:
+        return _ENCODE(list(messages))  # a tuple or list encodes as a list, without a copy of each message
+    except TypeError:  # another Mapping type: as plain dicts
+        return _ENCODE([dict(m) for m in messages])
 
 
 class LiteLLMTransport:
