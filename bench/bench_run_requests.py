@@ -65,8 +65,11 @@ def cpu_s(who: int) -> float:
 def timed_run(spec: Path, store: Path, env: dict) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one ``specdsl run`` process."""
     t, c = time.perf_counter(), cpu_s(resource.RUSAGE_CHILDREN)
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH. Started from the
+    # spec's folder, each variant imports the specdsl its PYTHONPATH names (run from a checkout's root,
+    # --before would time that checkout twice).
     proc = subprocess.run([sys.executable, "-m", "specdsl.cli", "run", str(spec), "--store", str(store),
-                           "--no-progress"], env=env, capture_output=True, text=True)
+                           "--no-progress"], env=env, cwd=spec.parent, capture_output=True, text=True)
     elapsed = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(proc.stdout + proc.stderr)
