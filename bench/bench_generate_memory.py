@@ -48,8 +48,10 @@ def run_once(spec: Path, store: Path, tree: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one ``specdsl run`` process."""
     env = {**os.environ, "BENCH_KEY": "sk-bench", "PYTHONPATH": str(tree)}
     t = time.perf_counter()
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH; run from the
+    # tree itself so that each variant imports its own specdsl whatever folder the bench is started in.
     proc = subprocess.Popen([sys.executable, "-m", "specdsl.cli", "run", str(spec), "--store", str(store),
-                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--no-progress"], env=env, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read()
     _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
