@@ -206,3 +206,18 @@ def test_windows_take_whole_batches_and_close_at_a_request_or_text_limit():
     assert sizes == [8, 4]  # 400 chars after one batch, 800 after two: closes there
     assert [len(w) for w in generation_windows([part(10)], max_requests=4)] == [10]  # never splits a batch
     assert list(generation_windows([], max_requests=4)) == []
+
+
+def test_an_empty_input_sends_nothing_and_commits_an_empty_table(tmp_path):
+    with FakeServer() as srv:
+        spec = write_spec(tmp_path, srv)
+        spec.write_text(spec.read_text().replace(
+            "  - id: answers\n    generate: {from: problems,",
+            "  - id: none\n    filter: {from: problems, where: \"{{ row.question == 'nothing' }}\"}\n"
+            "  - id: answers\n    generate: {from: none,"))
+        result = run(spec)
+        again = run(spec)
+    assert result.ok and srv.request_count == 0
+    assert result.report("answers").rows == 0 and result.rows("answers") == []
+    assert result.report("shaped").status == "ran" and result.rows("shaped") == []
+    assert {n.status for n in again.nodes} == {"cached"}
