@@ -191,11 +191,6 @@ class Services:
         """A progress bar, or None when there is no display or it is off (then nobody updates anything)."""
         return self.progress.start(name, total=total, unit=unit) if self.progress is not None else None
 
-    def _show(self, task: int, event: Any) -> None:
-        self.progress.update(task, {
-            "done": event.done, "total": event.total, "failed": event.failed, "cached": event.cached,
-            "input_tokens": event.input_tokens, "output_tokens": event.output_tokens, "cost": event.cost})
-
     def answer(self, node_id: str, model_ref: str, prompts: Sequence[Sequence[Mapping[str, str]]],
                params: Mapping[str, Any] | None = None, *, label: str | None = None) -> list[str]:
         """Plain chat completions for evaluation probes (journaled like any other request); ``label``
