@@ -27,18 +27,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from bench_requests import start_server  # noqa: E402
+from bench_run_requests import SPEC as RUN_SPEC  # noqa: E402
 
-SPEC = """\
-specdsl: 1
-name: bench-generate-memory
-models:
-  fake: {{backend: litellm, model: hosted_vllm/fake, api_base: "{api_base}", api_key: "${{env:BENCH_KEY}}",
-          concurrency: {conc}, max_tokens: 64}}
-sources:
-  questions: {{path: questions.jsonl}}
-steps:
-  - id: answers
-    generate: {{from: questions, model: fake, system: "You are a careful assistant.", user: "{{{{ row.q }}}}"}}
+# bench_run_requests' spec (source -> generate), with a map after it that reads the answers back.
+SPEC = RUN_SPEC + """\
   - id: short
     map: {{from: answers, columns: {{head: "{{{{ row.response[:16] }}}}"}}}}
 """
@@ -83,7 +75,7 @@ def main() -> int:
                     json.dumps({"id": f"q{i}", "q": f"Question {i}: what is {i} plus {i}?"}) + "\n"
                     for i in range(n)))
                 spec = folder / "spec.yaml"
-                spec.write_text(SPEC.format(api_base=api_base, conc=args.concurrency))
+                spec.write_text(SPEC.format(api_base=api_base, conc=args.concurrency, prefix="hosted_vllm"))
                 for name, tree in trees.items():
                     took, rss = run_once(spec, folder / f"store-{name}", tree)
                     results[name].append((n, took, rss))
