@@ -58,6 +58,68 @@ def test_failures_are_kept_apart_and_never_count_as_done(tmp_path):
         assert j.get("k1").ok
 
 
+_V1_SCHEMA = """
+CREATE TABLE results (key TEXT PRIMARY KEY, text TEXT NOT NULL, input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL, cost REAL NOT NULL, latency_s REAL NOT NULL, created_at REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE failures (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, error TEXT NOT NULL,
+    latency_s REAL NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX failures_key ON failures(key);
+INSERT INTO results VALUES ('k1', 'answer 1', 1, 2, 0.001, 0.5, 0.0);
+INSERT INTO failures (key, error, latency_s, created_at) VALUES ('k2', 'HTTP 500', 0.1, 0.0);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_v1_journal_is_upgraded_in_place_and_keeps_its_answers(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    with sqlite3.connect(path) as con:  # as an earlier specdsl left it
+        con.executescript(_V1_SCHEMA)
+    con.close()
+    with RequestJournal(path) as j:
+        assert j.get("k1") == ok(1) and list(j.failures()) == ["k2"]
+        j.put(ok(1, "a later answer"))  # first answer wins across the upgrade
+        j.put(ok(3))
+        assert j.get("k1").text == "answer 1" and j.get("k3") == ok(3) and len(j) == 2
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    con.close()
+
+
+def test_a_journal_from_a_newer_specdsl_is_refused(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    RequestJournal(path).close()
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA user_version = 99")
+    con.close()
+    with pytest.raises(RuntimeError, match="newer specdsl"):
+        RequestJournal(path)
+
+
+def test_answers_a_killed_run_left_unfiled_are_filed_when_the_journal_opens(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    with RequestJournal(path) as j:
+        j.put(ok(1, "first"))
+    con = sqlite3.connect(path)  # what a run killed between appending and filing leaves behind
+    con.executemany("INSERT INTO incoming (key, text, input_tokens, output_tokens, cost, latency_s, created_at) "
+                    "VALUES (?, ?, 1, 2, 0.001, 0.5, 0.0)",
+                    [("k1", "second"), ("k2", "answer 2"), ("k2", "a repeat")])
+    con.commit()
+    con.close()
+    with RequestJournal(path) as j:
+        con = sqlite3.connect(path)
+        assert con.execute("SELECT COUNT(*) FROM incoming").fetchone()[0] == 0  # filed on open
+        assert dict(con.execute("SELECT key, text FROM results")) == {"k1": "first", "k2": "answer 2"}
+        con.close()
+        assert j.get("k1").text == "first" and j.get("k2").text == "answer 2"
+
+
 def test_get_many_handles_large_batches(tmp_path):
     with RequestJournal(tmp_path / "j.sqlite") as j:
         j.put_many(ok(i) for i in range(2500))
