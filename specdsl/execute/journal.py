@@ -18,7 +18,7 @@ database in WAL mode:
   processes read and write the same file.
 * :class:`JournalWriter` groups the commits of a busy request loop: one ``BEGIN IMMEDIATE`` +
   ``COMMIT`` per ~10 ms of results instead of one per result, while a kill still loses at most the
-  last ~10 ms of answers (and none while they arrive slowly).
+  last ~20 ms of answers (and none while they arrive slowly).
 """
 
 from __future__ import annotations
@@ -270,12 +270,13 @@ class JournalWriter:
 
     ``put`` commits at once, on the calling thread, the results that follow a pause (the first ``burst``
     after ``interval_s`` without one: the answers of a few workers that finish together): results that
-    arrive slowly are each durable when ``put`` returns, exactly as with one commit per result. Results that arrive faster gather in a buffer that
-    is committed, on the calling thread, once it is ``interval_s`` old or ``max_batch`` long; a flusher
-    thread commits a buffer that stops growing (the last results before a lull) after ``interval_s``.
-    So a busy request loop pays one transaction per ``interval_s`` (20,000 results at 1,500 a second:
-    ~1,300 transactions, where a budget of immediate commits per interval paid ~4,000), and a kill
-    loses at most the last ``interval_s`` or so.
+    arrive slowly are each durable when ``put`` returns, exactly as with one commit per result. Results
+    that arrive faster gather in a buffer that is committed, on the calling thread, by the first ``put``
+    that finds it ``interval_s`` old or ``max_batch`` long; a flusher thread commits a buffer that stopped
+    growing (the last results before a lull) once no result has come for ``interval_s``. So a busy
+    request loop pays one transaction per ``interval_s`` (20,000 results at 1,500 a second: ~1,300
+    transactions, where a budget of immediate commits per interval paid ~4,000), and a kill loses at most
+    the last ``2 * interval_s`` of results.
 
     Commits stay on the calling thread on purpose: a writer thread committing every result would
     trade SQLite's cost for the GIL changing hands per row (sqlite3 releases it around every step).
@@ -346,7 +347,10 @@ class JournalWriter:
     def _flush_stale(self) -> None:
         while not self._stop.wait(self.interval_s):
             with self._lock:
-                if self._pending and time.monotonic() - self._oldest >= self.interval_s:
+                # Only after a lull: while results keep arriving, the next ``put`` commits the buffer once
+                # it is ``interval_s`` old. A commit here, on a second thread, would pass the GIL back and
+                # forth with the busy request loop on every row (sqlite3 releases it around each step).
+                if self._pending and time.monotonic() - self._last_put >= self.interval_s:
                     try:
                         self._commit()
                     except BaseException as exc:  # noqa: BLE001 - handed to the thread that records results
