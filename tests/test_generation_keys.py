@@ -86,7 +86,7 @@ class Text(str):
 def test_request_key_is_the_reference_hash_for_any_request():
     from hypothesis import given, settings, strategies as st
 
-    from specdsl.contract.hookspecs import request_key
+    from specdsl.contract.hookspecs import request_key, request_keys
 
     text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
         ["", "role", "content", "é", "\u2028", '"\\\n\t', "\x00\x1f", "日本語", "😀"])
@@ -106,6 +106,7 @@ def test_request_key_is_the_reference_hash_for_any_request():
         if as_tuple:
             messages = tuple(messages)
         assert request_key(identity, messages, params) == reference_request_key(identity, messages, params)
+        assert request_keys(identity, params)(messages) == reference_request_key(identity, messages, params)
 
     same()
 
@@ -122,13 +123,27 @@ def test_request_key_of_a_usual_request_is_unchanged():
         "df2fa3652e3dc0e6611e0565bd6d052089ee8e6640f254b8c448bf6e7bde946f"
 
 
+def test_one_key_maker_keys_many_requests_as_request_key_does():
+    from specdsl.contract.hookspecs import request_key, request_keys
+
+    params = {"max_tokens": 64, "seed": 0}
+    key = request_keys(IDENTITY, params)
+    batch = [[{"role": "user", "content": f"question {i}"}] for i in range(3)] + \
+        [[{"content": "é", "role": "system", "name": "x"}], [{"role": "user", "content": ["a", "part"]}], []]
+    for _ in range(2):  # the maker's hash state is copied, never used up
+        assert [key(m) for m in batch] == [reference_request_key(IDENTITY, m, params) for m in batch]
+    assert key(batch[0]) == request_key(IDENTITY, batch[0], params)
+
+
 def test_request_key_raises_what_json_raises():
     import pytest
 
-    from specdsl.contract.hookspecs import request_key
+    from specdsl.contract.hookspecs import request_key, request_keys
 
     for messages in ([{"role": "user", 1: "x"}], [{"role": object()}], [object()]):
         with pytest.raises(TypeError):
             reference_request_key(IDENTITY, messages, {})
         with pytest.raises(TypeError):
             request_key(IDENTITY, messages, {})
+        with pytest.raises(TypeError):
+            request_keys(IDENTITY, {})(messages)

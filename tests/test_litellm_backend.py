@@ -523,31 +523,3 @@ def test_direct_request_body_is_the_json_of_model_messages_and_parameters():
             expected = json.dumps({"model": "m/é", "messages": [dict(m) for m in messages], **send_as_is(params)},
                                   ensure_ascii=False).encode("utf-8")
             assert transport._body(GenRequest(key="k", messages=messages), params) == expected
-
-
-def test_messages_json_is_json_dumps_of_the_messages():
-    """The direct transport writes plain messages by hand: the same text as json.dumps, for any message."""
-    from collections import OrderedDict
-    from types import MappingProxyType
-
-    from hypothesis import given, settings, strategies as st
-
-    from specdsl.backends.litellm.transports import messages_json
-
-    class Text(str):
-        pass
-
-    text = st.text(alphabet=st.characters(codec="utf-8"), max_size=10) | st.sampled_from(
-        ["", "é", "\u2028", '"\\\n\t', "\x00\x1f", "日本", "😀"])
-    plain = st.dictionaries(text, text, max_size=4)
-    other = st.dictionaries(text, st.none() | st.integers() | st.lists(text, max_size=2), max_size=3) | \
-        st.builds(lambda d: {k: Text(v) for k, v in d.items()}, plain) | \
-        st.builds(lambda d: OrderedDict(d), plain) | st.builds(lambda d: MappingProxyType(d), plain)
-
-    @settings(max_examples=300, deadline=None)
-    @given(messages=st.lists(plain | other, max_size=4), as_tuple=st.booleans())
-    def same(messages, as_tuple):
-        expected = json.dumps([dict(m) for m in messages], ensure_ascii=False)
-        assert messages_json(tuple(messages) if as_tuple else messages) == expected
-
-    same()

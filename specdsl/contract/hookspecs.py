@@ -59,6 +59,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import pluggy
 
+from specdsl.jsontext import messages_key_json
+
 PROJECT = "specdsl"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -109,6 +111,27 @@ def request_key(identity: Mapping[str, Any], messages: Sequence[Mapping[str, str
     """
     blob = _KEY_ENCODE({"identity": identity, "messages": list(messages), "params": params})
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def request_keys(identity: Mapping[str, Any], params: Mapping[str, Any]) -> Callable[[Sequence[Mapping[str, str]]], str]:
+    """``lambda messages: request_key(identity, messages, params)``, at about a third of the cost per key:
+    a step keys thousands of requests that share one identity and one parameter set, so their JSON and
+    its hash up to the messages are made once, and plain messages (str to str) are written by hand.
+
+    The hashed text is request_key's byte for byte: json.dumps with ``sort_keys`` and compact separators
+    writes ``{"identity":<identity>,"messages":<messages>,"params":<params>}``, each value as it would
+    write it alone.
+    """
+    head = hashlib.sha256(('{"identity":' + _KEY_ENCODE(identity) + ',"messages":').encode("utf-8"))
+    tail = (',"params":' + _KEY_ENCODE(params) + "}").encode("utf-8")
+
+    def key(messages: Sequence[Mapping[str, str]]) -> str:
+        digest = head.copy()
+        digest.update(messages_key_json(messages).encode("utf-8"))
+        digest.update(tail)
+        return digest.hexdigest()
+
+    return key
 
 
 # request_key's json.dumps options as one encoder, made once: json.dumps builds a JSONEncoder per call

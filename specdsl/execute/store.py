@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 from specdsl.contract.ops import Batch, decode_json_columns
 from specdsl.errors import RunError
+from specdsl.jsontext import json_text
 
 Rows = list[dict[str, Any]]
 DATA = "data.parquet"
@@ -296,9 +297,6 @@ def rows_to_table(rows: Rows) -> tuple[Any, list[str]]:
     return (pa.Table.from_arrays(arrays, names=names) if names else pa.table({})), json_columns
 
 
-# json.dumps(value, ensure_ascii=False) as one encoder made once: json.dumps builds one per call when
-# given an option, a third of the cost of a row's chat messages as JSON text.
-_json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def column_as_stored(values: list[Any]) -> tuple[Any, bool]:
@@ -314,14 +312,14 @@ def column_as_stored(values: list[Any]) -> tuple[Any, bool]:
         return array, False
     first = next((v for v in values if v is not None), None)
     if _nested(first):  # a column with a nested value is JSON text whatever the rest (and pa.array: pandas)
-        return string_array([None if v is None else _json_text(v) for v in values]), True
+        return string_array([None if v is None else json_text(v) for v in values]), True
     try:
         array = pa.array(values)
         if _nested_type(array.type):
             raise TypeError("nested")  # structs would gain null keys on the way back: keep JSON exact
         return array, False
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
-        return string_array([None if v is None else _json_text(v) for v in values]), True
+        return string_array([None if v is None else json_text(v) for v in values]), True
 
 
 def _nested_type(t: Any) -> bool:

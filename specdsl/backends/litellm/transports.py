@@ -30,7 +30,6 @@ import json
 import os
 import re
 import socket
-from json.encoder import encode_basestring as _encode_string  # ensure_ascii=False's string encoder
 from typing import Any, Callable, Mapping, Sequence
 
 from specdsl.backends.litellm.engine import AUTH_STATUS, RETRYABLE_STATUS, Failure, first_line, parse_retry_after
@@ -39,6 +38,7 @@ from specdsl.backends.litellm.options import OPENAI_WIRE_PROVIDERS, Settings
 from specdsl.backends.litellm.pricing import litellm_maps_openai_params
 from specdsl.contract.hookspecs import GenRequest
 from specdsl.secrets import excerpt
+from specdsl.jsontext import messages_json
 
 
 def error_detail(raw: bytes, secrets: Sequence[str]) -> str:
@@ -172,35 +172,6 @@ class DirectTransport:
                           retryable=False)
         usage = payload.get("usage") or {}
         return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-
-_ENCODE = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), made once
-
-
-def messages_json(messages: Sequence[Mapping[str, Any]]) -> str:
-    """``json.dumps(list(messages), ensure_ascii=False)``, the same text, at about half its cost per request.
-
-    A message that is a dict of str to str (every message a step renders) is written here with json's
-    own string encoder; any other shape goes through the encoder, another Mapping type as a plain dict.
-    """
-    parts = []
-    for message in messages:
-        if type(message) is dict:
-            items = []
-            for k, v in message.items():
-                if type(k) is not str or type(v) is not str:
-                    break
-                items.append(_encode_string(k) + ": " + _encode_string(v))
-            else:
-                parts.append("{" + ", ".join(items) + "}")
-                continue
-        break
-    else:
-        return "[" + ", ".join(parts) + "]"
-    try:
-        return _ENCODE(list(messages))  # a tuple or list encodes as a list, without a copy of each message
-    except TypeError:  # another Mapping type: as plain dicts
-        return _ENCODE([dict(m) for m in messages])
 
 
 class LiteLLMTransport:
