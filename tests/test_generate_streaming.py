@@ -221,3 +221,45 @@ def test_an_empty_input_sends_nothing_and_commits_an_empty_table(tmp_path):
     assert result.report("answers").rows == 0 and result.rows("answers") == []
     assert result.report("shaped").status == "ran" and result.rows("shaped") == []
     assert {n.status for n in again.nodes} == {"cached"}
+
+
+DIVIDE_SPEC = """\
+specdsl: 1
+name: where-test
+models:
+  teacher: {{backend: litellm, model: openai/fake, api_base: {api_base}, api_key: "${{env:SPECDSL_TEST_KEY}}",
+            max_retries: 0}}
+sources:
+  problems: {{path: problems.jsonl}}
+steps:
+  - id: answers
+    generate: {{from: problems, model: teacher, user: "{{{{ 12 // row.d }}}}"{where}}}
+"""
+
+
+def divide_spec(folder: Path, srv: FakeServer, where: str = "") -> Path:
+    """Rows q0..q5 with d = 1, 2, 3, 0, 4, 6: the template divides by zero on q3 alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "problems.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "d": d}) + "\n" for i, d in enumerate([1, 2, 3, 0, 4, 6])))
+    spec = folder / "spec.yaml"
+    spec.write_text(DIVIDE_SPEC.format(api_base=srv.api_base, where=f", where: \"{where}\"" if where else ""))
+    return spec
+
+
+def test_a_template_that_fails_on_one_row_names_that_row_and_sends_nothing(tmp_path):
+    from specdsl.errors import RunError
+
+    with FakeServer() as srv:
+        with pytest.raises(RunError, match=r"template failed on row id='q3': .*division"):
+            run(divide_spec(tmp_path, srv))
+        assert srv.request_count == 0  # the window's requests are built before any is sent
+
+
+def test_where_skips_a_row_before_its_prompt_is_rendered(tmp_path):
+    with FakeServer() as srv:
+        result = run(divide_spec(tmp_path, srv, where="{{ row.d != 0 }}"))
+        assert result.ok and srv.request_count == 5
+    rows = {r["id"]: r for r in result.rows("answers")}
+    assert rows["q3"]["response"] is None and rows["q3"]["response_prompt"] is None  # skipped, kept
+    assert rows["q4"]["response"] == "echo: 3" and rows["q4"]["response_prompt"] == [{"role": "user", "content": "3"}]

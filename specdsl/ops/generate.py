@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from specdsl import templates
 from specdsl.errors import RunError
-from specdsl.contract.hookspecs import GenRequest, request_key
+from specdsl.contract.hookspecs import GenRequest, request_keys
 from specdsl.contract.ops import COLUMN, MODEL_REF, STEP_REF, TEMPLATE, CheckContext, Estimate, Rows, RunContext, StepOp, obj_schema
 
 DECODING = {
@@ -33,6 +33,22 @@ def prompt_messages(params: Mapping[str, Any], row: Mapping[str, Any], variables
         messages.append({"role": "system", "content": templates.render(params["system"], row, variables)})
     messages.append({"role": "user", "content": templates.render(params["user"], row, variables)})
     return messages
+
+
+def prompt_messages_many(params: Mapping[str, Any], rows: Rows, variables: Mapping[str, Any]) -> list[list[dict]]:
+    """:func:`prompt_messages` of each of ``rows``, a template at a time (:func:`templates.render_many`)."""
+    if params.get("messages"):
+        roles = [m["role"] for m in params["messages"]]
+        contents = [templates.render_many(m["content"], rows, variables) for m in params["messages"]]
+    else:
+        roles = (["system"] if params.get("system") else []) + ["user"]
+        contents = ([templates.render_many(params["system"], rows, variables)] if params.get("system") else []) + \
+            [templates.render_many(params["user"], rows, variables)]
+    return [[{"role": role, "content": content} for role, content in zip(roles, texts)] for texts in zip(*contents)] \
+        if contents else [[] for _ in rows]
+
+
+_FALSE = ("", "false", "0", "none", "no")  # what a rendered `where` means when it skips a row
 
 
 def decoding_params(params: Mapping[str, Any], seed: int, sample: int) -> dict[str, Any]:
@@ -112,22 +128,26 @@ class GenerateOp(StepOp):
 
     def requests(self, ctx: RunContext, rows: Rows | None = None) -> list[tuple[dict, GenRequest | None, list[dict]]]:
         """(output row, request or None when `where` skips it, messages) for every row (default: ``ctx.rows``)
-        and sample."""
+        and sample. Templates are rendered a batch at a time; a template that fails on some row is rendered
+        again row by row, to name that row."""
         p = ctx.params
+        rows = ctx.rows if rows is None else rows
         into = p.get("into", "response")
+        n = p.get("n", 1)
         identity = ctx.services.model_identity(p["model"])
+        samples = [decoding_params(p, ctx.seed, sample) for sample in range(n)]
+        keys = [request_keys(identity, dparams) for dparams in samples]
+        try:
+            wanted = [text.strip().lower() not in _FALSE for text in templates.render_many(p["where"], rows, ctx.vars)] \
+                if p.get("where") else None
+            rendered = iter(prompt_messages_many(p, rows if wanted is None else
+                                                 [row for row, keep in zip(rows, wanted) if keep], ctx.vars))
+        except Exception:  # noqa: BLE001 - the row-by-row path below raises, naming the row
+            wanted, rendered = self._render_rows(ctx, rows)
         out = []
-        for row in ctx.rows if rows is None else rows:
-            try:
-                wanted = True
-                if p.get("where"):
-                    wanted = templates.render(p["where"], row, ctx.vars).strip().lower() not in ("", "false", "0",
-                                                                                                 "none", "no")
-                messages = prompt_messages(p, row, ctx.vars) if wanted else []
-            except Exception as exc:  # noqa: BLE001 - a template failing on one row names that row
-                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id,
-                               hint="check the row's columns, or guard the template with `{% if %}`") from None
-            n = p.get("n", 1)
+        for i, row in enumerate(rows):
+            keep = wanted is None or wanted[i]
+            messages = next(rendered) if keep else []
             for sample in range(n):
                 new = dict(row)
                 if n > 1:
@@ -135,12 +155,30 @@ class GenerateOp(StepOp):
                     new["id"] = f"{row['id']}#{sample}"
                 new[f"{into}_prompt"] = messages or None
                 req = None
-                if wanted:
-                    dparams = decoding_params(p, ctx.seed, sample)
-                    req = GenRequest(key=request_key(identity, messages, dparams), messages=tuple(messages),
-                                     params=dparams, row_id=str(new["id"]))
+                if keep:
+                    req = GenRequest(key=keys[sample](messages), messages=tuple(messages), params=dict(samples[sample]),
+                                     row_id=str(new["id"]))
                 out.append((new, req, messages))
         return out
+
+    @staticmethod
+    def _render_rows(ctx: RunContext, rows: Rows) -> tuple[list[bool], Iterator[list[dict]]]:
+        """(`where` of each row, messages of each wanted row), rendered row by row: a row whose template
+        fails raises a RunError that names it."""
+        p = ctx.params
+        wanted, messages = [], []
+        for row in rows:
+            try:
+                keep = True
+                if p.get("where"):
+                    keep = templates.render(p["where"], row, ctx.vars).strip().lower() not in _FALSE
+                if keep:
+                    messages.append(prompt_messages(p, row, ctx.vars))
+            except Exception as exc:  # noqa: BLE001 - a template failing on one row names that row
+                raise RunError(f"template failed on row id={row.get('id')!r}: {exc}", node=ctx.node_id,
+                               hint="check the row's columns, or guard the template with `{% if %}`") from None
+            wanted.append(keep)
+        return wanted, iter(messages)
 
     def run_batches(self, ctx: RunContext) -> Iterator[Rows]:
         """The answered rows a window at a time, in input order: the input is read a batch at a time and
