@@ -8,7 +8,8 @@ OpenAI-compatible server (a separate process), addressed as a self-hosted server
 one would a vLLM fleet, unless the row or ``--prefix`` names another prefix; ``openai/`` is the
 ``openai/<model>``-at-a-custom-``api_base`` form). A specdsl run is timed as a user sees it: a fresh
 ``specdsl run`` process (interpreter, imports, compile, journal, backend, store, manifest) on a fresh
-store. ``--before`` also times the same run with another checkout's ``specdsl`` on PYTHONPATH (e.g. the
+store. The bare client runs in a fresh process too, timed from its first request to its last answer
+(its start-up and imports are not counted). ``--before`` also times the same run with another checkout's ``specdsl`` on PYTHONPATH (e.g. the
 main branch), so before/after ratios come from one run on one machine state.
 
 The variants run interleaved (bare, after, before, bare, after, ...) ``--repeats`` times and each
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from bench_requests import bench_bare, start_server  # noqa: E402
+from bench_requests import start_server  # noqa: E402
 
 SPEC = """\
 specdsl: 1
@@ -76,11 +77,31 @@ def timed_run(spec: Path, store: Path, env: dict) -> tuple[float, float]:
     return elapsed, cpu_s(resource.RUSAGE_CHILDREN) - c
 
 
+_BARE = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import aiohttp  # noqa: F401 - imported before the clock starts
+from bench_requests import bench_bare
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+c = cpu()
+took = bench_bare(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+print(json.dumps({"wall": took, "cpu": cpu() - c}))
+"""
+
+
 def timed_bare(api_base: str, n: int, conc: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of the bare client, in this process."""
-    c = cpu_s(resource.RUSAGE_SELF)
-    took = bench_bare(api_base, n, conc)
-    return took, cpu_s(resource.RUSAGE_SELF) - c
+    """(wall seconds, CPU seconds) of the bare client, timed from its first request to its last answer
+    (no interpreter start, no imports). It runs in a fresh process each time, as a specdsl run does, so
+    that neither side inherits this process's heap (its garbage collector walks every object the bench
+    made before)."""
+    proc = subprocess.run([sys.executable, "-c", _BARE, str(ROOT / "bench"), api_base, str(n), str(conc)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout + proc.stderr)
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    return figures["wall"], figures["cpu"]
 
 
 def write_spec(d: Path, n: int, api_base: str, conc: int, prefix: str) -> Path:
