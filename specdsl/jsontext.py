@@ -14,7 +14,9 @@ from json.encoder import encode_basestring as _string  # the string encoder json
 from typing import Any, Mapping, Sequence
 
 _DUMPS = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(value, ensure_ascii=False), made once
-_DUMPS_KEY = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+# json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")), made once (json.dumps builds an
+# encoder per call when given options): the text a request key hashes.
+key_json = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 
 
 def messages_json(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -32,7 +34,7 @@ def messages_key_json(messages: Sequence[Mapping[str, Any]]) -> str:
     """``json.dumps(list(messages), sort_keys=True, ensure_ascii=False, separators=(",", ":"))``: the
     messages' part of a request key."""
     text = _plain_messages(messages, sort_keys=True, item_sep=",", key_sep=":")
-    return text if text is not None else _DUMPS_KEY(list(messages))
+    return text if text is not None else key_json(list(messages))
 
 
 def json_text(value: Any) -> str:

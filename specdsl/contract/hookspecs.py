@@ -52,14 +52,13 @@ Example, a complete third-party backend::
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import pluggy
 
-from specdsl.jsontext import messages_key_json
+from specdsl.jsontext import key_json, messages_key_json
 
 PROJECT = "specdsl"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -109,7 +108,7 @@ def request_key(identity: Mapping[str, Any], messages: Sequence[Mapping[str, str
     sort_keys=True, ensure_ascii=False, separators=(",", ":"))`` byte for byte: journals and node
     fingerprints depend on it (tests/test_generation_keys.py holds it to that function).
     """
-    blob = _KEY_ENCODE({"identity": identity, "messages": list(messages), "params": params})
+    blob = key_json({"identity": identity, "messages": list(messages), "params": params})
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -122,8 +121,8 @@ def request_keys(identity: Mapping[str, Any], params: Mapping[str, Any]) -> Call
     writes ``{"identity":<identity>,"messages":<messages>,"params":<params>}``, each value as it would
     write it alone.
     """
-    head = hashlib.sha256(('{"identity":' + _KEY_ENCODE(identity) + ',"messages":').encode("utf-8"))
-    tail = (',"params":' + _KEY_ENCODE(params) + "}").encode("utf-8")
+    head = hashlib.sha256(('{"identity":' + key_json(identity) + ',"messages":').encode("utf-8"))
+    tail = (',"params":' + key_json(params) + "}").encode("utf-8")
 
     def key(messages: Sequence[Mapping[str, str]]) -> str:
         digest = head.copy()
@@ -132,11 +131,6 @@ def request_keys(identity: Mapping[str, Any], params: Mapping[str, Any]) -> Call
         return digest.hexdigest()
 
     return key
-
-
-# request_key's json.dumps options as one encoder, made once: json.dumps builds a JSONEncoder per call
-# when given options, a sixth of a key's cost (a run computes a key per row).
-_KEY_ENCODE = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass(frozen=True)
