@@ -117,6 +117,9 @@ def test_a_wrong_model_is_reported_with_the_servers_words(outcome, expected):
 def test_missing_credentials_are_a_configuration_error_not_retried(monkeypatch):
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_API_BASE"):
         monkeypatch.delenv(name, raising=False)
+    from specdsl.backends.litellm.loader import import_litellm
+
+    import_litellm()  # before the clock: importing litellm alone took over 10 s on a loaded machine
     with FakeServer() as srv:
         t0 = time.monotonic()
         out = collect({"model": "openai/fake", "api_base": srv.api_base, "transport": "litellm",
