@@ -263,3 +263,17 @@ def test_where_skips_a_row_before_its_prompt_is_rendered(tmp_path):
     rows = {r["id"]: r for r in result.rows("answers")}
     assert rows["q3"]["response"] is None and rows["q3"]["response_prompt"] is None  # skipped, kept
     assert rows["q4"]["response"] == "echo: 3" and rows["q4"]["response_prompt"] == [{"role": "user", "content": "3"}]
+
+
+def test_a_batch_of_prompts_renders_as_row_by_row():
+    from specdsl.ops.generate import prompt_messages, prompt_messages_many
+
+    rows = [{"id": f"q{i}", "q": f"question {i} «é»", "n": i} for i in range(5)]
+    variables = {"tone": "brief"}
+    for params in ({"user": "{{ row.q }}"},
+                   {"system": "Be {{ tone }}.", "user": "{{ row.q }} #{{ row.n }}"},
+                   {"messages": [{"role": "system", "content": "{% if row.n %}odd{% endif %}"},
+                                 {"role": "user", "content": "{{ row.q | upper }}"},
+                                 {"role": "assistant", "content": "fixed"}]}):
+        assert prompt_messages_many(params, rows, variables) == [prompt_messages(params, r, variables) for r in rows]
+    assert prompt_messages_many({"user": "{{ row.q }}"}, [], variables) == []

@@ -44,8 +44,7 @@ def prompt_messages_many(params: Mapping[str, Any], rows: Rows, variables: Mappi
         roles = (["system"] if params.get("system") else []) + ["user"]
         contents = ([templates.render_many(params["system"], rows, variables)] if params.get("system") else []) + \
             [templates.render_many(params["user"], rows, variables)]
-    return [[{"role": role, "content": content} for role, content in zip(roles, texts)] for texts in zip(*contents)] \
-        if contents else [[] for _ in rows]
+    return [[{"role": role, "content": content} for role, content in zip(roles, texts)] for texts in zip(*contents)]
 
 
 _FALSE = ("", "false", "0", "none", "no")  # what a rendered `where` means when it skips a row
