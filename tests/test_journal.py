@@ -120,6 +120,21 @@ def test_answers_a_killed_run_left_unfiled_are_filed_when_the_journal_opens(tmp_
         assert j.get("k1").text == "first" and j.get("k2").text == "answer 2"
 
 
+def test_the_answers_view_shows_every_answer_filed_or_not_once_each(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    with RequestJournal(path) as j:
+        j.put(ok(1, "first"))
+        j.get("k1")  # a read files what came in: k1 is in `results` now
+        j.put_many([ok(1, "later"), ok(2, "two"), ok(2, "a repeat"), ok(3)])  # in `incoming`, not filed yet
+        con = sqlite3.connect(path)  # another process looking while the run goes on
+        seen = con.execute("SELECT key, text FROM answers ORDER BY key").fetchall()
+        assert con.execute("SELECT COUNT(*) FROM incoming").fetchone()[0] == 4
+        con.close()
+        assert seen == [("k1", "first"), ("k2", "two"), ("k3", "answer 3")]
+
+
 def test_get_many_handles_large_batches(tmp_path):
     with RequestJournal(tmp_path / "j.sqlite") as j:
         j.put_many(ok(i) for i in range(2500))

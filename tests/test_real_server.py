@@ -95,7 +95,7 @@ def journaled(spec: Path) -> dict[str, str]:
         return {}
     try:
         with sqlite3.connect(path, timeout=1) as conn:
-            return dict(conn.execute("select key, text from results"))
+            return dict(conn.execute("select key, text from answers"))  # filed or not yet filed
     except sqlite3.Error:  # the run is still creating it
         return {}
 

@@ -13,7 +13,9 @@ database in WAL mode:
   page; filing each answer under its key in ``results`` at once would touch a random page per answer
   (keys are hashes), which cost a busy run ~0.5 s of CPU per 20,000 answers on its request loop.
   ``incoming`` is filed into ``results`` in one transaction when a :class:`JournalWriter` closes, when
-  the journal is opened (what a killed run left) and before any read, so readers see both.
+  the journal is opened (what a killed run left) and before any read, so readers see both. The view
+  ``answers`` shows every answer journaled so far, filed or not, one per key (the first): what to query
+  from outside (``sqlite3 .specdsl/journal.sqlite "select count(*) from answers"``) while a run is going.
 * One connection guarded by a lock makes an instance thread-safe; WAL plus a busy timeout lets several
   processes read and write the same file.
 * :class:`JournalWriter` groups the commits of a busy request loop: one ``BEGIN IMMEDIATE`` +
@@ -64,6 +66,11 @@ CREATE TABLE IF NOT EXISTS incoming (
     latency_s     REAL NOT NULL,
     created_at    REAL NOT NULL
 );
+CREATE VIEW IF NOT EXISTS answers AS
+    SELECT key, text, input_tokens, output_tokens, cost, latency_s, created_at FROM results
+    UNION ALL
+    SELECT key, text, input_tokens, output_tokens, cost, latency_s, created_at FROM incoming
+    WHERE seq IN (SELECT MIN(seq) FROM incoming GROUP BY key) AND key NOT IN (SELECT key FROM results);
 """
 
 
