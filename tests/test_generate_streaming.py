@@ -277,3 +277,20 @@ def test_a_batch_of_prompts_renders_as_row_by_row():
                                  {"role": "assistant", "content": "fixed"}]}):
         assert prompt_messages_many(params, rows, variables) == [prompt_messages(params, r, variables) for r in rows]
     assert prompt_messages_many({"user": "{{ row.q }}"}, [], variables) == []
+
+
+def test_after_a_run_the_journal_file_alone_holds_every_answer(tmp_path):
+    import shutil
+
+    from specdsl.execute.journal import RequestJournal
+
+    with FakeServer() as srv:
+        result = run(write_spec(tmp_path, srv))
+    assert result.ok
+    journal = tmp_path / "store" / "journal.sqlite"
+    assert not journal.with_name("journal.sqlite-wal").exists()  # closed and checkpointed by the run
+    copied = tmp_path / "elsewhere" / "journal.sqlite"
+    copied.parent.mkdir()
+    shutil.copy(journal, copied)  # the file alone, as a user would move it
+    with RequestJournal(copied) as alone:
+        assert len(alone) == ROWS - 1  # row 25 repeats row 1's question: one answer serves both

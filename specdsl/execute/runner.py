@@ -221,6 +221,7 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
                 reports.append(report)
                 display.node_finished(node.id, report.status, report.rows, report.seconds)
     finally:
+        services.close()  # the journal, checkpointed: journal.sqlite alone holds every answer
         manifest = _manifest(plan, store, reports, started, dry_run=dry_run, only=only, until=until,
                              evaluations=evaluations)
         manifest_path = _write_manifest(store, manifest) if not dry_run else None

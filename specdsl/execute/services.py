@@ -92,6 +92,7 @@ class Services:
         self.progress = progress            # specdsl.execute.progress.Display or None
         self.fail_fast = fail_fast
         self._journal = journal
+        self._owns_journal = False  # a journal given by the caller is the caller's to close
         self.executor = executor
         self._tokenizers: dict[str, Any] = {}
         self.notes: dict[str, list[str]] = {}
@@ -106,7 +107,15 @@ class Services:
             from specdsl.execute.journal import RequestJournal
 
             self._journal = RequestJournal(self.store.journal_path)
+            self._owns_journal = True
         return self._journal
+
+    def close(self) -> None:
+        """Close the journal this opened (one given to it is its caller's): the close checkpoints the
+        journal, so ``journal.sqlite`` alone holds every answer and its ``-wal`` file is gone."""
+        if self._journal is not None and self._owns_journal:
+            self._journal.close()
+            self._journal, self._owns_journal = None, False
 
     def _model_backend_of_step(self, ref: str) -> str | None:
         """The backend serving the model a step makes (its op's ``model_backend``); None if it makes none."""
