@@ -1,5 +1,5 @@
 """`python -m specdsl` is the `specdsl` command (useful where the console script is not on PATH)."""
 
-from specdsl.cli import main
+from specdsl.cli import entry
 
-main()
+entry()

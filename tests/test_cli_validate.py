@@ -201,3 +201,36 @@ def test_backend_option_checks_import_no_heavy_library(project, args):
                          cwd=project, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
     report = json.loads(out.stderr.strip().splitlines()[-1])
     assert report == {"code": 0, "heavy": []}, out.stderr
+
+
+EXIT_WITHOUT_TEARDOWN = """\
+import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+
+
+def late():
+    time.sleep(1.5)  # longer than the command takes: only a join lets it finish
+    (out / "thread").write_text("joined")
+
+
+threading.Thread(target=late).start()  # not a daemon: the exit waits for it
+ThreadPoolExecutor(1).submit(lambda: None).result()  # an idle pool worker must not hang the exit
+sys.stdout.write("written before, not flushed;")
+sys.argv = ["specdsl", *sys.argv[2:]]
+from specdsl.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("args, code", [(("validate", "good.yaml"), 0), (("validate", "more/bad.yaml"), 2)])
+def test_the_program_skips_teardown_but_joins_threads_runs_exit_handlers_and_flushes(project, args, code):
+    out = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_TEARDOWN, str(project), *args], capture_output=True,
+                         text=True, cwd=project, timeout=120)
+    assert out.returncode == code, out.stderr
+    assert out.stdout.startswith("written before, not flushed;")
+    assert (project / "atexit").read_text() == "ran" and (project / "thread").read_text() == "joined"
+    assert ("error[S104]" in out.stderr) == (code == 2)
