@@ -66,6 +66,16 @@ def test_a_table_round_trips_through_the_store(tmp_path):
     assert read_table(tmp_path / "t.parquet", json_columns) == rows
 
 
+# `python -m specdsl.cli run <spec>` as a user runs it, telling at its exit whether pandas was imported. The
+# program ends without the interpreter's teardown, after running atexit handlers: the report is one.
+NO_PANDAS_RUN = """\
+import atexit, runpy, sys
+atexit.register(lambda: print('PANDAS', 'pandas' in sys.modules, flush=True))
+sys.argv = ['specdsl', 'run', %r, '--no-progress']
+runpy.run_module('specdsl.cli', run_name='__main__')
+"""
+
+
 def test_a_generation_run_does_not_import_pandas(tmp_path):
     """source -> generate -> store, in a fresh interpreter: pandas is never imported."""
     from tests.conftest import ROOT
@@ -84,11 +94,7 @@ steps:
   - id: a
     generate: {{from: q, model: m, user: "{{{{ row.q }}}}"}}
 """)
-        code = ("import sys, runpy\n"
-                f"sys.argv = ['specdsl', 'run', {str(tmp_path / 'spec.yaml')!r}, '--no-progress']\n"
-                "try:\n    runpy.run_module('specdsl.cli', run_name='__main__')\n"
-                "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-                "print('PANDAS', 'pandas' in sys.modules)\n")
+        code = NO_PANDAS_RUN % str(tmp_path / "spec.yaml")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -118,11 +124,7 @@ steps:
   - id: out
     export: {{from: shaped, path: out, format: {fmt}, card: false}}
 """)
-    code = ("import sys, runpy\n"
-            f"sys.argv = ['specdsl', 'run', {str(tmp_path / 'spec.yaml')!r}, '--no-progress']\n"
-            "try:\n    runpy.run_module('specdsl.cli', run_name='__main__')\n"
-            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-            "print('PANDAS', 'pandas' in sys.modules)\n")
+    code = NO_PANDAS_RUN % str(tmp_path / "spec.yaml")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "PANDAS False" in proc.stdout
