@@ -221,12 +221,16 @@ def _run_locked(plan: Plan, store: Store, selected: list[PlanNode], *, only: str
                 reports.append(report)
                 display.node_finished(node.id, report.status, report.rows, report.seconds)
     finally:
-        services.close()  # the journal, checkpointed: journal.sqlite alone holds every answer
-        manifest = _manifest(plan, store, reports, started, dry_run=dry_run, only=only, until=until,
-                             evaluations=evaluations)
-        manifest_path = _write_manifest(store, manifest) if not dry_run else None
-        if manifest_path is not None and on_manifest is not None:
-            on_manifest(manifest, store.root, manifest_path.parent)
+        try:
+            manifest = _manifest(plan, store, reports, started, dry_run=dry_run, only=only, until=until,
+                                 evaluations=evaluations)
+            manifest_path = _write_manifest(store, manifest) if not dry_run else None
+            if manifest_path is not None and on_manifest is not None:
+                on_manifest(manifest, store.root, manifest_path.parent)
+        finally:
+            # After the manifest, which is written even if this fails: the journal, closed and
+            # checkpointed, so journal.sqlite alone holds every answer.
+            services.close()
     return RunResult(plan, store, reports, manifest_path, evaluations)
 
 
